@@ -1,0 +1,428 @@
+//! Calling side of an endpoint (the egress).
+//!
+//! A [`Client`] follows the endpoint's instances in etcd and sends each request to one of them
+//! ([`RouterMode`]). The response arrives as a [`ResponseStream`]: a background task reads the
+//! per-request reply subject, checks frame order, answers the handler's liveness pings and
+//! forwards payloads. Dropping the stream before it ends cancels the request on the instance.
+
+use crate::discovery::{Instance, KvSnapshot};
+use crate::endpoint::{EndpointId, request_headers};
+use crate::error::RuntimeError;
+use crate::transport::{self, FrameKind};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use rand::Rng;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How a client picks the instance for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterMode {
+    RoundRobin,
+    Random,
+    Direct(u64),
+}
+
+impl FromStr for RouterMode {
+    type Err = RuntimeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round-robin" | "round_robin" => Ok(Self::RoundRobin),
+            "random" => Ok(Self::Random),
+            other => other
+                .strip_prefix("direct:")
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .map(Self::Direct)
+                .ok_or_else(|| RuntimeError::InvalidRouterMode(s.to_string())),
+        }
+    }
+}
+
+/// Per-request settings.
+#[derive(Debug, Clone, Default)]
+pub struct RequestOptions {
+    /// Request id; a random one when unset.
+    pub id: Option<String>,
+    /// Headers to carry to the handler; only trace headers (`traceparent`, `tracestate`,
+    /// `x-request-id`) are passed on.
+    pub headers: Vec<(String, String)>,
+}
+
+pub(crate) struct ClientSettings {
+    pub ack_timeout: Duration,
+    pub stall_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    endpoint: EndpointId,
+    nats: async_nats::Client,
+    instances: watch::Receiver<Vec<Instance>>,
+    next: Arc<AtomicUsize>,
+    settings: Arc<ClientSettings>,
+}
+
+impl Client {
+    pub(crate) fn new(
+        endpoint: EndpointId,
+        nats: async_nats::Client,
+        mut keys: watch::Receiver<KvSnapshot>,
+        settings: ClientSettings,
+    ) -> Self {
+        let (tx, rx) = watch::channel(Vec::new());
+        // Parses the raw etcd mirror into instances; ends when the client is dropped.
+        tokio::spawn(async move {
+            loop {
+                let parsed = parse_instances(&keys.borrow_and_update());
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != parsed;
+                    *cur = parsed;
+                    changed
+                });
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    r = keys.changed() => if r.is_err() { return },
+                }
+            }
+        });
+        Self {
+            endpoint,
+            nats,
+            instances: rx,
+            next: Arc::new(AtomicUsize::new(0)),
+            settings: Arc::new(settings),
+        }
+    }
+
+    pub fn endpoint(&self) -> &EndpointId {
+        &self.endpoint
+    }
+
+    /// Instances serving the endpoint now, ordered by instance id.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.instances.borrow().clone()
+    }
+
+    pub fn instance_ids(&self) -> Vec<u64> {
+        self.instances
+            .borrow()
+            .iter()
+            .map(|i| i.instance_id)
+            .collect()
+    }
+
+    /// A receiver that changes whenever the instance list does.
+    pub fn instance_watch(&self) -> watch::Receiver<Vec<Instance>> {
+        self.instances.clone()
+    }
+
+    /// Waits until `pred` holds for the instance list, or `timeout` passes.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[Instance]) -> bool,
+    ) -> Result<Vec<Instance>, RuntimeError> {
+        let mut rx = self.instances.clone();
+        let wait = rx.wait_for(|v| pred(v));
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(v)) => Ok(v.clone()),
+            _ => Err(RuntimeError::NoInstances(self.endpoint.to_string())),
+        }
+    }
+
+    /// Waits until at least one instance serves the endpoint.
+    pub async fn wait_for_instances(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<Instance>, RuntimeError> {
+        self.wait_for(timeout, |v| !v.is_empty()).await
+    }
+
+    fn pick(&self, mode: RouterMode) -> Result<Instance, RuntimeError> {
+        let instances = self.instances.borrow();
+        if instances.is_empty() {
+            return Err(RuntimeError::NoInstances(self.endpoint.to_string()));
+        }
+        let chosen = match mode {
+            RouterMode::RoundRobin => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % instances.len();
+                &instances[i]
+            }
+            RouterMode::Random => &instances[rand::rng().random_range(0..instances.len())],
+            RouterMode::Direct(id) => instances
+                .iter()
+                .find(|i| i.instance_id == id)
+                .ok_or(RuntimeError::InstanceNotFound(id))?,
+        };
+        Ok(chosen.clone())
+    }
+
+    pub async fn round_robin(
+        &self,
+        body: Bytes,
+        opts: RequestOptions,
+    ) -> Result<ResponseStream, RuntimeError> {
+        self.generate(RouterMode::RoundRobin, body, opts).await
+    }
+
+    pub async fn random(
+        &self,
+        body: Bytes,
+        opts: RequestOptions,
+    ) -> Result<ResponseStream, RuntimeError> {
+        self.generate(RouterMode::Random, body, opts).await
+    }
+
+    pub async fn direct(
+        &self,
+        instance_id: u64,
+        body: Bytes,
+        opts: RequestOptions,
+    ) -> Result<ResponseStream, RuntimeError> {
+        self.generate(RouterMode::Direct(instance_id), body, opts)
+            .await
+    }
+
+    /// Sends `body` to the instance `mode` picks and returns its response stream once the
+    /// instance has acknowledged the request.
+    pub async fn generate(
+        &self,
+        mode: RouterMode,
+        body: Bytes,
+        opts: RequestOptions,
+    ) -> Result<ResponseStream, RuntimeError> {
+        let instance = self.pick(mode)?;
+        let id = opts
+            .id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let reply_to = self.nats.new_inbox();
+        // Subscribe before sending: NATS keeps one connection's commands in order, so the
+        // subscription exists before the handler can publish its first frame.
+        let sub = self
+            .nats
+            .subscribe(reply_to.clone())
+            .await
+            .map_err(|e| RuntimeError::Nats(e.to_string()))?;
+        let headers = request_headers(&id, &reply_to, &opts.headers);
+        let size = body.len();
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(body)
+            .timeout(Some(self.settings.ack_timeout));
+        let ack = self
+            .nats
+            .send_request(instance.subject().to_string(), request)
+            .await
+            .map_err(|e| {
+                use async_nats::client::RequestErrorKind as K;
+                match e.kind() {
+                    K::NoResponders => RuntimeError::NoResponders(instance.subject().to_string()),
+                    K::TimedOut => RuntimeError::AckTimeout(self.settings.ack_timeout),
+                    K::MaxPayloadExceeded => RuntimeError::PayloadTooLarge {
+                        size,
+                        max: self.nats.server_info().max_payload,
+                    },
+                    _ => RuntimeError::Nats(e.to_string()),
+                }
+            })?;
+        if transport::header(ack.headers.as_ref(), transport::HDR_KIND) == Some("error") {
+            return Err(RuntimeError::Rejected(
+                String::from_utf8_lossy(&ack.payload).into_owned(),
+            ));
+        }
+
+        let (tx, rx) = mpsc::channel(64);
+        let stop = CancellationToken::new();
+        let finished = Arc::new(AtomicBool::new(false));
+        tokio::spawn(read_frames(
+            self.nats.clone(),
+            sub,
+            tx,
+            stop.clone(),
+            finished.clone(),
+            self.settings.stall_timeout,
+        ));
+        Ok(ResponseStream {
+            rx,
+            stop,
+            finished,
+            nats: self.nats.clone(),
+            request_id: id,
+            instance_id: instance.instance_id,
+        })
+    }
+}
+
+fn parse_instances(keys: &KvSnapshot) -> Vec<Instance> {
+    let mut v: Vec<Instance> = keys
+        .iter()
+        .filter_map(|(k, raw)| match serde_json::from_slice::<Instance>(raw) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::warn!(key = %k, error = %e, "ignoring malformed instance record");
+                None
+            }
+        })
+        .collect();
+    v.sort_by_key(|i| i.instance_id);
+    v
+}
+
+async fn read_frames(
+    nats: async_nats::Client,
+    mut sub: async_nats::Subscriber,
+    tx: mpsc::Sender<Result<Bytes, RuntimeError>>,
+    stop: CancellationToken,
+    finished: Arc<AtomicBool>,
+    stall: Duration,
+) {
+    let mut expected = 0u64;
+    let terminal: Result<(), RuntimeError> = loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tx.closed() => return,
+            m = tokio::time::timeout(stall, sub.next()) => m,
+        };
+        let msg = match msg {
+            Err(_) => break Err(RuntimeError::StreamStalled(stall)),
+            Ok(None) => break Err(RuntimeError::Disconnected),
+            Ok(Some(m)) => m,
+        };
+        let Some(frame) = transport::decode_frame(msg.headers.as_ref(), msg.payload) else {
+            continue;
+        };
+        match frame.kind {
+            FrameKind::Ping => {
+                if let Some(reply) = msg.reply {
+                    let _ = nats.publish(reply, Bytes::new()).await;
+                }
+            }
+            FrameKind::Error => {
+                break Err(RuntimeError::Remote(
+                    String::from_utf8_lossy(&frame.payload).into_owned(),
+                ));
+            }
+            FrameKind::Data | FrameKind::Final => {
+                let seq = frame.seq.unwrap_or(u64::MAX);
+                if seq != expected {
+                    break Err(RuntimeError::StreamGap { expected, got: seq });
+                }
+                expected += 1;
+                if frame.kind == FrameKind::Final {
+                    break Ok(());
+                }
+                if tx.send(Ok(frame.payload)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    finished.store(true, Ordering::SeqCst);
+    if let Err(e) = terminal {
+        let _ = tx.send(Err(e)).await;
+    }
+}
+
+/// The response of one request: payloads in order, then the end of the stream, or one error.
+/// Dropping it early cancels the request on the instance.
+pub struct ResponseStream {
+    rx: mpsc::Receiver<Result<Bytes, RuntimeError>>,
+    stop: CancellationToken,
+    finished: Arc<AtomicBool>,
+    nats: async_nats::Client,
+    request_id: String,
+    instance_id: u64,
+}
+
+impl ResponseStream {
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The instance serving this request.
+    pub fn instance_id(&self) -> u64 {
+        self.instance_id
+    }
+
+    /// Stops the request on the instance and ends this stream.
+    pub async fn cancel(&mut self) {
+        if !self.finished.swap(true, Ordering::SeqCst) {
+            send_cancel(&self.nats, self.instance_id, &self.request_id).await;
+        }
+        self.stop.cancel();
+        self.rx.close();
+    }
+}
+
+async fn send_cancel(nats: &async_nats::Client, instance_id: u64, request_id: &str) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(transport::HDR_REQUEST_ID, request_id);
+    if let Err(e) = nats
+        .publish_with_headers(transport::cancel_subject(instance_id), h, Bytes::new())
+        .await
+    {
+        tracing::debug!(error = %e, "cancel not sent; the instance's caller probe will notice");
+    }
+}
+
+impl Stream for ResponseStream {
+    type Item = Result<Bytes, RuntimeError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if !self.finished.swap(true, Ordering::SeqCst) {
+            let nats = self.nats.clone();
+            let id = std::mem::take(&mut self.request_id);
+            let instance = self.instance_id;
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move { send_cancel(&nats, instance, &id).await });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_modes_parse() {
+        assert_eq!(
+            "round-robin".parse::<RouterMode>().unwrap(),
+            RouterMode::RoundRobin
+        );
+        assert_eq!("random".parse::<RouterMode>().unwrap(), RouterMode::Random);
+        assert_eq!(
+            "direct:ff".parse::<RouterMode>().unwrap(),
+            RouterMode::Direct(255)
+        );
+        assert!("kv-ish".parse::<RouterMode>().is_err());
+    }
+
+    #[test]
+    fn instances_parse_dynamo_records_and_skip_garbage() {
+        let mut keys = KvSnapshot::new();
+        keys.insert(
+            "instances/dynamo/backend/generate:2".into(),
+            br#"{"component":"backend","endpoint":"generate","namespace":"dynamo","instance_id":2,"transport":{"nats_tcp":"dynamo_backend.generate-2"}}"#.to_vec(),
+        );
+        keys.insert(
+            "instances/dynamo/backend/generate:1".into(),
+            b"not json".to_vec(),
+        );
+        let v = parse_instances(&keys);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].subject(), "dynamo_backend.generate-2");
+    }
+}

@@ -1,0 +1,493 @@
+//! Serving side of an endpoint (the ingress).
+//!
+//! [`serve`] subscribes to the instance subject in queue group `q`. For each request it
+//! acknowledges at once, then runs the [`Handler`] in its own task and publishes what the
+//! handler streams as numbered frames to the caller's reply subject. The request's
+//! [`RequestContext`] is cancelled when the caller cancels, or when a liveness probe finds the
+//! caller gone (NATS answers "no responders" once its connection has closed); the response
+//! stream is then dropped, which is how a handler stops.
+
+use crate::error::RuntimeError;
+use crate::metrics::EndpointMetrics;
+use crate::transport::{self, FrameKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// `dyn://{namespace}.{component}.{endpoint}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EndpointId {
+    pub namespace: String,
+    pub component: String,
+    pub name: String,
+}
+
+fn valid_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+impl EndpointId {
+    pub fn new(namespace: &str, component: &str, name: &str) -> Result<Self, RuntimeError> {
+        let id = Self {
+            namespace: namespace.to_string(),
+            component: component.to_string(),
+            name: name.to_string(),
+        };
+        if [namespace, component, name]
+            .iter()
+            .all(|s| valid_segment(s))
+        {
+            Ok(id)
+        } else {
+            Err(RuntimeError::InvalidEndpointPath(id.to_string()))
+        }
+    }
+
+    /// NATS service name: Dynamo's slug of `{namespace}|{component}`.
+    pub fn service_name(&self) -> String {
+        format!("{}_{}", self.namespace, self.component)
+    }
+
+    /// The subject one instance of this endpoint listens on.
+    pub fn subject(&self, instance_id: u64) -> String {
+        format!("{}.{}-{instance_id:x}", self.service_name(), self.name)
+    }
+
+    /// Prefix of every instance key of this endpoint.
+    pub fn etcd_prefix(&self) -> String {
+        format!(
+            "{}/{}/{}/{}:",
+            crate::discovery::INSTANCE_ROOT,
+            self.namespace,
+            self.component,
+            self.name
+        )
+    }
+
+    pub fn etcd_key(&self, instance_id: u64) -> String {
+        format!("{}{instance_id:x}", self.etcd_prefix())
+    }
+}
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "dyn://{}.{}.{}",
+            self.namespace, self.component, self.name
+        )
+    }
+}
+
+impl FromStr for EndpointId {
+    type Err = RuntimeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || RuntimeError::InvalidEndpointPath(s.to_string());
+        let rest = s.strip_prefix("dyn://").unwrap_or(s);
+        let mut parts = rest.split('.');
+        let (Some(ns), Some(comp), Some(ep), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        Self::new(ns, comp, ep).map_err(|_| bad())
+    }
+}
+
+/// What a handler gets besides the request body.
+#[derive(Clone)]
+pub struct RequestContext {
+    id: String,
+    headers: Arc<Vec<(String, String)>>,
+    cancel: CancellationToken,
+}
+
+impl RequestContext {
+    pub fn new(id: String, headers: Vec<(String, String)>) -> Self {
+        Self {
+            id,
+            headers: Arc::new(headers),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Trace and request-id headers the caller sent (`traceparent`, `tracestate`,
+    /// `x-request-id`).
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Resolves when the caller cancelled or went away.
+    pub async fn stopped(&self) {
+        self.cancel.cancelled().await
+    }
+
+    pub fn stop(&self) {
+        self.cancel.cancel()
+    }
+}
+
+/// The stream of response payloads a handler produces; an `Err` item ends it with an error
+/// frame.
+pub type HandlerStream = BoxStream<'static, Result<Bytes, String>>;
+
+/// Serves requests of one endpoint. Implemented for any
+/// `Fn(Bytes, RequestContext) -> Future<Output = Result<HandlerStream, String>>`.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        request: Bytes,
+        ctx: RequestContext,
+    ) -> BoxFuture<'static, Result<HandlerStream, String>>;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Bytes, RequestContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<HandlerStream, String>> + Send + 'static,
+{
+    fn handle(
+        &self,
+        request: Bytes,
+        ctx: RequestContext,
+    ) -> BoxFuture<'static, Result<HandlerStream, String>> {
+        Box::pin(self(request, ctx))
+    }
+}
+
+/// In-flight requests of this process by request id, so cancellations can find them.
+#[derive(Default)]
+pub struct InflightRegistry {
+    map: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl InflightRegistry {
+    fn insert(&self, id: &str, token: CancellationToken) {
+        lock(&self.map).insert(id.to_string(), token);
+    }
+    fn remove(&self, id: &str) {
+        lock(&self.map).remove(id);
+    }
+    /// Cancels the request if it is still running here.
+    pub fn cancel(&self, id: &str) -> bool {
+        match lock(&self.map).get(id) {
+            Some(t) => {
+                t.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) struct Ingress {
+    pub nats: async_nats::Client,
+    pub handler: Arc<dyn Handler>,
+    pub metrics: EndpointMetrics,
+    pub inflight: Arc<InflightRegistry>,
+    pub probe_interval: Duration,
+    pub tasks: TaskTracker,
+}
+
+impl Ingress {
+    /// Receives requests until `stop`, then waits for the ones in flight.
+    pub async fn run(self: Arc<Self>, mut sub: async_nats::Subscriber, stop: CancellationToken) {
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => break,
+                m = sub.next() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            let this = self.clone();
+            self.tasks
+                .spawn(async move { this.handle_message(msg).await });
+        }
+        let _ = sub.unsubscribe().await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    async fn handle_message(&self, msg: async_nats::Message) {
+        let started = Instant::now();
+        let m = &self.metrics;
+        m.requests.inc();
+        m.request_bytes.inc_by(msg.payload.len() as u64);
+        m.inflight.inc();
+        let _inflight = scopeguard(|| m.inflight.dec());
+
+        let headers = msg.headers.as_ref();
+        let (Some(id), Some(reply_to)) = (
+            transport::header(headers, transport::HDR_REQUEST_ID),
+            transport::header(headers, transport::HDR_REPLY_TO),
+        ) else {
+            m.errors.invalid_message.inc();
+            if let Some(reply) = msg.reply {
+                let _ = self
+                    .nats
+                    .publish_with_headers(
+                        reply,
+                        transport::frame_headers(FrameKind::Error, None),
+                        Bytes::from_static(b"request lacks tandem-request-id or tandem-reply-to"),
+                    )
+                    .await;
+            }
+            return;
+        };
+        let id = id.to_string();
+        let reply_to = reply_to.to_string();
+        let passthrough: Vec<(String, String)> = transport::PASSTHROUGH_HEADERS
+            .iter()
+            .filter_map(|name| {
+                transport::header(headers, name).map(|v| (name.to_string(), v.to_string()))
+            })
+            .collect();
+
+        if let Some(ack) = msg.reply {
+            let _ = self.nats.publish(ack, Bytes::new()).await;
+        }
+
+        let ctx = RequestContext::new(id.clone(), passthrough);
+        self.inflight.insert(&id, ctx.cancel.clone());
+        let _registered = scopeguard(|| self.inflight.remove(&id));
+        let probe = tokio::spawn(probe_caller(
+            self.nats.clone(),
+            reply_to.clone(),
+            ctx.clone(),
+            self.probe_interval,
+        ));
+        let _probe = scopeguard(|| probe.abort());
+
+        let outcome = self.stream_response(msg.payload, &ctx, &reply_to).await;
+        if let Outcome::Cancelled = outcome {
+            m.cancellations.inc();
+            tracing::debug!(request_id = %id, "request cancelled");
+        }
+        m.duration.observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn stream_response(&self, body: Bytes, ctx: &RequestContext, reply_to: &str) -> Outcome {
+        let m = &self.metrics;
+        let stream = tokio::select! {
+            _ = ctx.stopped() => return Outcome::Cancelled,
+            s = self.handler.handle(body, ctx.clone()) => s,
+        };
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                m.errors.generate.inc();
+                self.publish_error(reply_to, &e).await;
+                return Outcome::Failed;
+            }
+        };
+        let mut seq = 0u64;
+        loop {
+            let item = tokio::select! {
+                _ = ctx.stopped() => return Outcome::Cancelled,
+                item = stream.next() => item,
+            };
+            match item {
+                Some(Ok(payload)) => {
+                    let len = payload.len();
+                    let headers = transport::frame_headers(FrameKind::Data, Some(seq));
+                    match self
+                        .nats
+                        .publish_with_headers(reply_to.to_string(), headers, payload)
+                        .await
+                    {
+                        Ok(()) => m.response_bytes.inc_by(len as u64),
+                        Err(e) => {
+                            m.errors.publish_response.inc();
+                            self.publish_error(reply_to, &format!("response frame not sent: {e}"))
+                                .await;
+                            return Outcome::Failed;
+                        }
+                    }
+                    seq += 1;
+                }
+                Some(Err(e)) => {
+                    m.errors.response_stream.inc();
+                    self.publish_error(reply_to, &e).await;
+                    return Outcome::Failed;
+                }
+                None => break,
+            }
+        }
+        let headers = transport::frame_headers(FrameKind::Final, Some(seq));
+        if self
+            .nats
+            .publish_with_headers(reply_to.to_string(), headers, Bytes::new())
+            .await
+            .is_err()
+        {
+            m.errors.publish_final.inc();
+            return Outcome::Failed;
+        }
+        Outcome::Done
+    }
+
+    async fn publish_error(&self, reply_to: &str, message: &str) {
+        let headers = transport::frame_headers(FrameKind::Error, None);
+        let payload = Bytes::copy_from_slice(message.as_bytes());
+        if self
+            .nats
+            .publish_with_headers(reply_to.to_string(), headers, payload)
+            .await
+            .is_err()
+        {
+            self.metrics.errors.publish_final.inc();
+        }
+    }
+}
+
+enum Outcome {
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// Asks the caller's reply subject every `interval` whether anyone still listens. NATS
+/// answers "no responders" at once when the caller's subscription is gone (dropped stream,
+/// killed process), and the request is stopped. Timeouts and connection errors prove
+/// nothing (a busy caller, a NATS restart) and are ignored.
+async fn probe_caller(
+    nats: async_nats::Client,
+    reply_to: String,
+    ctx: RequestContext,
+    interval: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = ctx.stopped() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let request = async_nats::Request::new()
+            .headers(transport::frame_headers(FrameKind::Ping, None))
+            .payload(Bytes::new())
+            .timeout(Some(interval));
+        match nats.send_request(reply_to.clone(), request).await {
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+                tracing::debug!(
+                    request_id = ctx.id(),
+                    "caller is gone; stopping the request"
+                );
+                ctx.stop();
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs `f` when dropped: bookkeeping that must happen on every exit path.
+struct ScopeGuard<F: FnOnce()>(Option<F>);
+impl<F: FnOnce()> Drop for ScopeGuard<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f()
+        }
+    }
+}
+fn scopeguard<F: FnOnce()>(f: F) -> ScopeGuard<F> {
+    ScopeGuard(Some(f))
+}
+
+/// Headers to pass through from a caller's list into a NATS header map.
+pub(crate) fn request_headers(id: &str, reply_to: &str, extra: &[(String, String)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(transport::HDR_REQUEST_ID, id);
+    h.insert(transport::HDR_REPLY_TO, reply_to);
+    for (k, v) in extra {
+        if transport::PASSTHROUGH_HEADERS
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case(k))
+        {
+            h.insert(k.to_ascii_lowercase().as_str(), v.as_str());
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_paths_parse_and_render_like_dynamo() {
+        let id: EndpointId = "dyn://dynamo.backend.generate".parse().unwrap();
+        assert_eq!(id.to_string(), "dyn://dynamo.backend.generate");
+        assert_eq!(
+            id.subject(0x694d98147d54be25),
+            "dynamo_backend.generate-694d98147d54be25"
+        );
+        assert_eq!(
+            id.etcd_key(0x694d985d0f41c9a4),
+            "instances/dynamo/backend/generate:694d985d0f41c9a4"
+        );
+        let bare: EndpointId = "ns.prefill.generate".parse().unwrap();
+        assert_eq!(bare.component, "prefill");
+        for bad in [
+            "dyn://a.b",
+            "dyn://a.b.c.d",
+            "dyn://a..c",
+            "dyn://a b.c.d",
+            "",
+        ] {
+            assert!(bad.parse::<EndpointId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_trace_headers_pass_through() {
+        let h = request_headers(
+            "r1",
+            "_INBOX.x",
+            &[
+                ("traceparent".into(), "00-abc-def-01".into()),
+                ("X-Request-Id".into(), "test-1".into()),
+                ("authorization".into(), "secret".into()),
+            ],
+        );
+        assert_eq!(h.get("traceparent").unwrap().as_str(), "00-abc-def-01");
+        assert_eq!(h.get("x-request-id").unwrap().as_str(), "test-1");
+        assert!(h.get("authorization").is_none());
+        assert_eq!(h.get(transport::HDR_REQUEST_ID).unwrap().as_str(), "r1");
+    }
+}

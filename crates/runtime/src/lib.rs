@@ -1,0 +1,58 @@
+//! tandem's distributed runtime: how processes find and call each other.
+//!
+//! Follows the classic NVIDIA Dynamo design (etcd + NATS):
+//! - [`DistributedRuntime`] is one per process. It holds a NATS connection, an etcd client and
+//!   one primary etcd lease whose id is the process's instance id (printed as lowercase hex in
+//!   keys and subjects).
+//! - Endpoints are addressed `dyn://{namespace}.{component}.{endpoint}` ([`EndpointId`]).
+//!   Serving one ([`Endpoint::serve`]) subscribes to the NATS subject
+//!   `{namespace}_{component}.{endpoint}-{instance_hex}` in queue group `q` and writes
+//!   `instances/{ns}/{component}/{endpoint}:{instance_hex}` under the lease ([`discovery`]).
+//! - Callers watch that prefix ([`Client`]), pick an instance (round-robin, random, direct) and
+//!   send the request over NATS; the handler's responses come back as an ordered stream of
+//!   numbered frames ([`transport`]) ending in a final or error frame.
+//! - Cancellation flows back from the caller; a vanished caller is noticed by the handler's
+//!   liveness probes.
+//! - Every process with `DYN_SYSTEM_PORT` set serves `/health`, `/live` and `/metrics`
+//!   ([`system_status`]) with Dynamo's `dynamo_component_*` metrics ([`metrics`]).
+
+pub mod client;
+pub mod config;
+pub mod discovery;
+pub mod distributed;
+pub mod endpoint;
+pub mod error;
+pub mod metrics;
+pub mod system_status;
+pub mod transport;
+
+pub use client::{Client, RequestOptions, ResponseStream, RouterMode};
+pub use config::RuntimeConfig;
+pub use discovery::{Discovery, Instance, Transport};
+pub use distributed::{Component, DistributedRuntime, Endpoint, Namespace};
+pub use endpoint::{EndpointId, Handler, HandlerStream, RequestContext};
+pub use error::RuntimeError;
+
+/// Waits for Ctrl-C or SIGTERM, the signals a process supervisor sends to stop a process.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

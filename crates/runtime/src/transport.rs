@@ -1,0 +1,123 @@
+//! Wire format of a request and its response stream over NATS.
+//!
+//! A request is a NATS request to the instance's subject. Its payload is the caller's body,
+//! untouched; control data travels in headers: the request id, the subject the response frames
+//! go to, and whatever trace headers the caller passed (`traceparent`, `tracestate`,
+//! `x-request-id`). The instance acknowledges at once with an empty reply (or a rejection), so
+//! a caller learns within milliseconds whether anyone took the request, and "no responders"
+//! from NATS means the instance is gone.
+//!
+//! Responses are messages on the reply subject, each with a frame kind and, for data and
+//! final frames, a sequence number starting at 0. `final` ends a successful stream; `error`
+//! ends a failed one with the message as payload. `ping` frames are the handler's liveness
+//! probes: the caller answers them, and their arrival also tells the caller that a slow
+//! handler is still alive.
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+pub const HDR_REQUEST_ID: &str = "tandem-request-id";
+pub const HDR_REPLY_TO: &str = "tandem-reply-to";
+pub const HDR_KIND: &str = "tandem-kind";
+pub const HDR_SEQ: &str = "tandem-seq";
+/// Headers a caller's tracing context travels in; carried through untouched.
+pub const PASSTHROUGH_HEADERS: [&str; 3] = ["traceparent", "tracestate", "x-request-id"];
+
+/// Queue group every endpoint subscribes in, so one instance gets each request.
+pub const QUEUE_GROUP: &str = "q";
+
+/// Subject where an instance listens for cancellations of its in-flight requests.
+pub fn cancel_subject(instance_id: u64) -> String {
+    format!("_tandem.cancel.{instance_id:x}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Data,
+    Final,
+    Error,
+    Ping,
+}
+
+impl FrameKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Data => "data",
+            Self::Final => "final",
+            Self::Error => "error",
+            Self::Ping => "ping",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "data" => Self::Data,
+            "final" => Self::Final,
+            "error" => Self::Error,
+            "ping" => Self::Ping,
+            _ => return None,
+        })
+    }
+}
+
+/// One decoded response frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub seq: Option<u64>,
+    pub payload: Bytes,
+}
+
+pub fn frame_headers(kind: FrameKind, seq: Option<u64>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(HDR_KIND, kind.as_str());
+    if let Some(seq) = seq {
+        h.insert(HDR_SEQ, seq.to_string().as_str());
+    }
+    h
+}
+
+pub fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
+    headers?.get(name).map(|v| v.as_str())
+}
+
+/// Decodes a message received on a reply subject; `None` for anything that is not a frame.
+pub fn decode_frame(headers: Option<&HeaderMap>, payload: Bytes) -> Option<Frame> {
+    let kind = FrameKind::parse(header(headers, HDR_KIND)?)?;
+    let seq = match header(headers, HDR_SEQ) {
+        Some(s) => Some(s.parse().ok()?),
+        None => None,
+    };
+    Some(Frame { kind, seq, payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_through_headers() {
+        for (kind, seq) in [
+            (FrameKind::Data, Some(7)),
+            (FrameKind::Final, Some(8)),
+            (FrameKind::Error, None),
+            (FrameKind::Ping, None),
+        ] {
+            let h = frame_headers(kind, seq);
+            let f = decode_frame(Some(&h), Bytes::from_static(b"x")).unwrap();
+            assert_eq!(f.kind, kind);
+            assert_eq!(f.seq, seq);
+        }
+    }
+
+    #[test]
+    fn non_frames_are_rejected() {
+        assert!(decode_frame(None, Bytes::new()).is_none());
+        let mut h = HeaderMap::new();
+        h.insert(HDR_KIND, "bogus");
+        assert!(decode_frame(Some(&h), Bytes::new()).is_none());
+        let mut h = frame_headers(FrameKind::Data, None);
+        h.insert(HDR_SEQ, "not-a-number");
+        assert!(decode_frame(Some(&h), Bytes::new()).is_none());
+    }
+}

@@ -1,0 +1,172 @@
+//! One JSON object per log line, with Dynamo's keys.
+//!
+//! Each line has `time`, `level`, `target`, `file`, `line`, `message`, the event's own fields,
+//! and the fields of every span in the current scope (innermost wins), plus `span_name` of the
+//! innermost span. Span fields are captured when a span is created or recorded into and kept
+//! in the span's extensions, so an event deep inside a request still carries `x_request_id`.
+
+use serde_json::{Map, Value};
+use std::fmt;
+use std::io::Write;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber, span};
+use tracing_subscriber::Layer;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+
+/// Fields recorded on a span, stored in its extensions.
+struct SpanFields(Map<String, Value>);
+
+pub struct JsonlLayer<W> {
+    make_writer: W,
+    local_tz: bool,
+}
+
+impl<W> JsonlLayer<W> {
+    pub fn new(make_writer: W, local_tz: bool) -> Self {
+        Self {
+            make_writer,
+            local_tz,
+        }
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_string(), Value::from(value));
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_string(), Value::from(value));
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_string(), Value::from(value));
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_string(), Value::from(value));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_string(), Value::from(value));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().to_string(), Value::from(format!("{value:?}")));
+    }
+}
+
+impl<S, W> Layer<S> for JsonlLayer<W>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + 'static,
+{
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut fields = Map::new();
+        attrs.record(&mut JsonVisitor(&mut fields));
+        span.extensions_mut().insert(SpanFields(fields));
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut ext = span.extensions_mut();
+        if let Some(SpanFields(fields)) = ext.get_mut::<SpanFields>() {
+            values.record(&mut JsonVisitor(fields));
+        }
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let meta = event.metadata();
+        let mut line = Map::new();
+        let time = if self.local_tz {
+            chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+        } else {
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        };
+        line.insert("time".into(), Value::from(time));
+        line.insert("level".into(), Value::from(meta.level().as_str()));
+        line.insert("target".into(), Value::from(meta.target()));
+        if let Some(file) = meta.file() {
+            line.insert("file".into(), Value::from(file));
+        }
+        if let Some(n) = meta.line() {
+            line.insert("line".into(), Value::from(n));
+        }
+        if let Some(scope) = ctx.event_scope(event) {
+            let mut innermost = None;
+            // Outermost first, so inner spans overwrite fields of the same name.
+            for span in scope.from_root() {
+                if let Some(SpanFields(fields)) = span.extensions().get::<SpanFields>() {
+                    for (k, v) in fields {
+                        line.insert(k.clone(), v.clone());
+                    }
+                }
+                innermost = Some(span.name());
+            }
+            if let Some(name) = innermost {
+                line.insert("span_name".into(), Value::from(name));
+            }
+        }
+        let mut fields = Map::new();
+        event.record(&mut JsonVisitor(&mut fields));
+        line.extend(fields);
+        if !line.contains_key("message") {
+            line.insert("message".into(), Value::from(""));
+        }
+        let mut buf = Value::Object(line).to_string();
+        buf.push('\n');
+        // A log line that cannot be written has nowhere to be reported.
+        let _ = self.make_writer.make_writer().write_all(buf.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> MakeWriter<'a> for Buf {
+        type Writer = Buf;
+        fn make_writer(&'a self) -> Buf {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn lines_carry_span_fields_and_dynamo_keys() {
+        let buf = Buf::default();
+        let subscriber = tracing_subscriber::registry().with(JsonlLayer::new(buf.clone(), false));
+        tracing::subscriber::with_default(subscriber, || {
+            let outer = tracing::info_span!("http-request", x_request_id = "req-1", n = 1);
+            let _o = outer.enter();
+            let inner = tracing::info_span!("handle_payload", n = 2);
+            let _i = inner.enter();
+            tracing::info!(tokens = 7u64, "request completed");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1);
+        let v: Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["message"], "request completed");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["x_request_id"], "req-1");
+        assert_eq!(v["n"], 2, "innermost span wins");
+        assert_eq!(v["tokens"], 7);
+        assert_eq!(v["span_name"], "handle_payload");
+        assert!(v["time"].as_str().unwrap().ends_with('Z'));
+        assert!(v["file"].as_str().unwrap().ends_with("jsonl.rs"));
+    }
+}

@@ -1,0 +1,388 @@
+//! Test harness: real `nats-server` and `etcd` on free 127.0.0.1 ports, and tandem processes
+//! started from their built binaries.
+//!
+//! Servers and processes are killed when their handles drop, so a failing test leaves nothing
+//! running. Readiness is always polled (TCP accept, `/health`), never slept for. The binaries
+//! come from `scripts/install-deps.sh` (`.tools/bin`).
+
+use anyhow::{Context, Result, bail};
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Repository root (the workspace).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// A program installed by `scripts/install-deps.sh`.
+pub fn tool(name: &str) -> Result<PathBuf> {
+    let p = repo_root().join(".tools/bin").join(name);
+    if !p.exists() {
+        bail!("{} missing: run scripts/install-deps.sh", p.display());
+    }
+    Ok(p)
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A child process, killed (SIGKILL) when dropped; its output goes to a log file.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = File::create(&log)?;
+        let child = cmd
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut c) = self.child.take() else {
+            bail!("{} is not running", self.name)
+        };
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real `nats-server` on 127.0.0.1.
+pub struct Nats {
+    pub port: u16,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Nats {
+    pub async fn start(dir: &Path) -> Result<Self> {
+        let mut n = Self {
+            port: free_port()?,
+            dir: dir.to_path_buf(),
+            proc: None,
+        };
+        n.launch().await?;
+        Ok(n)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let mut cmd = Command::new(tool("nats-server")?);
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        self.proc = Some(Proc::spawn("nats-server", &mut cmd, &self.dir)?);
+        let port = self.port;
+        wait_for(
+            Duration::from_secs(10),
+            "nats-server to accept",
+            || async move { port_open(port).then_some(()) },
+        )
+        .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Kills the server and starts a new one on the same port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.launch().await
+    }
+}
+
+/// A real single-member `etcd` on 127.0.0.1 with its data in a temporary directory.
+pub struct Etcd {
+    pub port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+    data: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Etcd {
+    pub async fn start(dir: &Path) -> Result<Self> {
+        let mut e = Self {
+            port: free_port()?,
+            peer_port: free_port()?,
+            dir: dir.to_path_buf(),
+            data: dir.join("etcd-data"),
+            proc: None,
+        };
+        e.launch().await?;
+        Ok(e)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let client = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(tool("etcd")?);
+        cmd.arg("--name")
+            .arg("default")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .args(["--log-level", "warn"]);
+        self.proc = Some(Proc::spawn("etcd", &mut cmd, &self.dir)?);
+        let health = format!("{}/health", self.url());
+        let http = reqwest::Client::new();
+        wait_for(Duration::from_secs(20), "etcd to report healthy", || {
+            let (http, health) = (http.clone(), health.clone());
+            async move {
+                let r = http.get(&health).send().await.ok()?;
+                let v: serde_json::Value = r.json().await.ok()?;
+                (v["health"] == "true").then_some(())
+            }
+        })
+        .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills etcd and starts it again on the same ports; with `wipe`, with no data at all
+    /// (every lease and key forgotten).
+    pub async fn restart(&mut self, wipe: bool) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+        if wipe {
+            std::fs::remove_dir_all(&self.data).ok();
+        }
+        self.launch().await
+    }
+}
+
+/// NATS + etcd + a temporary directory for logs, torn down together.
+pub struct Stack {
+    pub nats: Nats,
+    pub etcd: Etcd,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tandem-test-").tempdir()?;
+        let nats = Nats::start(dir.path()).await?;
+        let etcd = Etcd::start(dir.path()).await?;
+        Ok(Self { nats, etcd, dir })
+    }
+
+    /// The environment every tandem process of this stack needs.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("NATS_SERVER".into(), self.nats.url()),
+            ("ETCD_ENDPOINTS".into(), self.etcd.url()),
+            ("DYN_LOG".into(), "info".into()),
+        ]
+    }
+
+    /// A runtime configuration for an in-test process of this stack.
+    pub fn runtime_config(&self) -> tandem_runtime::RuntimeConfig {
+        tandem_runtime::RuntimeConfig {
+            nats_server: self.nats.url(),
+            etcd_endpoints: vec![self.etcd.url()],
+            ..Default::default()
+        }
+    }
+
+    /// Starts `program` with this stack's environment plus `env`, logging to the stack's dir.
+    pub fn spawn(
+        &self,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        for (k, v) in self.env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Proc::spawn(name, &mut cmd, self.dir.path())
+    }
+}
+
+/// Reads a child's stdout line by line on a thread, so a test can wait for a line.
+pub struct LineReader {
+    rx: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl LineReader {
+    pub fn new(stdout: std::process::ChildStdout) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line satisfying `pred`.
+    pub fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => bail!("no matching line within {timeout:?}; saw {:?}", self.seen),
+            }
+        }
+    }
+}
+
+/// Fetches a Prometheus text page.
+pub async fn scrape(url: &str) -> Result<String> {
+    Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+}
+
+/// The value of the series `name{labels}` (labels given as a subset, in any order); `None` when
+/// no such series exists.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_part) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all_match = labels
+                .iter()
+                .all(|(k, v)| label_part.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            if all_match { value.parse().ok() } else { None }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_value_matches_label_subsets() {
+        let text = "# HELP x\nfoo_total{a=\"1\",b=\"2\"} 3\nfoo_total{a=\"9\",b=\"2\"} 4\nbar 5\n";
+        assert_eq!(
+            metric_value(text, "foo_total", &[("b", "2"), ("a", "9")]),
+            Some(4.0)
+        );
+        assert_eq!(metric_value(text, "foo_total", &[("a", "7")]), None);
+        assert_eq!(metric_value(text, "bar", &[]), Some(5.0));
+    }
+}
