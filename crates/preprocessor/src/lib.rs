@@ -1,0 +1,121 @@
+//! Turns OpenAI requests into token ids and token ids back into text.
+//!
+//! A [`Preprocessor`] is built from a model's `tokenizer.json` and prompt format (both come
+//! from the worker's model card). Requests flow through it as:
+//! chat messages → [`template::ChatTemplate`] (HF Jinja semantics) → prompt text → token ids;
+//! and responses as: token ids → [`detokenize::IncrementalDecoder`] (never splits a UTF-8
+//! character) → [`stop::StopMatcher`] (holds back text that may still become a stop string)
+//! → deltas for the client.
+
+pub mod detokenize;
+pub mod stop;
+pub mod template;
+
+use serde_json::Value;
+use tandem_protocols::card::PromptFormat;
+use tokenizers::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("invalid tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template error: {0}")]
+    Template(String),
+    #[error("this model has no chat template; use /v1/completions")]
+    NoChatTemplate,
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+}
+
+pub struct Preprocessor {
+    tokenizer: Tokenizer,
+    template: Option<template::ChatTemplate>,
+    prompt: PromptFormat,
+}
+
+impl Preprocessor {
+    pub fn new(tokenizer: Tokenizer, prompt: PromptFormat) -> Result<Self, PreprocessError> {
+        let template = match &prompt.chat_template {
+            Some(src) => Some(template::ChatTemplate::new(
+                src,
+                prompt.bos_token.clone(),
+                prompt.eos_token.clone(),
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            tokenizer,
+            template,
+            prompt,
+        })
+    }
+
+    /// Builds from `tokenizer.json` text.
+    pub fn from_json(tokenizer_json: &str, prompt: PromptFormat) -> Result<Self, PreprocessError> {
+        let tokenizer: Tokenizer = tokenizer_json
+            .parse()
+            .map_err(|e: tokenizers::Error| PreprocessError::Tokenizer(e.to_string()))?;
+        Self::new(tokenizer, prompt)
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.prompt.eos_token_ids
+    }
+
+    /// Renders chat messages (already JSON values with `role` and string `content`) into the
+    /// prompt text.
+    pub fn render_chat(
+        &self,
+        messages: &[Value],
+        tools: Option<&Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, PreprocessError> {
+        self.template
+            .as_ref()
+            .ok_or(PreprocessError::NoChatTemplate)?
+            .render(messages, tools, add_generation_prompt)
+    }
+
+    /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) map to their
+    /// ids, as the rendered chat template requires.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| PreprocessError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of a completions prompt: BOS first when the model wants it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
+        let mut ids = self.encode(text)?;
+        if self.prompt.add_bos_token {
+            if let Some(bos) = self
+                .prompt
+                .bos_token
+                .as_deref()
+                .and_then(|t| self.tokenizer.token_to_id(t))
+            {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, PreprocessError> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| PreprocessError::Encode(e.to_string()))
+    }
+
+    pub fn decoder(&self) -> detokenize::IncrementalDecoder<'_> {
+        detokenize::IncrementalDecoder::new(&self.tokenizer)
+    }
+}

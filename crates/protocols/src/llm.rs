@@ -1,0 +1,91 @@
+//! Frontend ↔ worker messages, serialized as JSON in runtime frames.
+
+use serde::{Deserialize, Serialize};
+
+/// Sampling settings; `None` means the engine's default (greedy when temperature is unset
+/// or 0).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+    /// Number of choices to generate for this prompt.
+    #[serde(default = "one")]
+    pub n: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StopConditions {
+    /// Most tokens to generate per choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Tokens that end a choice (the model's end-of-sequence ids and any from the request).
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past end-of-sequence tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tokens: Option<u32>,
+}
+
+/// A tokenized request, ready for an engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreprocessedRequest {
+    pub model: String,
+    pub token_ids: Vec<u32>,
+    #[serde(default)]
+    pub sampling: SamplingOptions,
+    #[serde(default)]
+    pub stop: StopConditions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token (end of sequence) or stop string ended the choice.
+    Stop,
+    /// `max_tokens` or the context length ended it.
+    Length,
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_openai(self) -> &'static str {
+        match self {
+            Self::Stop | Self::Cancelled => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// One step of one choice: new tokens, and the reason when the choice has ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineOutput {
+    /// Which of the request's `n` choices this belongs to.
+    #[serde(default)]
+    pub index: u32,
+    pub token_ids: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
+    /// Prompt tokens found in the prefix cache (sent once, with the first output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u32>,
+}
