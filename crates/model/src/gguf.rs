@@ -42,10 +42,10 @@ pub fn load(path: &Path) -> Result<ModelFiles, ModelError> {
     let bos_id = get_u32("tokenizer.ggml.bos_token_id");
     let eos_id = get_u32("tokenizer.ggml.eos_token_id");
     let mut eos_token_ids: Vec<u32> = eos_id.into_iter().collect();
-    if let Some(eot) = get_u32("tokenizer.ggml.eot_token_id") {
-        if !eos_token_ids.contains(&eot) {
-            eos_token_ids.push(eot);
-        }
+    if let Some(eot) = get_u32("tokenizer.ggml.eot_token_id")
+        && !eos_token_ids.contains(&eot)
+    {
+        eos_token_ids.push(eot);
     }
     let context_length = get_u32(&format!("{architecture}.context_length")).unwrap_or(2048);
     let name = get_str("general.name")

@@ -77,10 +77,10 @@ pub fn load_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
             eos_token_ids.push(id);
         }
     }
-    if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
-        if !eos_token_ids.contains(&id) {
-            eos_token_ids.push(id);
-        }
+    if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t))
+        && !eos_token_ids.contains(&id)
+    {
+        eos_token_ids.push(id);
     }
     let context_length = config
         .get("max_position_embeddings")

@@ -93,17 +93,15 @@ impl Preprocessor {
     /// Token ids of a completions prompt: BOS first when the model wants it.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
         let mut ids = self.encode(text)?;
-        if self.prompt.add_bos_token {
-            if let Some(bos) = self
+        if self.prompt.add_bos_token
+            && let Some(bos) = self
                 .prompt
                 .bos_token
                 .as_deref()
                 .and_then(|t| self.tokenizer.token_to_id(t))
-            {
-                if ids.first() != Some(&bos) {
-                    ids.insert(0, bos);
-                }
-            }
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
         Ok(ids)
     }
