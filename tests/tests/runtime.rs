@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 //! The distributed runtime against a real nats-server and etcd, with endpoint processes
 //! started from the `rt-echo` binary.
 

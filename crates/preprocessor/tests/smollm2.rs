@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 //! The bundled SmolLM2 GGUF: its tokenizer rebuilt from GGUF metadata, and its chat template.
 //! Needs `scripts/fetch-model.sh` (run by `scripts/test.sh`).
 
