@@ -32,8 +32,12 @@ pub mod error_type {
     pub const PUBLISH_FINAL: &str = "publish_final";
 }
 
+/// Called before each scrape so gauges that mirror another component's state are fresh.
+pub type ScrapeHook = Box<dyn Fn() + Send + Sync>;
+
 pub struct RuntimeMetrics {
     registry: Registry,
+    hooks: std::sync::Mutex<Vec<ScrapeHook>>,
     worker_id: String,
     started: Instant,
     requests_total: IntCounterVec,
@@ -179,6 +183,7 @@ impl RuntimeMetrics {
             inflight,
             uptime,
             registry,
+            hooks: std::sync::Mutex::new(Vec::new()),
             worker_id: worker_id.to_string(),
             started: Instant::now(),
         }
@@ -186,6 +191,18 @@ impl RuntimeMetrics {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Runs `hook` before every scrape.
+    pub fn add_scrape_hook(&self, hook: ScrapeHook) {
+        self.hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
     }
 
     pub fn uptime(&self) -> std::time::Duration {
@@ -224,6 +241,9 @@ impl RuntimeMetrics {
     /// Refreshes scrape-time values and renders the registry in Prometheus text format.
     pub fn render(&self, nats: Option<&async_nats::Client>) -> String {
         self.uptime.set(self.started.elapsed().as_secs_f64());
+        for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            hook();
+        }
         if let Some(client) = nats {
             use std::sync::atomic::Ordering::Relaxed;
             let state = match client.connection_state() {
