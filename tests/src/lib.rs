@@ -371,6 +371,33 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         })
 }
 
+/// A binary of this workspace, built by `cargo build --workspace --bins` (scripts/test.sh).
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("unexpected test binary location {}", exe.display()))?;
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!(
+            "{} missing: run `cargo build --workspace --bins` first",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// The bundled model (scripts/fetch-model.sh).
+pub fn bundled_model() -> Result<PathBuf> {
+    let p = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !p.exists() {
+        bail!("{} missing: run scripts/fetch-model.sh", p.display());
+    }
+    Ok(p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,9 +48,8 @@ pub fn load(path: &Path) -> Result<ModelFiles, ModelError> {
         eos_token_ids.push(eot);
     }
     let context_length = get_u32(&format!("{architecture}.context_length")).unwrap_or(2048);
-    let name = get_str("general.name")
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| file_stem(path));
+    // general.name is often a training-run label; the file name is what users recognise.
+    let name = served_name(&file_stem(path));
     Ok(ModelFiles {
         name,
         architecture,
@@ -68,6 +67,23 @@ pub fn load(path: &Path) -> Result<ModelFiles, ModelError> {
         tokenizer,
         weights: WeightsSource::Gguf(path.to_path_buf()),
     })
+}
+
+/// `SmolLM2-135M-Instruct.Q4_1` → `SmolLM2-135M-Instruct`: drops a trailing quantisation tag.
+fn served_name(stem: &str) -> String {
+    match stem.rsplit_once('.') {
+        Some((base, tag))
+            if !base.is_empty()
+                && tag.len() <= 8
+                && tag
+                    .chars()
+                    .next()
+                    .is_some_and(|c| matches!(c, 'Q' | 'q' | 'F' | 'f' | 'B' | 'b' | 'I')) =>
+        {
+            base.to_string()
+        }
+        _ => stem.to_string(),
+    }
 }
 
 fn file_stem(path: &Path) -> String {
@@ -176,6 +192,16 @@ fn splits_digits(pre: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn served_names_drop_quantisation_tags() {
+        assert_eq!(
+            served_name("SmolLM2-135M-Instruct.Q4_1"),
+            "SmolLM2-135M-Instruct"
+        );
+        assert_eq!(served_name("model.f16"), "model");
+        assert_eq!(served_name("Qwen2.5-0.5B"), "Qwen2.5-0.5B");
+    }
 
     #[test]
     fn digit_splitting_presets() {

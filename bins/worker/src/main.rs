@@ -1,0 +1,70 @@
+//! `worker`: loads a model's files, starts an engine and serves it (wiring only; the pieces
+//! live in `tandem-worker`, `tandem-mocker` and `tandem-runtime`).
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tandem_mocker::{MockEngine, MockerArgs};
+use tandem_model::ModelFiles;
+use tandem_runtime::{DistributedRuntime, EndpointId, RuntimeConfig};
+use tandem_worker::ServeConfig;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EngineKind {
+    /// Simulated timing over real KV-block accounting (Dynamo's mocker).
+    Mocker,
+}
+
+#[derive(Parser, Debug)]
+#[command(version, about = "tandem worker")]
+struct Cli {
+    /// A .gguf file or an HF-style model directory.
+    #[arg(long = "model-path", alias = "model", env = "DYN_MODEL_PATH")]
+    model_path: PathBuf,
+    /// Name clients use in `model` (default: the model's own name).
+    #[arg(long = "model-name", alias = "served-model-name")]
+    model_name: Option<String>,
+    /// Endpoint to serve (default dyn://{namespace}.backend.generate).
+    #[arg(long)]
+    endpoint: Option<String>,
+    #[arg(long, value_enum, default_value = "mocker")]
+    engine: EngineKind,
+    /// Override the model's context length.
+    #[arg(long = "context-length")]
+    context_length: Option<u32>,
+    #[arg(long = "migration-limit", default_value_t = 0)]
+    migration_limit: u32,
+    #[command(flatten)]
+    runtime: RuntimeConfig,
+    #[command(flatten)]
+    mocker: MockerArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _telemetry = tandem_telemetry::init()?;
+    let cli = Cli::parse();
+    let model = ModelFiles::load(&cli.model_path)?;
+    let endpoint: EndpointId = match &cli.endpoint {
+        Some(e) => e.parse()?,
+        None => EndpointId::new(&cli.runtime.namespace, "backend", "generate")?,
+    };
+    let engine: Arc<dyn tandem_worker::Engine> = match cli.engine {
+        EngineKind::Mocker => MockEngine::start(
+            cli.mocker.clone(),
+            model.tokenizer.get_vocab_size(true) as u32,
+        ),
+    };
+    let drt = DistributedRuntime::connect(cli.runtime.clone()).await?;
+    let config = ServeConfig {
+        endpoint,
+        model_name: cli.model_name.clone().unwrap_or_else(|| model.name.clone()),
+        context_length: cli.context_length.unwrap_or(model.context_length),
+        migration_limit: cli.migration_limit,
+    };
+    tandem_worker::serve(&drt, engine, &model, config).await?;
+    tandem_runtime::shutdown_signal().await;
+    tracing::info!("shutting down");
+    drt.shutdown().await;
+    Ok(())
+}

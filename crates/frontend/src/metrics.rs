@@ -1,0 +1,306 @@
+//! `dynamo_frontend_*` metrics with Dynamo's names, labels and log-spaced buckets.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Dynamo's bucket scheme: 0, then `count-1` log-spaced bounds from `min` to `max` rounded to
+/// two significant figures, de-duplicated.
+pub fn log_buckets(min: f64, max: f64, count: usize) -> Vec<f64> {
+    let mut b = vec![0.0];
+    let (lo, hi) = (min.ln(), max.ln());
+    for i in 1..count {
+        let v = (lo + (hi - lo) * (i as f64) / ((count - 1) as f64)).exp();
+        let v = round2(v);
+        if b.last().is_none_or(|last| *last < v) {
+            b.push(v);
+        }
+    }
+    b
+}
+
+fn round2(v: f64) -> f64 {
+    if v == 0.0 {
+        return 0.0;
+    }
+    let mag = 10f64.powf(v.abs().log10().floor() - 1.0);
+    (v / mag).round() * mag
+}
+
+pub struct FrontendMetrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub inflight: IntGaugeVec,
+    pub queued: IntGaugeVec,
+    pub disconnected: IntGauge,
+    pub duration: HistogramVec,
+    pub isl: HistogramVec,
+    pub osl: HistogramVec,
+    pub output_tokens: IntCounterVec,
+    pub ttft: HistogramVec,
+    pub itl: HistogramVec,
+    pub model_gauges: Vec<(&'static str, IntGaugeVec)>,
+}
+
+fn hist(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"])
+        .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+    let _ = r.register(Box::new(h.clone()));
+    h
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+    let _ = r.register(Box::new(g.clone()));
+    g
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+    let _ = r.register(Box::new(c.clone()));
+    c
+}
+
+impl FrontendMetrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let p = "dynamo_frontend";
+        let disconnected = IntGauge::new(
+            format!("{p}_disconnected_clients"),
+            "Number of disconnected clients",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+        let _ = r.register(Box::new(disconnected.clone()));
+        let model_gauges = [
+            "total_kv_blocks",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "context_length",
+            "kv_cache_block_size",
+            "migration_limit",
+            "workers",
+        ]
+        .into_iter()
+        .map(|n| {
+            (
+                n,
+                gauge_vec(
+                    &r,
+                    &format!("{p}_model_{n}"),
+                    &format!("Model {n}"),
+                    &["model"],
+                ),
+            )
+        })
+        .collect();
+        Self {
+            requests: counter_vec(
+                &r,
+                &format!("{p}_requests_total"),
+                "Total number of LLM requests processed",
+                &["model", "endpoint", "request_type", "status", "error_type"],
+            ),
+            inflight: gauge_vec(
+                &r,
+                &format!("{p}_inflight_requests"),
+                "Number of inflight requests",
+                &["model"],
+            ),
+            queued: gauge_vec(
+                &r,
+                &format!("{p}_queued_requests"),
+                "Number of requests in HTTP processing queue",
+                &["model"],
+            ),
+            duration: hist(
+                &r,
+                &format!("{p}_request_duration_seconds"),
+                "Duration of LLM requests",
+                log_buckets(1.0, 512.0, 10),
+            ),
+            isl: hist(
+                &r,
+                &format!("{p}_input_sequence_tokens"),
+                "Input sequence length in tokens",
+                log_buckets(50.0, 128000.0, 12),
+            ),
+            osl: hist(
+                &r,
+                &format!("{p}_output_sequence_tokens"),
+                "Output sequence length in tokens",
+                log_buckets(50.0, 32000.0, 10),
+            ),
+            output_tokens: counter_vec(
+                &r,
+                &format!("{p}_output_tokens_total"),
+                "Total number of output tokens generated",
+                &["model"],
+            ),
+            ttft: hist(
+                &r,
+                &format!("{p}_time_to_first_token_seconds"),
+                "Time to first token in seconds",
+                log_buckets(0.001, 480.0, 18),
+            ),
+            itl: hist(
+                &r,
+                &format!("{p}_inter_token_latency_seconds"),
+                "Inter-token latency in seconds",
+                log_buckets(0.001, 2.0, 13),
+            ),
+            disconnected,
+            model_gauges,
+            registry: r,
+        }
+    }
+
+    pub fn model_gauge(&self, name: &str, model: &str) -> Option<IntGauge> {
+        self.model_gauges
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, g)| g.with_label_values(&[model]))
+    }
+}
+
+impl Default for FrontendMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Per-request measurements; counts the request exactly once, when dropped.
+pub struct RequestGuard<'a> {
+    m: &'a FrontendMetrics,
+    model: String,
+    endpoint: &'static str,
+    request_type: &'static str,
+    start: std::time::Instant,
+    last_token: Option<std::time::Instant>,
+    queued: Option<IntGauge>,
+    pub output_tokens: u64,
+    error_type: Option<&'static str>,
+}
+
+impl<'a> RequestGuard<'a> {
+    pub fn new(m: &'a FrontendMetrics, model: &str, endpoint: &'static str, stream: bool) -> Self {
+        m.inflight.with_label_values(&[model]).inc();
+        let queued = m.queued.with_label_values(&[model]);
+        queued.inc();
+        Self {
+            m,
+            model: model.to_string(),
+            endpoint,
+            request_type: if stream { "stream" } else { "unary" },
+            start: std::time::Instant::now(),
+            last_token: None,
+            queued: Some(queued),
+            output_tokens: 0,
+            error_type: Some("internal"),
+        }
+    }
+
+    /// Records `n` new tokens: TTFT and ISL on the first, ITL per token afterwards.
+    pub fn tokens(&mut self, n: usize, isl: usize) {
+        if n == 0 {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let model = [self.model.as_str()];
+        match self.last_token {
+            None => {
+                if let Some(q) = self.queued.take() {
+                    q.dec();
+                }
+                self.m
+                    .ttft
+                    .with_label_values(&model)
+                    .observe((now - self.start).as_secs_f64());
+                self.m.isl.with_label_values(&model).observe(isl as f64);
+            }
+            Some(last) => {
+                let itl: Histogram = self.m.itl.with_label_values(&model);
+                let per = (now - last).as_secs_f64() / n as f64;
+                for _ in 0..n {
+                    itl.observe(per);
+                }
+            }
+        }
+        self.last_token = Some(now);
+        self.output_tokens += n as u64;
+        self.m
+            .output_tokens
+            .with_label_values(&model)
+            .inc_by(n as u64);
+    }
+
+    pub fn ok(&mut self) {
+        self.error_type = None;
+    }
+
+    pub fn fail(&mut self, error_type: &'static str) {
+        self.error_type = Some(error_type);
+    }
+}
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(q) = self.queued.take() {
+            q.dec();
+        }
+        let model = self.model.as_str();
+        self.m.inflight.with_label_values(&[model]).dec();
+        let (status, et) = match self.error_type {
+            None => ("success", ""),
+            Some(e) => ("error", e),
+        };
+        self.m
+            .requests
+            .with_label_values(&[model, self.endpoint, self.request_type, status, et])
+            .inc();
+        self.m
+            .duration
+            .with_label_values(&[model])
+            .observe(self.start.elapsed().as_secs_f64());
+        if self.output_tokens > 0 {
+            self.m
+                .osl
+                .with_label_values(&[model])
+                .observe(self.output_tokens as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_buckets;
+
+    #[test]
+    fn buckets_match_dynamo() {
+        assert_eq!(
+            log_buckets(0.001, 480.0, 18),
+            vec![
+                0.0, 0.0022, 0.0047, 0.01, 0.022, 0.047, 0.1, 0.22, 0.47, 1.0, 2.2, 4.7, 10.0,
+                22.0, 48.0, 100.0, 220.0, 480.0
+            ]
+        );
+        assert_eq!(
+            log_buckets(0.001, 2.0, 13),
+            vec![
+                0.0, 0.0019, 0.0035, 0.0067, 0.013, 0.024, 0.045, 0.084, 0.16, 0.3, 0.56, 1.1, 2.0
+            ]
+        );
+        assert_eq!(
+            log_buckets(50.0, 128000.0, 12),
+            vec![
+                0.0, 100.0, 210.0, 430.0, 870.0, 1800.0, 3600.0, 7400.0, 15000.0, 31000.0, 63000.0,
+                130000.0
+            ]
+        );
+        assert_eq!(
+            log_buckets(1.0, 512.0, 10),
+            vec![0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 130.0, 260.0, 510.0]
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Models the frontend serves, kept in step with the model cards workers write to etcd.
+//!
+//! A card appears → the first one for its name brings the tokenizer (fetched from the worker's
+//! `tokenizer` endpoint and checked against the card's checksum), a preprocessor and a client
+//! for the worker's generate endpoint. The last card for a name disappears → the model is
+//! dropped, and requests for it get 503 (it was served here) instead of 404 (never was).
+
+use crate::metrics::FrontendMetrics;
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tandem_preprocessor::Preprocessor;
+use tandem_protocols::card::{MDC_ROOT, ModelDeploymentCard, ModelEntry};
+use tandem_runtime::{Client, DistributedRuntime, EndpointId, RequestOptions, RouterMode};
+
+pub struct ServedModel {
+    pub name: String,
+    pub card: ModelDeploymentCard,
+    pub preprocessor: Preprocessor,
+    pub client: Client,
+    pub router_mode: RouterMode,
+    pub created: u64,
+}
+
+#[derive(Default)]
+struct State {
+    models: HashMap<String, Arc<ServedModel>>,
+    retired: HashSet<String>,
+}
+
+pub enum Lookup {
+    Ready(Arc<ServedModel>),
+    Gone,
+    Unknown,
+}
+
+#[derive(Clone)]
+pub struct ModelManager {
+    state: Arc<RwLock<State>>,
+    pub router_mode: RouterMode,
+}
+
+impl ModelManager {
+    pub fn lookup(&self, name: &str) -> Lookup {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        match st.models.get(name) {
+            Some(m) => Lookup::Ready(m.clone()),
+            None if st.retired.contains(name) => Lookup::Gone,
+            None => Lookup::Unknown,
+        }
+    }
+
+    pub fn list(&self) -> Vec<Arc<ServedModel>> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = st.models.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Starts following `v1/mdc/` in etcd.
+    pub fn watch(
+        drt: &DistributedRuntime,
+        metrics: Arc<FrontendMetrics>,
+        router_mode: RouterMode,
+    ) -> Self {
+        let mgr = Self {
+            state: Arc::default(),
+            router_mode,
+        };
+        let mut rx = drt.discovery().watch_prefix(&format!("{MDC_ROOT}/"));
+        let (drt, this) = (drt.clone(), mgr.clone());
+        tokio::spawn(async move {
+            loop {
+                let snapshot = rx.borrow_and_update().clone();
+                this.sync(&drt, &metrics, snapshot).await;
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        mgr
+    }
+
+    async fn sync(
+        &self,
+        drt: &DistributedRuntime,
+        metrics: &FrontendMetrics,
+        snapshot: BTreeMap<String, Vec<u8>>,
+    ) {
+        let mut by_name: HashMap<String, Vec<ModelEntry>> = HashMap::new();
+        for (key, raw) in snapshot {
+            match serde_json::from_slice::<ModelEntry>(&raw) {
+                Ok(e) => by_name
+                    .entry(e.card_json.display_name.clone())
+                    .or_default()
+                    .push(e),
+                Err(e) => tracing::warn!(%key, error = %e, "ignoring malformed model card"),
+            }
+        }
+        let known: Vec<String> = self.list().iter().map(|m| m.name.clone()).collect();
+        for name in known {
+            if !by_name.contains_key(&name) {
+                tracing::info!(model = %name, "last worker left; model removed");
+                let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+                st.models.remove(&name);
+                st.retired.insert(name.clone());
+                if let Some(g) = metrics.model_gauge("workers", &name) {
+                    g.set(0);
+                }
+            }
+        }
+        for (name, entries) in by_name {
+            if let Some(g) = metrics.model_gauge("workers", &name) {
+                g.set(entries.len() as i64);
+            }
+            if matches!(self.lookup(&name), Lookup::Ready(_)) {
+                continue;
+            }
+            let Some(first) = entries.first() else {
+                continue;
+            };
+            match load_model(drt, first, self.router_mode).await {
+                Ok(model) => {
+                    set_card_gauges(metrics, &model.card);
+                    tracing::info!(model = %name, "model added");
+                    let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+                    st.retired.remove(&name);
+                    st.models.insert(name, Arc::new(model));
+                }
+                Err(e) => tracing::warn!(model = %name, error = %e, "cannot load model yet"),
+            }
+        }
+    }
+}
+
+fn set_card_gauges(m: &FrontendMetrics, card: &ModelDeploymentCard) {
+    let rc = &card.runtime_config;
+    let name = card.display_name.as_str();
+    for (g, v) in [
+        ("total_kv_blocks", rc.total_kv_blocks as i64),
+        ("max_num_seqs", rc.max_num_seqs as i64),
+        ("max_num_batched_tokens", rc.max_num_batched_tokens as i64),
+        ("context_length", card.context_length as i64),
+        ("kv_cache_block_size", card.kv_cache_block_size as i64),
+        ("migration_limit", card.migration_limit as i64),
+    ] {
+        if let Some(gauge) = m.model_gauge(g, name) {
+            gauge.set(v);
+        }
+    }
+}
+
+async fn load_model(
+    drt: &DistributedRuntime,
+    entry: &ModelEntry,
+    router_mode: RouterMode,
+) -> Result<ServedModel, String> {
+    let card = entry.card_json.clone();
+    let tok_ep: EndpointId = card
+        .tokenizer_endpoint
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let tok_client = drt.endpoint(tok_ep).client();
+    tok_client
+        .wait_for(Duration::from_secs(5), |v| {
+            v.iter().any(|i| i.instance_id == entry.instance_id)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut stream = tok_client
+        .generate(
+            RouterMode::Direct(entry.instance_id),
+            bytes::Bytes::new(),
+            RequestOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut json = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        json.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+    }
+    let sum = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&json));
+    if sum != card.tokenizer_checksum {
+        return Err(format!(
+            "tokenizer checksum {sum} does not match the card's {}",
+            card.tokenizer_checksum
+        ));
+    }
+    let text = String::from_utf8(json).map_err(|e| e.to_string())?;
+    let preprocessor =
+        Preprocessor::from_json(&text, card.prompt.clone()).map_err(|e| e.to_string())?;
+    let gen_ep = EndpointId::new(&entry.namespace, &entry.component, &entry.endpoint)
+        .map_err(|e| e.to_string())?;
+    Ok(ServedModel {
+        name: card.display_name.clone(),
+        client: drt.endpoint(gen_ep).client(),
+        router_mode,
+        preprocessor,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        card,
+    })
+}
