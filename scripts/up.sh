@@ -19,7 +19,13 @@ mkdir -p "$run"
 NATS_PORT=${NATS_PORT:-4222}
 ETCD_PORT=${ETCD_PORT:-2379}
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+# Stop in reverse start order: tandem processes deregister while NATS and etcd still run.
+cleanup() {
+  for ((i=${#pids[@]}-1; i>=0; i--)); do
+    kill "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
+}
 trap cleanup EXIT INT TERM
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -570,3 +570,19 @@ async fn health_turns_ready_and_metrics_count_requests() -> Result<()> {
     assert_eq!(missing.status().as_u16(), 404);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_deregisters_at_once_and_exits_cleanly() -> Result<()> {
+    let stack = Stack::start().await?;
+    // A long lease: leaving discovery quickly can only come from revoking it.
+    let (mut w, _) = serve(&stack, "echo", &[("DYN_LEASE_TTL_SECS", "60")])?;
+    let (_drt, client) = client_runtime(&stack).await?;
+    client.wait_for_instances(Duration::from_secs(15)).await?;
+    let status = w.terminate(Duration::from_secs(10))?;
+    assert!(status.success(), "exit status {status:?}");
+    client
+        .wait_for(Duration::from_secs(5), |v| v.is_empty())
+        .await
+        .map_err(|e| anyhow::anyhow!("instance still listed after SIGTERM: {e}"))?;
+    Ok(())
+}

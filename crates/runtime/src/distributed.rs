@@ -170,8 +170,13 @@ impl DistributedRuntime {
     pub async fn shutdown(&self) {
         let inner = &self.inner;
         inner.health.set_all(false);
-        if let Err(e) = inner.discovery.revoke().await {
-            tracing::warn!(error = %e, "could not revoke etcd lease; keys expire with its TTL");
+        // Each step is bounded: a process must stop even when etcd or NATS is already gone.
+        match tokio::time::timeout(Duration::from_secs(2), inner.discovery.revoke()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not revoke etcd lease; keys expire with its TTL")
+            }
+            Err(_) => tracing::warn!("etcd did not answer; keys expire with the lease TTL"),
         }
         inner.endpoints_stop.cancel();
         inner.endpoint_tasks.close();
@@ -184,7 +189,7 @@ impl DistributedRuntime {
                 "shutdown: in-flight requests did not finish in time"
             );
         }
-        let _ = inner.nats.flush().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), inner.nats.flush()).await;
         inner.background.cancel();
     }
 }
