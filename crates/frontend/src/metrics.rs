@@ -19,12 +19,10 @@ pub fn log_buckets(min: f64, max: f64, count: usize) -> Vec<f64> {
     b
 }
 
+/// Rounds to two significant figures, returning the double nearest the decimal value (so
+/// bounds render as `0.47`, not `0.47000000000000003`).
 fn round2(v: f64) -> f64 {
-    if v == 0.0 {
-        return 0.0;
-    }
-    let mag = 10f64.powf(v.abs().log10().floor() - 1.0);
-    (v / mag).round() * mag
+    format!("{v:.1e}").parse().unwrap_or(v)
 }
 
 pub struct FrontendMetrics {
