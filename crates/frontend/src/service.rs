@@ -440,6 +440,25 @@ fn generate(
     }
 }
 
+/// Gathers a whole generation for a unary response: text and finish reason per choice, usage.
+async fn collect_choices(
+    events: impl Stream<Item = Result<GenEvent, ApiError>>,
+    n: u32,
+) -> Result<(Vec<String>, Vec<Option<String>>, Usage), ApiError> {
+    let mut texts = vec![String::new(); n as usize];
+    let mut reasons: Vec<Option<String>> = vec![None; n as usize];
+    let mut usage = Usage::default();
+    let mut events = std::pin::pin!(events);
+    while let Some(ev) = events.next().await {
+        match ev? {
+            GenEvent::Text { index, text } => texts[index as usize].push_str(&text),
+            GenEvent::Finish { index, reason } => reasons[index as usize] = Some(reason.into()),
+            GenEvent::Usage(u) => usage = u,
+        }
+    }
+    Ok((texts, reasons, usage))
+}
+
 /// Counts a client that went away before its response was complete.
 struct DisconnectGuard<'a> {
     metrics: &'a FrontendMetrics,
@@ -569,17 +588,7 @@ async fn chat_inner(
         };
         return Ok(sse_response(body));
     }
-    let mut texts = vec![String::new(); n as usize];
-    let mut reasons: Vec<Option<String>> = vec![None; n as usize];
-    let mut usage = Usage::default();
-    let mut events = std::pin::pin!(events);
-    while let Some(ev) = events.next().await {
-        match ev? {
-            GenEvent::Text { index, text } => texts[index as usize].push_str(&text),
-            GenEvent::Finish { index, reason } => reasons[index as usize] = Some(reason.into()),
-            GenEvent::Usage(u) => usage = u,
-        }
-    }
+    let (texts, reasons, usage) = collect_choices(events, n).await?;
     let choices = texts
         .into_iter()
         .zip(reasons)
@@ -680,17 +689,7 @@ async fn completions_inner(
         };
         return Ok(sse_response(body));
     }
-    let mut texts = vec![String::new(); n as usize];
-    let mut reasons: Vec<Option<String>> = vec![None; n as usize];
-    let mut usage = Usage::default();
-    let mut events = std::pin::pin!(events);
-    while let Some(ev) = events.next().await {
-        match ev? {
-            GenEvent::Text { index, text } => texts[index as usize].push_str(&text),
-            GenEvent::Finish { index, reason } => reasons[index as usize] = Some(reason.into()),
-            GenEvent::Usage(u) => usage = u,
-        }
-    }
+    let (texts, reasons, usage) = collect_choices(events, n).await?;
     let choices = texts
         .into_iter()
         .zip(reasons)
