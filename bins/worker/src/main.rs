@@ -18,9 +18,12 @@ enum EngineKind {
 #[derive(Parser, Debug)]
 #[command(version, about = "tandem worker")]
 struct Cli {
-    /// A .gguf file or an HF-style model directory.
+    /// A .gguf file, an HF-style model directory, or a Hub id (org/name) to download.
     #[arg(long = "model-path", alias = "model", env = "DYN_MODEL_PATH")]
     model_path: PathBuf,
+    /// Hub revision when --model-path is a Hub id.
+    #[arg(long, default_value = "main")]
+    revision: String,
     /// Name clients use in `model` (default: the model's own name).
     #[arg(long = "model-name", alias = "served-model-name")]
     model_name: Option<String>,
@@ -44,7 +47,15 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = tandem_telemetry::init()?;
     let cli = Cli::parse();
-    let model = ModelFiles::load(&cli.model_path)?;
+    let path = match cli.model_path.to_str() {
+        Some(id) if !cli.model_path.exists() && tandem_model::hub::is_hub_id(id) => {
+            tandem_model::hub::Hub::from_env()
+                .fetch(id, &cli.revision)
+                .await?
+        }
+        _ => cli.model_path.clone(),
+    };
+    let model = ModelFiles::load(&path)?;
     let endpoint: EndpointId = match &cli.endpoint {
         Some(e) => e.parse()?,
         None => EndpointId::new(&cli.runtime.namespace, "backend", "generate")?,

@@ -8,6 +8,7 @@
 
 pub mod gguf;
 pub mod hf;
+pub mod hub;
 
 use std::path::{Path, PathBuf};
 use tandem_protocols::card::PromptFormat;
