@@ -73,21 +73,26 @@ impl ModelManager {
         tokio::spawn(async move {
             loop {
                 let snapshot = rx.borrow_and_update().clone();
-                this.sync(&drt, &metrics, snapshot).await;
-                if rx.changed().await.is_err() {
-                    return;
+                let complete = this.sync(&drt, &metrics, snapshot).await;
+                // A model that failed to load (worker busy, NATS hiccup) is retried soon even
+                // if etcd does not change again.
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(Duration::from_secs(1)), if !complete => {}
                 }
             }
         });
         mgr
     }
 
+    /// Applies a snapshot of the cards; false when some model could not be loaded yet.
     async fn sync(
         &self,
         drt: &DistributedRuntime,
         metrics: &FrontendMetrics,
         snapshot: BTreeMap<String, Vec<u8>>,
-    ) {
+    ) -> bool {
+        let mut complete = true;
         let mut by_name: HashMap<String, Vec<ModelEntry>> = HashMap::new();
         for (key, raw) in snapshot {
             match serde_json::from_slice::<ModelEntry>(&raw) {
@@ -128,9 +133,13 @@ impl ModelManager {
                     st.retired.remove(&name);
                     st.models.insert(name, Arc::new(model));
                 }
-                Err(e) => tracing::warn!(model = %name, error = %e, "cannot load model yet"),
+                Err(e) => {
+                    complete = false;
+                    tracing::warn!(model = %name, error = %e, "cannot load model yet; retrying");
+                }
             }
         }
+        complete
     }
 }
 
