@@ -13,7 +13,6 @@ pub mod models;
 pub mod service;
 
 use axum::serve::ListenerExt;
-use std::net::SocketAddr;
 
 /// Serves `router` on `addr` until `shutdown` resolves. Accepted sockets get TCP_NODELAY so
 /// small SSE frames are not held back by Nagle's algorithm.
@@ -30,8 +29,4 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-pub fn local_addr(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
 }
