@@ -479,6 +479,24 @@ fn sse_event(v: &impl serde::Serialize) -> Bytes {
     ))
 }
 
+/// The SSE body of a streamed response: each event rendered by `render` (which may skip it),
+/// an error as an OpenAI error event, and the closing `data: [DONE]`.
+fn sse_body(
+    events: impl Stream<Item = Result<GenEvent, ApiError>> + Send + 'static,
+    mut render: impl FnMut(GenEvent) -> Option<Bytes> + Send + 'static,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    stream! {
+        let mut events = std::pin::pin!(events);
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(ev) => if let Some(b) = render(ev) { yield b },
+                Err(e) => { yield sse_event(&e.body()); break; }
+            }
+        }
+        yield Bytes::from_static(b"data: [DONE]\n\n");
+    }
+}
+
 fn sse_response(body: impl Stream<Item = Bytes> + Send + 'static) -> Response {
     let body = Body::from_stream(body.map(Ok::<_, Infallible>));
     (
@@ -565,27 +583,42 @@ async fn chat_inner(
                 usage,
                 system_fingerprint: None,
             };
-        let body = stream! {
-            let mut events = std::pin::pin!(events);
-            let mut started = vec![false; n as usize];
-            while let Some(ev) = events.next().await {
-                match ev {
-                    Ok(GenEvent::Text { index, text }) => {
-                        let role = (!std::mem::replace(&mut started[index as usize], true)).then(|| "assistant".to_string());
-                        yield sse_event(&chunk(vec![ChatChunkChoice { index, delta: Delta { role, content: Some(text) }, finish_reason: None, logprobs: None }], None));
-                    }
-                    Ok(GenEvent::Finish { index, reason }) => {
-                        let role = (!std::mem::replace(&mut started[index as usize], true)).then(|| "assistant".to_string());
-                        yield sse_event(&chunk(vec![ChatChunkChoice { index, delta: Delta { role, content: None }, finish_reason: Some(reason.into()), logprobs: None }], None));
-                    }
-                    Ok(GenEvent::Usage(u)) => {
-                        if include_usage { yield sse_event(&chunk(vec![], Some(u))); }
-                    }
-                    Err(e) => { yield sse_event(&e.body()); break; }
-                }
+        let mut started = vec![false; n as usize];
+        let body = sse_body(events, move |ev| match ev {
+            GenEvent::Text { index, text } => {
+                let role = (!std::mem::replace(&mut started[index as usize], true))
+                    .then(|| "assistant".to_string());
+                Some(sse_event(&chunk(
+                    vec![ChatChunkChoice {
+                        index,
+                        delta: Delta {
+                            role,
+                            content: Some(text),
+                        },
+                        finish_reason: None,
+                        logprobs: None,
+                    }],
+                    None,
+                )))
             }
-            yield Bytes::from_static(b"data: [DONE]\n\n");
-        };
+            GenEvent::Finish { index, reason } => {
+                let role = (!std::mem::replace(&mut started[index as usize], true))
+                    .then(|| "assistant".to_string());
+                Some(sse_event(&chunk(
+                    vec![ChatChunkChoice {
+                        index,
+                        delta: Delta {
+                            role,
+                            content: None,
+                        },
+                        finish_reason: Some(reason.into()),
+                        logprobs: None,
+                    }],
+                    None,
+                )))
+            }
+            GenEvent::Usage(u) => include_usage.then(|| sse_event(&chunk(vec![], Some(u)))),
+        });
         return Ok(sse_response(body));
     }
     let (texts, reasons, usage) = collect_choices(events, n).await?;
@@ -675,18 +708,27 @@ async fn completions_inner(
         system_fingerprint: None,
     };
     if stream_mode {
-        let body = stream! {
-            let mut events = std::pin::pin!(events);
-            while let Some(ev) = events.next().await {
-                match ev {
-                    Ok(GenEvent::Text { index, text }) => yield sse_event(&make(vec![CompletionChoice { index, text, finish_reason: None, logprobs: None }], None)),
-                    Ok(GenEvent::Finish { index, reason }) => yield sse_event(&make(vec![CompletionChoice { index, text: String::new(), finish_reason: Some(reason.into()), logprobs: None }], None)),
-                    Ok(GenEvent::Usage(u)) => if include_usage { yield sse_event(&make(vec![], Some(u))); },
-                    Err(e) => { yield sse_event(&e.body()); break; }
-                }
-            }
-            yield Bytes::from_static(b"data: [DONE]\n\n");
-        };
+        let body = sse_body(events, move |ev| match ev {
+            GenEvent::Text { index, text } => Some(sse_event(&make(
+                vec![CompletionChoice {
+                    index,
+                    text,
+                    finish_reason: None,
+                    logprobs: None,
+                }],
+                None,
+            ))),
+            GenEvent::Finish { index, reason } => Some(sse_event(&make(
+                vec![CompletionChoice {
+                    index,
+                    text: String::new(),
+                    finish_reason: Some(reason.into()),
+                    logprobs: None,
+                }],
+                None,
+            ))),
+            GenEvent::Usage(u) => include_usage.then(|| sse_event(&make(vec![], Some(u)))),
+        });
         return Ok(sse_response(body));
     }
     let (texts, reasons, usage) = collect_choices(events, n).await?;
