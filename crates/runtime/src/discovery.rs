@@ -10,6 +10,7 @@
 //! they start over with a fresh read, so a restarted etcd is resynchronised, not patched.
 
 use crate::error::RuntimeError;
+use crate::lock;
 use etcd_client::{
     Client as EtcdClient, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
     Txn, TxnOp, WatchOptions,
@@ -151,10 +152,6 @@ impl Discovery {
         ));
         rx
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn create_if_absent(

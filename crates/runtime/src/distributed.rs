@@ -5,6 +5,7 @@ use crate::config::RuntimeConfig;
 use crate::discovery::{Discovery, Instance, Transport};
 use crate::endpoint::{EndpointId, Handler, InflightRegistry, Ingress};
 use crate::error::RuntimeError;
+use crate::lock;
 use crate::metrics::RuntimeMetrics;
 use crate::system_status::{self, HealthState};
 use crate::transport;
@@ -192,10 +193,6 @@ impl DistributedRuntime {
         let _ = tokio::time::timeout(Duration::from_secs(1), inner.nats.flush()).await;
         inner.background.cancel();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn connect_nats(servers: &str) -> Result<async_nats::Client, RuntimeError> {

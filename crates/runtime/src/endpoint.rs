@@ -8,6 +8,7 @@
 //! stream is then dropped, which is how a handler stops.
 
 use crate::error::RuntimeError;
+use crate::lock;
 use crate::metrics::EndpointMetrics;
 use crate::transport::{self, FrameKind};
 use async_nats::HeaderMap;
@@ -210,10 +211,6 @@ impl InflightRegistry {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(crate) struct Ingress {

@@ -33,6 +33,12 @@ pub use distributed::{Component, DistributedRuntime, Endpoint, Namespace};
 pub use endpoint::{EndpointId, Handler, HandlerStream, RequestContext};
 pub use error::RuntimeError;
 
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: every lock in this
+/// crate guards plain bookkeeping that stays consistent between statements.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Waits for Ctrl-C or SIGTERM, the signals a process supervisor sends to stop a process.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

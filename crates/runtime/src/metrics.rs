@@ -195,10 +195,7 @@ impl RuntimeMetrics {
 
     /// Runs `hook` before every scrape.
     pub fn add_scrape_hook(&self, hook: ScrapeHook) {
-        self.hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(hook);
+        crate::lock(&self.hooks).push(hook);
     }
 
     pub fn worker_id(&self) -> &str {
@@ -241,7 +238,7 @@ impl RuntimeMetrics {
     /// Refreshes scrape-time values and renders the registry in Prometheus text format.
     pub fn render(&self, nats: Option<&async_nats::Client>) -> String {
         self.uptime.set(self.started.elapsed().as_secs_f64());
-        for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for hook in crate::lock(&self.hooks).iter() {
             hook();
         }
         if let Some(client) = nats {

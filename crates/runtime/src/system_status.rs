@@ -6,6 +6,7 @@
 //! The process is ready when every endpoint named in `DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS`
 //! is, or, without that list, when it serves at least one endpoint and all are ready.
 
+use crate::lock;
 use crate::metrics::RuntimeMetrics;
 use axum::Router;
 use axum::extract::State;
@@ -63,10 +64,6 @@ impl HealthState {
             "endpoints": endpoints,
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Clone)]
