@@ -177,6 +177,9 @@ pub struct RequestGuard<'a> {
     start: std::time::Instant,
     last_token: Option<std::time::Instant>,
     queued: Option<IntGauge>,
+    /// Bound once: these two are touched for every streamed chunk.
+    itl: Histogram,
+    output_counter: prometheus::IntCounter,
     pub output_tokens: u64,
     error_type: Option<&'static str>,
 }
@@ -194,6 +197,8 @@ impl<'a> RequestGuard<'a> {
             start: std::time::Instant::now(),
             last_token: None,
             queued: Some(queued),
+            itl: m.itl.with_label_values(&[model]),
+            output_counter: m.output_tokens.with_label_values(&[model]),
             output_tokens: 0,
             error_type: Some("internal"),
         }
@@ -218,19 +223,15 @@ impl<'a> RequestGuard<'a> {
                 self.m.isl.with_label_values(&model).observe(isl as f64);
             }
             Some(last) => {
-                let itl: Histogram = self.m.itl.with_label_values(&model);
                 let per = (now - last).as_secs_f64() / n as f64;
                 for _ in 0..n {
-                    itl.observe(per);
+                    self.itl.observe(per);
                 }
             }
         }
         self.last_token = Some(now);
         self.output_tokens += n as u64;
-        self.m
-            .output_tokens
-            .with_label_values(&model)
-            .inc_by(n as u64);
+        self.output_counter.inc_by(n as u64);
     }
 
     pub fn ok(&mut self) {
