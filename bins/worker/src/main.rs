@@ -1,16 +1,19 @@
 //! `worker`: loads a model's files, starts an engine and serves it (wiring only; the pieces
-//! live in `tandem-worker`, `tandem-mocker` and `tandem-runtime`).
+//! live in `tandem-worker`, `tandem-engine`, `tandem-mocker` and `tandem-runtime`).
 
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use std::sync::Arc;
+use tandem_engine::{CandleArgs, CandleEngine};
 use tandem_mocker::{MockEngine, MockerArgs};
 use tandem_model::ModelFiles;
 use tandem_runtime::{DistributedRuntime, EndpointId, RuntimeConfig};
-use tandem_worker::ServeConfig;
+use tandem_worker::{BatchingArgs, ServeConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum EngineKind {
+    /// The real model on candle: paged KV cache, continuous batching, prefix cache.
+    Candle,
     /// Simulated timing over real KV-block accounting (Dynamo's mocker).
     Mocker,
 }
@@ -30,7 +33,7 @@ struct Cli {
     /// Endpoint to serve (default dyn://{namespace}.backend.generate).
     #[arg(long)]
     endpoint: Option<String>,
-    #[arg(long, value_enum, default_value = "mocker")]
+    #[arg(long, value_enum, default_value = "candle")]
     engine: EngineKind,
     /// Override the model's context length.
     #[arg(long = "context-length")]
@@ -40,7 +43,12 @@ struct Cli {
     #[command(flatten)]
     runtime: RuntimeConfig,
     #[command(flatten)]
-    mocker: MockerArgs,
+    batching: BatchingArgs,
+    #[command(flatten)]
+    candle: CandleArgs,
+    /// Mocker only: divides every simulated delay; 0 removes them.
+    #[arg(long = "speedup-ratio", default_value_t = 1.0)]
+    speedup_ratio: f64,
 }
 
 #[tokio::main]
@@ -60,17 +68,26 @@ async fn main() -> anyhow::Result<()> {
         Some(e) => e.parse()?,
         None => EndpointId::new(&cli.runtime.namespace, "backend", "generate")?,
     };
+    let context_length = cli.context_length.unwrap_or(model.context_length);
     let engine: Arc<dyn tandem_worker::Engine> = match cli.engine {
         EngineKind::Mocker => MockEngine::start(
-            cli.mocker.clone(),
+            MockerArgs::new(&cli.batching, cli.speedup_ratio),
             model.tokenizer.get_vocab_size(true) as u32,
         ),
+        EngineKind::Candle => {
+            let (weights, candle, batching) =
+                (model.weights.clone(), cli.candle.clone(), cli.batching.clone());
+            tokio::task::spawn_blocking(move || {
+                CandleEngine::start(&weights, &candle, &batching, context_length as usize)
+            })
+            .await??
+        }
     };
     let drt = DistributedRuntime::connect(cli.runtime.clone()).await?;
     let config = ServeConfig {
         endpoint,
         model_name: cli.model_name.clone().unwrap_or_else(|| model.name.clone()),
-        context_length: cli.context_length.unwrap_or(model.context_length),
+        context_length,
         migration_limit: cli.migration_limit,
     };
     tandem_worker::serve(&drt, engine, &model, config).await?;

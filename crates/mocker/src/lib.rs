@@ -17,42 +17,44 @@ use std::time::Duration;
 use tandem_kv::{BlockPool, SeqBlocks};
 use tandem_protocols::card::ModelRuntimeConfig;
 use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest};
-use tandem_worker::{Engine, EngineError, EngineStats, EngineStream};
+use tandem_worker::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
 use tokio::sync::mpsc;
 
-/// Dynamo mocker's flags and defaults.
-#[derive(clap::Args, Debug, Clone)]
+/// The mocker's settings: the shared batching flags plus its timing.
+#[derive(Debug, Clone)]
 pub struct MockerArgs {
-    /// KV blocks in the simulated cache.
-    #[arg(long = "num-gpu-blocks-override", default_value_t = 16384)]
     pub num_blocks: usize,
-    #[arg(long = "block-size", default_value_t = 64)]
     pub block_size: usize,
-    #[arg(long = "max-num-seqs", default_value_t = 256)]
     pub max_num_seqs: usize,
-    #[arg(long = "max-num-batched-tokens", default_value_t = 8192)]
     pub max_num_batched_tokens: usize,
     /// Fraction of blocks kept free when admitting new sequences.
-    #[arg(long, default_value_t = 0.01)]
     pub watermark: f64,
     /// Divides every simulated delay; 0 removes them.
-    #[arg(long = "speedup-ratio", default_value_t = 1.0)]
     pub speedup_ratio: f64,
-    #[arg(long = "enable-prefix-caching", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_prefix_caching: bool,
+}
+
+/// Dynamo mocker's defaults for what the shared flags leave unset.
+pub const DEFAULT_NUM_BLOCKS: usize = 16384;
+pub const DEFAULT_BLOCK_SIZE: usize = 64;
+
+impl MockerArgs {
+    pub fn new(batching: &BatchingArgs, speedup_ratio: f64) -> Self {
+        Self {
+            num_blocks: batching.num_blocks.unwrap_or(DEFAULT_NUM_BLOCKS),
+            block_size: batching.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
+            max_num_seqs: batching.max_num_seqs,
+            max_num_batched_tokens: batching.max_num_batched_tokens,
+            watermark: batching.watermark,
+            speedup_ratio,
+            enable_prefix_caching: batching.enable_prefix_caching,
+        }
+    }
 }
 
 impl Default for MockerArgs {
     fn default() -> Self {
-        Self {
-            num_blocks: 16384,
-            block_size: 64,
-            max_num_seqs: 256,
-            max_num_batched_tokens: 8192,
-            watermark: 0.01,
-            speedup_ratio: 1.0,
-            enable_prefix_caching: true,
-        }
+        Self::new(&BatchingArgs::default(), 1.0)
     }
 }
 
@@ -348,6 +350,7 @@ impl Scheduler {
             prefix_hit_rate: s.prefix_hit_rate,
             running: self.running.len() as u64,
             waiting: self.waiting.len() as u64,
+            ..Default::default()
         };
     }
 }

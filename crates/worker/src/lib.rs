@@ -42,6 +42,46 @@ pub struct EngineStats {
     pub prefix_hit_rate: f64,
     pub running: u64,
     pub waiting: u64,
+    /// Prompt tokens computed so far (cache hits excluded).
+    pub prefill_tokens: u64,
+    /// Prompt tokens served from the prefix cache so far.
+    pub cached_prompt_tokens: u64,
+    /// Sequences preempted (blocks released, to be recomputed) so far.
+    pub preemptions: u64,
+}
+
+/// Batching flags every engine shares (vLLM's and Dynamo's names).
+#[derive(clap::Args, Debug, Clone)]
+pub struct BatchingArgs {
+    /// Tokens per KV block (default 16 for the candle engine, 64 for the mocker, as Dynamo).
+    #[arg(long = "block-size")]
+    pub block_size: Option<usize>,
+    /// KV blocks in the cache (default: the candle engine sizes it from free memory, the
+    /// mocker uses 16384).
+    #[arg(long = "kv-cache-blocks", alias = "num-gpu-blocks-override")]
+    pub num_blocks: Option<usize>,
+    #[arg(long = "max-num-seqs", default_value_t = 256)]
+    pub max_num_seqs: usize,
+    #[arg(long = "max-num-batched-tokens", default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// Fraction of blocks kept free when admitting new sequences.
+    #[arg(long, default_value_t = 0.01)]
+    pub watermark: f64,
+    #[arg(long = "enable-prefix-caching", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for BatchingArgs {
+    fn default() -> Self {
+        Self {
+            block_size: None,
+            num_blocks: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            watermark: 0.01,
+            enable_prefix_caching: true,
+        }
+    }
 }
 
 /// A token generator. Implemented by the mocker and the candle engine.

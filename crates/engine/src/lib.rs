@@ -1,0 +1,253 @@
+//! The candle engine: tandem's real inference engine.
+//!
+//! [`CandleEngine::start`] loads a [`Model`] (GGUF quantized or dequantized, or HF
+//! safetensors), allocates the paged [`KvCache`] and runs the [`scheduler`] on its own thread.
+//! Requests arrive through [`Engine::generate`] as sequences (one per choice); the scheduler
+//! batches their prefills and decodes step by step, samples, and streams tokens back through
+//! each request's channel. Dropping that stream is the cancellation signal: the scheduler
+//! notices the closed channel before its next step and frees the sequence's blocks.
+
+pub mod config;
+pub mod model;
+pub mod scheduler;
+
+use candle_core::{DType, Device};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tandem_kv::BlockEvent;
+use tandem_model::WeightsSource;
+use tandem_protocols::card::ModelRuntimeConfig;
+use tandem_protocols::llm::PreprocessedRequest;
+use tandem_worker::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
+use tokio::sync::{broadcast, mpsc};
+
+pub use model::{KvCache, Model, StepSeq, WeightFormat};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading model: {0}")]
+    Load(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("device {0}")]
+    Device(String),
+}
+
+/// `--dtype`: how weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    /// f32 on CPU (the only choice that answers well from the bundled Q4 file), bf16 on CUDA.
+    Auto,
+    F32,
+    F16,
+    Bf16,
+    /// Keep GGUF blocks quantized (safetensors are quantized to Q8_0 on load).
+    Quantized,
+}
+
+/// Flags of the candle engine (the batching flags it shares with the mocker are in
+/// [`BatchingArgs`]).
+#[derive(clap::Args, Debug, Clone)]
+pub struct CandleArgs {
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: DtypeArg,
+    /// Fraction of free memory (RAM on CPU, device memory on CUDA, measured after the weights
+    /// are loaded) given to the KV cache when `--kv-cache-blocks` is not set.
+    #[arg(long = "kv-cache-memory-fraction")]
+    pub kv_cache_memory_fraction: Option<f64>,
+}
+
+impl Default for CandleArgs {
+    fn default() -> Self {
+        Self {
+            device: "cpu".into(),
+            dtype: DtypeArg::Auto,
+            kv_cache_memory_fraction: None,
+        }
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<Device, LoadError> {
+    let err = |e: candle_core::Error| LoadError::Device(format!("{s}: {e}"));
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(err),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => Device::new_cuda(n).map_err(err),
+            None => Err(LoadError::Device(format!("{s}: expected cpu, cuda or cuda:N"))),
+        },
+    }
+}
+
+/// Default block size of the candle engine (vLLM's and Dynamo's).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+pub struct CandleEngine {
+    tx: mpsc::UnboundedSender<scheduler::Seq>,
+    stats: Arc<Mutex<EngineStats>>,
+    events: broadcast::Sender<BlockEvent>,
+    runtime: ModelRuntimeConfig,
+    block_size: usize,
+    vocab_size: usize,
+}
+
+impl CandleEngine {
+    /// Loads the weights and starts the scheduler thread. Blocking: call it from a blocking
+    /// context. `max_model_len` caps prompt plus output.
+    pub fn start(
+        weights: &WeightsSource,
+        args: &CandleArgs,
+        batching: &BatchingArgs,
+        max_model_len: usize,
+    ) -> Result<Arc<Self>, LoadError> {
+        let device = parse_device(&args.device)?;
+        let format = match (args.dtype, device.is_cpu()) {
+            (DtypeArg::Auto, true) | (DtypeArg::F32, _) => WeightFormat::Dense(DType::F32),
+            (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => WeightFormat::Dense(DType::BF16),
+            (DtypeArg::F16, _) => WeightFormat::Dense(DType::F16),
+            (DtypeArg::Quantized, _) => WeightFormat::Quantized,
+        };
+        let model = match weights {
+            WeightsSource::Gguf(p) => Model::from_gguf(p, format, &device)?,
+            WeightsSource::HfDir(d) => Model::from_hf_dir(d, format, &device)?,
+        };
+        let block_size = batching.block_size.unwrap_or(DEFAULT_BLOCK_SIZE).max(1);
+        let max_model_len = max_model_len.min(model.config.max_position).max(1);
+        let dtype = format.activation_dtype();
+        let per_block = KvCache::block_bytes(&model.config, block_size, dtype);
+        let useful = batching.max_num_seqs.max(1) * max_model_len.div_ceil(block_size);
+        let num_blocks = match batching.num_blocks {
+            Some(n) => n,
+            None => {
+                let fraction = args
+                    .kv_cache_memory_fraction
+                    .unwrap_or(if device.is_cpu() { 0.1 } else { 0.8 });
+                let free = free_memory(&device)?;
+                ((free as f64 * fraction) as usize / per_block.max(1)).min(useful)
+            }
+        };
+        if num_blocks == 0 {
+            return Err(LoadError::Load("no memory left for a single KV block".into()));
+        }
+        let cache = KvCache::new(&model.config, num_blocks, block_size, dtype, &device)
+            .map_err(|e| LoadError::Load(format!("allocating the KV cache: {e}")))?;
+        tracing::info!(
+            architecture = %model.config.architecture,
+            format = ?format,
+            device = %args.device,
+            num_blocks,
+            block_size,
+            kv_cache_mib = (num_blocks * per_block) >> 20,
+            "candle engine ready"
+        );
+        let vocab_size = model.config.vocab_size;
+        let runtime = ModelRuntimeConfig {
+            total_kv_blocks: num_blocks as u64,
+            max_num_seqs: batching.max_num_seqs as u64,
+            max_num_batched_tokens: batching.max_num_batched_tokens as u64,
+            data_parallel_size: 1,
+        };
+        let stats = Arc::new(Mutex::new(EngineStats {
+            total_blocks: num_blocks as u64,
+            ..Default::default()
+        }));
+        let (events, _) = broadcast::channel(4096);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sched = scheduler::Scheduler::new(
+            model,
+            cache,
+            batching.clone(),
+            max_model_len,
+            stats.clone(),
+            events.clone(),
+        );
+        std::thread::Builder::new()
+            .name("candle-engine".into())
+            .spawn(move || sched.run(rx))
+            .map_err(|e| LoadError::Load(format!("starting the engine thread: {e}")))?;
+        Ok(Arc::new(Self {
+            tx,
+            stats,
+            events,
+            runtime,
+            block_size,
+            vocab_size,
+        }))
+    }
+
+    /// Block events (stored / removed / cleared) as the prefix cache changes. Events sent
+    /// while nobody subscribes are dropped; a slow subscriber sees `Lagged`.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<BlockEvent> {
+        self.events.subscribe()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+}
+
+impl Engine for CandleEngine {
+    fn generate(&self, request: PreprocessedRequest) -> Result<EngineStream, EngineError> {
+        if request.token_ids.is_empty() {
+            return Err(EngineError::Invalid("empty prompt".into()));
+        }
+        if let Some(&t) = request.token_ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(EngineError::Invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        let (out, mut rx) = mpsc::unbounded_channel();
+        for seq in scheduler::Seq::for_request(&request, out) {
+            self.tx.send(seq).map_err(|_| EngineError::Stopped)?;
+        }
+        use futures::StreamExt;
+        Ok(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed())
+    }
+
+    fn stats(&self) -> EngineStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn runtime_config(&self) -> ModelRuntimeConfig {
+        self.runtime.clone()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.block_size as u32
+    }
+}
+
+/// Bytes free for the KV cache now.
+fn free_memory(device: &Device) -> Result<usize, LoadError> {
+    match device {
+        Device::Cpu => {
+            let text = std::fs::read_to_string("/proc/meminfo")
+                .map_err(|e| LoadError::Device(format!("reading /proc/meminfo: {e}")))?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+                .map(|kb| kb * 1024)
+                .ok_or_else(|| LoadError::Device("no MemAvailable in /proc/meminfo".into()))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .map(|(free, _total)| free)
+            .map_err(|e| LoadError::Device(format!("querying CUDA memory: {e:?}"))),
+        _ => Err(LoadError::Device(
+            "set --kv-cache-blocks: free memory of this device is unknown".into(),
+        )),
+    }
+}
+
+/// Loads only the model (for tests and benchmarks that drive [`Model::forward`] directly).
+pub fn load_model(path: &Path, format: WeightFormat, device: &Device) -> Result<Model, LoadError> {
+    if path.is_dir() {
+        Model::from_hf_dir(path, format, device)
+    } else {
+        Model::from_gguf(path, format, device)
+    }
+}

@@ -1,0 +1,555 @@
+//! A Llama-family decoder that keeps its keys and values in a paged cache it does not own.
+//!
+//! One [`Model::forward`] computes a whole scheduler step: the new tokens of every sequence
+//! in the batch are packed into one `[tokens, hidden]` matrix, so every projection and MLP
+//! runs once for all of them. Per layer, the new keys and values are scattered into their
+//! slots of the [`KvCache`] (slot = block id × block size + offset), then each sequence
+//! attends over the slots of its block table. Decode rows (one new token each) are attended
+//! together, their contexts gathered and padded to the longest; prefill rows one sequence at
+//! a time with a causal mask. Only the last row of each sequence reaches the output head.
+//!
+//! The arithmetic follows candle-transformers' Llama models op for op (same RoPE table, same
+//! scaling, masking and softmax), which is what lets the tests demand identical greedy tokens.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::ops::{rms_norm, silu, softmax_last_dim};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::LoadError as EngineError;
+use crate::config::ModelConfig;
+
+/// How weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// GGUF blocks kept quantized; candle's quantized matmul, f32 activations.
+    Quantized,
+    /// Dequantized (or loaded) to this dtype; activations and KV cache in it too.
+    Dense(DType),
+}
+
+impl WeightFormat {
+    pub fn activation_dtype(self) -> DType {
+        match self {
+            Self::Quantized => DType::F32,
+            Self::Dense(d) => d,
+        }
+    }
+}
+
+struct Linear {
+    w: QMatMul,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.w.forward(x)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Per-layer key and value tensors of `[slots, kv_heads × head_dim]`.
+pub struct KvCache {
+    pub k: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+impl KvCache {
+    pub fn new(
+        config: &ModelConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let shape = (num_blocks * block_size, config.num_kv_heads * config.head_dim);
+        let mut k = Vec::with_capacity(config.num_layers);
+        let mut v = Vec::with_capacity(config.num_layers);
+        for _ in 0..config.num_layers {
+            k.push(Tensor::zeros(shape, dtype, device)?);
+            v.push(Tensor::zeros(shape, dtype, device)?);
+        }
+        Ok(Self {
+            k,
+            v,
+            block_size,
+            num_blocks,
+        })
+    }
+
+    /// Bytes one block takes across all layers, keys and values.
+    pub fn block_bytes(config: &ModelConfig, block_size: usize, dtype: DType) -> usize {
+        2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.size_in_bytes()
+    }
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone)]
+pub struct StepSeq {
+    /// Tokens to compute now (one for a decode, the uncached prompt for a prefill).
+    pub tokens: Vec<u32>,
+    /// Position of the first of them: everything before is already in the cache.
+    pub start: usize,
+    /// Blocks covering positions `0..start + tokens.len()`.
+    pub block_table: Vec<u32>,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub format: WeightFormat,
+    pub device: Device,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    neg_inf: Tensor,
+}
+
+/// Where tensors come from while loading.
+enum Source {
+    Gguf {
+        content: gguf_file::Content,
+        file: std::fs::File,
+    },
+    Safetensors(HashMap<String, Tensor>),
+}
+
+struct Loader {
+    source: Source,
+    format: WeightFormat,
+    device: Device,
+}
+
+fn load_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(e.to_string())
+}
+
+impl Loader {
+    fn qtensor(&mut self, gguf: &str) -> Result<Option<QTensor>, EngineError> {
+        match &mut self.source {
+            Source::Gguf { content, file } => {
+                if !content.tensor_infos.contains_key(gguf) {
+                    return Ok(None);
+                }
+                content
+                    .tensor(file, gguf, &self.device)
+                    .map(Some)
+                    .map_err(load_err)
+            }
+            Source::Safetensors(_) => Ok(None),
+        }
+    }
+
+    /// A tensor by its GGUF or HF name, dequantized to `dtype`.
+    fn dense(&mut self, gguf: &str, hf: &str, dtype: DType) -> Result<Option<Tensor>, EngineError> {
+        let t = match &mut self.source {
+            Source::Gguf { .. } => match self.qtensor(gguf)? {
+                Some(q) => Some(q.dequantize(&self.device).map_err(load_err)?),
+                None => None,
+            },
+            Source::Safetensors(map) => map.remove(hf),
+        };
+        t.map(|t| t.to_dtype(dtype).map_err(load_err)).transpose()
+    }
+
+    fn require(&mut self, gguf: &str, hf: &str, dtype: DType) -> Result<Tensor, EngineError> {
+        self.dense(gguf, hf, dtype)?
+            .ok_or_else(|| EngineError::Load(format!("weight {gguf} / {hf} missing")))
+    }
+
+    fn matmul(&mut self, gguf: &str, hf: &str) -> Result<Option<QMatMul>, EngineError> {
+        match (self.format, &self.source) {
+            (WeightFormat::Quantized, Source::Gguf { .. }) => {
+                let Some(q) = self.qtensor(gguf)? else {
+                    return Ok(None);
+                };
+                // Unquantized GGUF tensors go through a plain matmul, as candle does.
+                Ok(Some(match q.dtype() {
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                        QMatMul::Tensor(q.dequantize(&self.device).map_err(load_err)?)
+                    }
+                    _ => QMatMul::QTensor(Arc::new(q)),
+                }))
+            }
+            (WeightFormat::Quantized, Source::Safetensors(_)) => {
+                let Some(w) = self.dense(gguf, hf, DType::F32)? else {
+                    return Ok(None);
+                };
+                // Safetensors hold no quantized blocks: quantize to Q8_0 where rows allow.
+                let cols = w.dims().last().copied().unwrap_or(0);
+                if cols % GgmlDType::Q8_0.block_size() == 0 {
+                    let q = QTensor::quantize(&w, GgmlDType::Q8_0).map_err(load_err)?;
+                    Ok(Some(QMatMul::QTensor(Arc::new(q))))
+                } else {
+                    Ok(Some(QMatMul::Tensor(w)))
+                }
+            }
+            (WeightFormat::Dense(dtype), _) => {
+                Ok(self.dense(gguf, hf, dtype)?.map(QMatMul::Tensor))
+            }
+        }
+    }
+
+    fn linear(&mut self, gguf: &str, hf: &str, bias: bool) -> Result<Linear, EngineError> {
+        let w = self
+            .matmul(&format!("{gguf}.weight"), &format!("{hf}.weight"))?
+            .ok_or_else(|| EngineError::Load(format!("weight {gguf}.weight / {hf}.weight missing")))?;
+        let b = if bias {
+            Some(self.require(
+                &format!("{gguf}.bias"),
+                &format!("{hf}.bias"),
+                self.format.activation_dtype(),
+            )?)
+        } else {
+            None
+        };
+        Ok(Linear { w, b })
+    }
+}
+
+impl Model {
+    /// Loads a GGUF file.
+    pub fn from_gguf(path: &Path, format: WeightFormat, device: &Device) -> Result<Self, EngineError> {
+        let mut file = std::fs::File::open(path).map_err(|e| load_err(format!("{}: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file).map_err(load_err)?;
+        let config = ModelConfig::from_gguf(&content)?;
+        let loader = Loader {
+            source: Source::Gguf { content, file },
+            format,
+            device: device.clone(),
+        };
+        Self::load(config, loader)
+    }
+
+    /// Loads an HF directory: `config.json` and one or more `*.safetensors` files.
+    pub fn from_hf_dir(dir: &Path, format: WeightFormat, device: &Device) -> Result<Self, EngineError> {
+        let config = ModelConfig::from_hf_dir(dir)?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| load_err(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(load_err(format!("no .safetensors files in {}", dir.display())));
+        }
+        let mut map = HashMap::new();
+        for f in files {
+            map.extend(candle_core::safetensors::load(&f, device).map_err(load_err)?);
+        }
+        let loader = Loader {
+            source: Source::Safetensors(map),
+            format,
+            device: device.clone(),
+        };
+        Self::load(config, loader)
+    }
+
+    fn load(config: ModelConfig, mut ld: Loader) -> Result<Self, EngineError> {
+        let act = ld.format.activation_dtype();
+        let device = ld.device.clone();
+        let embed = ld.require("token_embd.weight", "model.embed_tokens.weight", act)?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let g = format!("blk.{i}");
+            let h = format!("model.layers.{i}");
+            let bias = config.qkv_bias;
+            let (q_norm, k_norm) = if config.qk_norm {
+                (
+                    Some(ld.require(&format!("{g}.attn_q_norm.weight"), &format!("{h}.self_attn.q_norm.weight"), act)?),
+                    Some(ld.require(&format!("{g}.attn_k_norm.weight"), &format!("{h}.self_attn.k_norm.weight"), act)?),
+                )
+            } else {
+                (None, None)
+            };
+            layers.push(Layer {
+                attn_norm: ld.require(&format!("{g}.attn_norm.weight"), &format!("{h}.input_layernorm.weight"), act)?,
+                q: ld.linear(&format!("{g}.attn_q"), &format!("{h}.self_attn.q_proj"), bias)?,
+                k: ld.linear(&format!("{g}.attn_k"), &format!("{h}.self_attn.k_proj"), bias)?,
+                v: ld.linear(&format!("{g}.attn_v"), &format!("{h}.self_attn.v_proj"), bias)?,
+                o: ld.linear(&format!("{g}.attn_output"), &format!("{h}.self_attn.o_proj"), false)?,
+                q_norm,
+                k_norm,
+                ffn_norm: ld.require(&format!("{g}.ffn_norm.weight"), &format!("{h}.post_attention_layernorm.weight"), act)?,
+                gate: ld.linear(&format!("{g}.ffn_gate"), &format!("{h}.mlp.gate_proj"), false)?,
+                up: ld.linear(&format!("{g}.ffn_up"), &format!("{h}.mlp.up_proj"), false)?,
+                down: ld.linear(&format!("{g}.ffn_down"), &format!("{h}.mlp.down_proj"), false)?,
+            });
+        }
+        let norm = ld.require("output_norm.weight", "model.norm.weight", act)?;
+        let lm_head = match ld.matmul("output.weight", "lm_head.weight")? {
+            Some(w) => Linear { w, b: None },
+            None => Linear {
+                w: ld
+                    .matmul("token_embd.weight", "model.embed_tokens.weight")?
+                    .map_or_else(|| QMatMul::Tensor(embed.clone()), |w| w),
+                b: None,
+            },
+        };
+        let (cos, sin) = rope_table(&config, &mut ld)?;
+        let neg_inf = Tensor::new(f32::NEG_INFINITY, &device)
+            .and_then(|t| t.to_dtype(act))
+            .map_err(load_err)?;
+        Ok(Self {
+            format: ld.format,
+            config,
+            device,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            neg_inf,
+        })
+    }
+
+    /// Runs one step; returns the logits (f32) of the last new token of every sequence.
+    pub fn forward(&self, seqs: &[StepSeq], cache: &KvCache) -> candle_core::Result<Vec<Vec<f32>>> {
+        let dev = &self.device;
+        let c = &self.config;
+        let bs = cache.block_size;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let kv_dim = nkv * hd;
+        let slot = |s: &StepSeq, p: usize| s.block_table[p / bs] * bs as u32 + (p % bs) as u32;
+
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        let mut last_rows = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            for (i, &t) in s.tokens.iter().enumerate() {
+                ids.push(t);
+                positions.push((s.start + i) as u32);
+                slots.push(slot(s, s.start + i));
+            }
+            last_rows.push(ids.len() as u32 - 1);
+        }
+        let n_tokens = ids.len();
+        // Decode rows come first (the scheduler orders them so): they are attended together.
+        let n_decode = seqs.iter().take_while(|s| s.tokens.len() == 1).count();
+
+        let ids = Tensor::from_vec(ids, n_tokens, dev)?;
+        let positions = Tensor::from_vec(positions, n_tokens, dev)?;
+        let write_idx = Tensor::from_vec(slots, (n_tokens, 1), dev)?
+            .broadcast_as((n_tokens, kv_dim))?
+            .contiguous()?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+
+        // Decode rows grouped by context length: a group attends as one batched matmul with
+        // no padding, which keeps every row's arithmetic identical to a solo run (padding
+        // would move elements between SIMD lanes and the scalar tail of the reductions).
+        let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (i, s) in seqs[..n_decode].iter().enumerate() {
+            let len = s.start + 1;
+            match groups.iter_mut().find(|(l, _)| *l == len) {
+                Some((_, rows)) => rows.push(i as u32),
+                None => groups.push((len, vec![i as u32])),
+            }
+        }
+        let mut decode_ctx = Vec::with_capacity(groups.len());
+        let mut order = Vec::with_capacity(n_decode);
+        for (len, rows) in &groups {
+            let gather: Vec<u32> = rows
+                .iter()
+                .flat_map(|&r| (0..*len).map(move |p| (r, p)))
+                .map(|(r, p)| slot(&seqs[r as usize], p))
+                .collect();
+            order.extend(rows.iter().copied());
+            decode_ctx.push((
+                Tensor::from_vec(rows.clone(), rows.len(), dev)?,
+                rows.len(),
+                Tensor::from_vec(gather, rows.len() * len, dev)?,
+                *len,
+            ));
+        }
+        // Where each decode row ended up after grouping, to put the rows back in order.
+        let unpermute = if groups.len() > 1 {
+            let mut inv = vec![0u32; n_decode];
+            for (at, &row) in order.iter().enumerate() {
+                inv[row as usize] = at as u32;
+            }
+            Some(Tensor::from_vec(inv, n_decode, dev)?)
+        } else {
+            None
+        };
+        // Contexts and causal masks of the prefill rows.
+        let mut prefill_ctx = Vec::new();
+        for s in &seqs[n_decode..] {
+            let t = s.tokens.len();
+            let ctx = s.start + t;
+            let gather: Vec<u32> = (0..ctx).map(|p| slot(s, p)).collect();
+            let mask: Vec<u8> = (0..t)
+                .flat_map(|i| (0..ctx).map(move |j| u8::from(j > s.start + i)))
+                .collect();
+            prefill_ctx.push((
+                Tensor::from_vec(gather, ctx, dev)?,
+                ctx,
+                (t > 1).then(|| Tensor::from_vec(mask, (t, ctx), dev)).transpose()?,
+            ));
+        }
+
+        let scale = (hd as f64).sqrt();
+        let n_rep = nh / nkv;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let residual = &x;
+            let h = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
+            let q = layer.q.forward(&h)?.reshape((n_tokens, nh, hd))?;
+            let k = layer.k.forward(&h)?.reshape((n_tokens, nkv, hd))?;
+            let v = layer.v.forward(&h)?.contiguous()?;
+            let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+                (Some(qn), Some(kn)) => (
+                    rms_norm(&q.contiguous()?, qn, c.rms_norm_eps)?,
+                    rms_norm(&k.contiguous()?, kn, c.rms_norm_eps)?,
+                ),
+                _ => (q, k),
+            };
+            // [1, heads, tokens, head_dim] for the RoPE kernels.
+            let q = self.rope(&q.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, &cos, &sin)?;
+            let k = self.rope(&k.transpose(0, 1)?.unsqueeze(0)?.contiguous()?, &cos, &sin)?;
+            let k_rows = k.squeeze(0)?.transpose(0, 1)?.reshape((n_tokens, kv_dim))?;
+            cache.k[l].scatter_set(&write_idx, &k_rows, 0)?;
+            cache.v[l].scatter_set(&write_idx, &v, 0)?;
+
+            let q = q.squeeze(0)?; // [nh, tokens, hd]
+            let mut outs = Vec::with_capacity(1 + prefill_ctx.len());
+            let mut decoded = Vec::with_capacity(decode_ctx.len());
+            for (rows, g, gather, len) in &decode_ctx {
+                let qd = q.index_select(rows, 1)?.transpose(0, 1)?.unsqueeze(2)?.contiguous()?;
+                let kd = self.gather(&cache.k[l], gather, *g, *len, n_rep)?;
+                let vd = self.gather(&cache.v[l], gather, *g, *len, n_rep)?;
+                let att = (qd.matmul(&kd.t()?)? / scale)?;
+                let att = softmax_last_dim(&att)?;
+                let y = att.matmul(&vd)?; // [g, nh, 1, hd]
+                decoded.push(y.reshape((*g, nh * hd))?);
+            }
+            if !decoded.is_empty() {
+                let y = if decoded.len() == 1 {
+                    decoded.remove(0)
+                } else {
+                    Tensor::cat(&decoded, 0)?
+                };
+                outs.push(match &unpermute {
+                    Some(inv) => y.index_select(inv, 0)?,
+                    None => y,
+                });
+            }
+            let mut row = n_decode;
+            for (s, (gather, ctx, mask)) in seqs[n_decode..].iter().zip(&prefill_ctx) {
+                let t = s.tokens.len();
+                let qs = q.narrow(1, row, t)?.unsqueeze(0)?.contiguous()?;
+                let ks = self.gather(&cache.k[l], gather, 1, *ctx, n_rep)?;
+                let vs = self.gather(&cache.v[l], gather, 1, *ctx, n_rep)?;
+                let att = (qs.matmul(&ks.t()?)? / scale)?;
+                let att = match mask {
+                    Some(m) => m
+                        .broadcast_as(att.shape())?
+                        .where_cond(&self.neg_inf.broadcast_as(att.shape())?, &att)?,
+                    None => att,
+                };
+                let att = softmax_last_dim(&att)?;
+                let y = att.matmul(&vs)?; // [1, nh, t, hd]
+                outs.push(y.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * hd))?);
+                row += t;
+            }
+            let y = if outs.len() == 1 {
+                outs.remove(0)
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
+            let x1 = (layer.o.forward(&y)? + residual)?;
+            let h = rms_norm(&x1, &layer.ffn_norm, c.rms_norm_eps)?;
+            let mlp = layer
+                .down
+                .forward(&(silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?;
+            x = (mlp + &x1)?;
+        }
+        let last = Tensor::from_vec(last_rows, seqs.len(), dev)?;
+        let x = x.index_select(&last, 0)?;
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        logits.to_vec2::<f32>()
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        if self.config.rope_interleaved {
+            candle_nn::rotary_emb::rope_i(x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope(x, cos, sin)
+        }
+    }
+
+    /// `[batch, heads, len, head_dim]` keys or values gathered from cache slots, with the KV
+    /// heads repeated for grouped-query attention.
+    fn gather(
+        &self,
+        cache: &Tensor,
+        slots: &Tensor,
+        batch: usize,
+        len: usize,
+        n_rep: usize,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let t = cache
+            .index_select(slots, 0)?
+            .reshape((batch, len, c.num_kv_heads, c.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        if n_rep == 1 {
+            Ok(t)
+        } else {
+            Tensor::cat(&vec![&t; n_rep], 2)?.reshape((batch, c.num_kv_heads * n_rep, len, c.head_dim))
+        }
+    }
+}
+
+/// cos / sin of position × frequency for every position the model supports, computed the
+/// way candle's Llama models do (so the tables are bit-identical).
+fn rope_table(config: &ModelConfig, ld: &mut Loader) -> Result<(Tensor, Tensor), EngineError> {
+    let mut freqs = config.inv_freqs();
+    // llama.cpp stores Llama 3.1's scaling as per-frequency divisors.
+    if let Some(f) = ld.dense("rope_freqs.weight", "", DType::F32)? {
+        let f = f.to_vec1::<f32>().map_err(load_err)?;
+        for (x, d) in freqs.iter_mut().zip(f) {
+            *x /= d;
+        }
+    }
+    let act = ld.format.activation_dtype();
+    let dev = &ld.device;
+    let n = config.max_position;
+    let build = || -> candle_core::Result<(Tensor, Tensor)> {
+        let theta = Tensor::new(freqs.as_slice(), dev)?;
+        let idx = Tensor::arange(0, n as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((n, 1))?
+            .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+        Ok((idx.cos()?.to_dtype(act)?, idx.sin()?.to_dtype(act)?))
+    };
+    build().map_err(load_err)
+}

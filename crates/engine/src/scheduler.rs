@@ -1,0 +1,321 @@
+//! Continuous batching over the paged cache.
+//!
+//! Each step: take new sequences off the channel and drop cancelled ones (their blocks go
+//! back to the pool at once); give every running sequence a slot for its next token,
+//! preempting the most recently admitted sequence (release its blocks, requeue it for
+//! recomputation) when the pool is empty; then, if nothing was preempted, admit waiting
+//! sequences while `max_num_seqs`, the `max_num_batched_tokens` budget and the free-block
+//! watermark allow, each reusing its cached prefix. All decodes and admitted prefills run
+//! as one [`Model::forward`]; each sequence samples its token, newly filled blocks are
+//! registered in the prefix cache, and outputs go back on the request's channel.
+//!
+//! Prefills are not chunked: a prompt runs whole in the step that admits it, so a block a
+//! sequence finds in the cache has been computed (or is computed in the same step, before
+//! any attention reads it).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use tandem_kv::{BlockEvent, BlockPool, SeqBlocks};
+use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, StopConditions};
+use tandem_sampling::Sampler;
+use tandem_worker::{BatchingArgs, EngineStats};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::model::{KvCache, Model, StepSeq};
+
+/// One choice of one request.
+pub struct Seq {
+    out: mpsc::UnboundedSender<EngineOutput>,
+    index: u32,
+    prompt_len: usize,
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    /// Leading tokens whose keys and values are in the cache.
+    computed: usize,
+    blocks: Option<SeqBlocks>,
+    sampler: Sampler,
+    stop: StopConditions,
+    generated: u32,
+    /// Prompt tokens found in the cache at first admission, sent with the first output.
+    cached_tokens: Option<u32>,
+}
+
+impl Seq {
+    /// One sequence per choice; they share the output channel.
+    pub fn for_request(
+        request: &PreprocessedRequest,
+        out: mpsc::UnboundedSender<EngineOutput>,
+    ) -> Vec<Seq> {
+        (0..request.sampling.n.max(1))
+            .map(|index| Seq {
+                out: out.clone(),
+                index,
+                prompt_len: request.token_ids.len(),
+                tokens: request.token_ids.clone(),
+                computed: 0,
+                blocks: None,
+                sampler: Sampler::new(request.sampling.clone(), index as u64),
+                stop: request.stop.clone(),
+                generated: 0,
+                cached_tokens: None,
+            })
+            .collect()
+    }
+}
+
+pub struct Scheduler {
+    model: Model,
+    cache: KvCache,
+    pool: BlockPool,
+    args: BatchingArgs,
+    max_model_len: usize,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    stats: Arc<Mutex<EngineStats>>,
+    events: broadcast::Sender<BlockEvent>,
+    prefill_tokens: u64,
+    cached_prompt_tokens: u64,
+    preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(
+        model: Model,
+        cache: KvCache,
+        args: BatchingArgs,
+        max_model_len: usize,
+        stats: Arc<Mutex<EngineStats>>,
+        events: broadcast::Sender<BlockEvent>,
+    ) -> Self {
+        Self {
+            pool: BlockPool::new(cache.num_blocks, cache.block_size, args.enable_prefix_caching),
+            model,
+            cache,
+            args,
+            max_model_len,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats,
+            events,
+            prefill_tokens: 0,
+            cached_prompt_tokens: 0,
+            preemptions: 0,
+        }
+    }
+
+    /// Runs until every engine handle is gone.
+    pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<Seq>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                self.publish();
+                match rx.blocking_recv() {
+                    Some(s) => self.waiting.push_back(s),
+                    None => return,
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                self.waiting.push_back(s);
+            }
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn release(&mut self, seq: &mut Seq) {
+        if let Some(b) = seq.blocks.take() {
+            self.pool.release(b);
+        }
+        seq.computed = 0;
+    }
+
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].out.is_closed() {
+                let mut s = self.running.remove(i);
+                self.release(&mut s);
+            } else {
+                i += 1;
+            }
+        }
+        self.waiting.retain(|s| !s.out.is_closed());
+    }
+
+    /// Ends a sequence that can never run.
+    fn reject(&mut self, mut seq: Seq, reason: FinishReason) {
+        self.release(&mut seq);
+        let _ = seq.out.send(EngineOutput {
+            index: seq.index,
+            token_ids: vec![],
+            finish_reason: Some(reason),
+            cached_tokens: None,
+        });
+    }
+
+    fn step(&mut self) {
+        self.drop_cancelled();
+        // Room for every running sequence's next token, newest sequences giving way.
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() {
+            let len = self.running[i].tokens.len();
+            let grown = match self.running[i].blocks.as_mut() {
+                Some(b) => self.pool.grow(b, len),
+                None => false,
+            };
+            if grown {
+                i += 1;
+                continue;
+            }
+            let Some(mut victim) = self.running.pop() else {
+                break;
+            };
+            self.release(&mut victim);
+            self.preemptions += 1;
+            tracing::debug!(index = victim.index, "preempted a sequence: out of KV blocks");
+            self.waiting.push_front(victim);
+            preempted = true;
+        }
+        let n_decode = self.running.len();
+        if !preempted {
+            self.admit();
+        }
+        if self.running.is_empty() {
+            return;
+        }
+        let batch: Vec<StepSeq> = self
+            .running
+            .iter()
+            .map(|s| StepSeq {
+                tokens: s.tokens[s.computed..].to_vec(),
+                start: s.computed,
+                block_table: s
+                    .blocks
+                    .as_ref()
+                    .map(|b| b.blocks.iter().map(|id| id.0).collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        debug_assert!(batch[..n_decode].iter().all(|s| s.tokens.len() == 1));
+        let logits = match self.model.forward(&batch, &self.cache) {
+            Ok(l) => l,
+            Err(e) => {
+                // A failed step fails its sequences, not the engine.
+                tracing::error!(error = %e, "forward pass failed");
+                for s in std::mem::take(&mut self.running) {
+                    self.reject(s, FinishReason::Cancelled);
+                }
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (i, mut row) in logits.into_iter().enumerate() {
+            let seq = &mut self.running[i];
+            seq.computed = seq.tokens.len();
+            if let Some(b) = seq.blocks.as_mut() {
+                self.pool.commit(b, &seq.tokens[..seq.computed]);
+            }
+            let token = seq.sampler.sample(&mut row, &seq.tokens[..seq.prompt_len]);
+            seq.sampler.observe(token);
+            seq.tokens.push(token);
+            seq.generated += 1;
+            let finish = finish_reason(seq, token, self.max_model_len);
+            let sent = seq
+                .out
+                .send(EngineOutput {
+                    index: seq.index,
+                    token_ids: vec![token],
+                    finish_reason: finish,
+                    cached_tokens: seq.cached_tokens.take(),
+                })
+                .is_ok();
+            if finish.is_some() || !sent {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            self.release(&mut s);
+        }
+        for e in self.pool.drain_events() {
+            // No subscriber yet is fine: the event is simply not needed.
+            let _ = self.events.send(e);
+        }
+    }
+
+    /// Moves waiting sequences into `running` (behind the decodes) with their blocks.
+    fn admit(&mut self) {
+        let total = self.pool.total_blocks();
+        let reserve = (self.args.watermark * total as f64).ceil() as usize;
+        let mut budget = self
+            .args
+            .max_num_batched_tokens
+            .saturating_sub(self.running.len());
+        let mut admitted_any = false;
+        while self.running.len() < self.args.max_num_seqs.max(1) {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            // A sequence longer than the whole pool can never run: end it now.
+            if front.tokens.len().div_ceil(self.pool.block_size()) > total {
+                if let Some(s) = self.waiting.pop_front() {
+                    self.reject(s, FinishReason::Length);
+                }
+                continue;
+            }
+            let needed = self.pool.blocks_needed(&front.tokens);
+            let reserve_now = if self.running.is_empty() { 0 } else { reserve };
+            if self.pool.available_blocks() < needed + reserve_now {
+                break;
+            }
+            if admitted_any && front.tokens.len() > budget {
+                break;
+            }
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
+            let Some(blocks) = self.pool.allocate(&seq.tokens) else {
+                self.waiting.push_front(seq);
+                break;
+            };
+            seq.computed = blocks.cached_tokens;
+            let computed = seq.tokens.len() - blocks.cached_tokens;
+            if seq.generated == 0 && seq.cached_tokens.is_none() {
+                seq.cached_tokens = Some(blocks.cached_tokens as u32);
+                self.cached_prompt_tokens += blocks.cached_tokens as u64;
+            }
+            self.prefill_tokens += computed as u64;
+            budget = budget.saturating_sub(computed);
+            seq.blocks = Some(blocks);
+            self.running.push(seq);
+            admitted_any = true;
+        }
+    }
+
+    fn publish(&self) {
+        let s = self.pool.stats();
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = EngineStats {
+            total_blocks: s.total_blocks as u64,
+            active_blocks: s.active_blocks as u64,
+            prefix_hit_rate: s.prefix_hit_rate,
+            running: self.running.len() as u64,
+            waiting: self.waiting.len() as u64,
+            prefill_tokens: self.prefill_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            preemptions: self.preemptions,
+        };
+    }
+}
+
+fn finish_reason(seq: &Seq, token: u32, max_model_len: usize) -> Option<FinishReason> {
+    let stop = &seq.stop;
+    let min_ok = seq.generated >= stop.min_tokens.unwrap_or(0);
+    // The frontend leaves end-of-sequence ids out of the list when the request ignores EOS.
+    if min_ok && stop.stop_token_ids.contains(&token) {
+        return Some(FinishReason::Stop);
+    }
+    if stop.max_tokens.is_some_and(|m| seq.generated >= m) || seq.tokens.len() >= max_model_len {
+        return Some(FinishReason::Length);
+    }
+    None
+}
