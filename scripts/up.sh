@@ -4,7 +4,7 @@
 #   a worker serving the bundled SmolLM2-135M-Instruct (system status on 8081),
 #   the frontend on http://localhost:8000 (OpenAI API, /metrics).
 # Ctrl-C stops what this script started. Logs and etcd data go to .tools/run/.
-# WORKER_ARGS adds worker flags (e.g. WORKER_ARGS="--speedup-ratio 0").
+# WORKER_ARGS adds worker flags (e.g. WORKER_ARGS="--dtype quantized" or "--engine mocker").
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

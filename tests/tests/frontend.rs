@@ -34,6 +34,8 @@ async fn start(speedup: &str) -> Result<Served> {
         &[
             "--model-path",
             model.to_str().unwrap(),
+            "--engine",
+            "mocker",
             "--speedup-ratio",
             speedup,
             "--block-size",

@@ -75,8 +75,11 @@ async fn main() -> anyhow::Result<()> {
             model.tokenizer.get_vocab_size(true) as u32,
         ),
         EngineKind::Candle => {
-            let (weights, candle, batching) =
-                (model.weights.clone(), cli.candle.clone(), cli.batching.clone());
+            let (weights, candle, batching) = (
+                model.weights.clone(),
+                cli.candle.clone(),
+                cli.batching.clone(),
+            );
             tokio::task::spawn_blocking(move || {
                 CandleEngine::start(&weights, &candle, &batching, context_length as usize)
             })

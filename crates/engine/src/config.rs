@@ -50,8 +50,16 @@ pub struct ModelConfig {
 fn gguf_rope_is_neox(arch: &str) -> bool {
     matches!(
         arch,
-        "qwen" | "qwen2" | "qwen2moe" | "qwen3" | "qwen3moe" | "phi2" | "phi3" | "stablelm"
-            | "starcoder2" | "olmo2"
+        "qwen"
+            | "qwen2"
+            | "qwen2moe"
+            | "qwen3"
+            | "qwen3moe"
+            | "phi2"
+            | "phi3"
+            | "stablelm"
+            | "starcoder2"
+            | "olmo2"
     )
 }
 
@@ -71,9 +79,15 @@ impl ModelConfig {
         let get = |k: &str| -> Option<&Value> { md.get(&format!("{arch}.{k}")) };
         let req_u = |k: &str| -> Result<usize, EngineError> {
             get(k)
-                .and_then(|v| v.to_u32().ok().or_else(|| v.to_u64().ok().map(|x| x as u32)))
+                .and_then(|v| {
+                    v.to_u32()
+                        .ok()
+                        .or_else(|| v.to_u64().ok().map(|x| x as u32))
+                })
                 .map(|v| v as usize)
-                .ok_or_else(|| EngineError::Unsupported(format!("GGUF metadata {arch}.{k} missing")))
+                .ok_or_else(|| {
+                    EngineError::Unsupported(format!("GGUF metadata {arch}.{k} missing"))
+                })
         };
         let f = |k: &str| get(k).and_then(|v| v.to_f32().ok());
         let hidden_size = req_u("embedding_length")?;
@@ -83,10 +97,16 @@ impl ModelConfig {
         let has = |name: &str| content.tensor_infos.contains_key(name);
         let vocab_size = match content.tensor_infos.get("token_embd.weight") {
             Some(info) => info.shape.dims().first().copied().unwrap_or(0),
-            None => return Err(EngineError::Unsupported("GGUF without token_embd.weight".into())),
+            None => {
+                return Err(EngineError::Unsupported(
+                    "GGUF without token_embd.weight".into(),
+                ));
+            }
         };
         let rope_scaling = match get("rope.scaling.type").and_then(|v| v.to_string().ok()) {
-            Some(t) if t == "linear" => RopeScaling::Linear(f("rope.scaling.factor").unwrap_or(1.0)),
+            Some(t) if t == "linear" => {
+                RopeScaling::Linear(f("rope.scaling.factor").unwrap_or(1.0))
+            }
             _ => RopeScaling::None,
         };
         Ok(Self {
@@ -137,7 +157,9 @@ impl ModelConfig {
                 Some("linear") => RopeScaling::Linear(s.factor.unwrap_or(1.0)),
                 Some("default") | None => RopeScaling::None,
                 Some(other) => {
-                    return Err(EngineError::Unsupported(format!("rope_scaling type {other}")));
+                    return Err(EngineError::Unsupported(format!(
+                        "rope_scaling type {other}"
+                    )));
                 }
             },
             None => RopeScaling::None,

@@ -75,9 +75,14 @@ pub fn parse_device(s: &str) -> Result<Device, LoadError> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(0).map_err(err),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        _ => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Device::new_cuda(n).map_err(err),
-            None => Err(LoadError::Device(format!("{s}: expected cpu, cuda or cuda:N"))),
+            None => Err(LoadError::Device(format!(
+                "{s}: expected cpu, cuda or cuda:N"
+            ))),
         },
     }
 }
@@ -122,15 +127,19 @@ impl CandleEngine {
         let num_blocks = match batching.num_blocks {
             Some(n) => n,
             None => {
-                let fraction = args
-                    .kv_cache_memory_fraction
-                    .unwrap_or(if device.is_cpu() { 0.1 } else { 0.8 });
+                let fraction = args.kv_cache_memory_fraction.unwrap_or(if device.is_cpu() {
+                    0.1
+                } else {
+                    0.8
+                });
                 let free = free_memory(&device)?;
                 ((free as f64 * fraction) as usize / per_block.max(1)).min(useful)
             }
         };
         if num_blocks == 0 {
-            return Err(LoadError::Load("no memory left for a single KV block".into()));
+            return Err(LoadError::Load(
+                "no memory left for a single KV block".into(),
+            ));
         }
         let cache = KvCache::new(&model.config, num_blocks, block_size, dtype, &device)
             .map_err(|e| LoadError::Load(format!("allocating the KV cache: {e}")))?;
@@ -194,7 +203,11 @@ impl Engine for CandleEngine {
         if request.token_ids.is_empty() {
             return Err(EngineError::Invalid("empty prompt".into()));
         }
-        if let Some(&t) = request.token_ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+        if let Some(&t) = request
+            .token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.vocab_size)
+        {
             return Err(EngineError::Invalid(format!(
                 "token id {t} is outside the vocabulary of {}",
                 self.vocab_size

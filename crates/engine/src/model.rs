@@ -44,9 +44,50 @@ struct Linear {
     b: Option<Tensor>,
 }
 
+/// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul (one
+/// row stays on candle's matrix-vector path, which is what single-stream decode and the
+/// reference model use).
+const SMALL_M: std::ops::RangeInclusive<usize> = 2..=64;
+
+/// `x · wᵀ` for a decode batch of f32 rows on the CPU, or `None` when another path applies.
+fn small_m_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (m, k) = x.dims2()?;
+    if !SMALL_M.contains(&m)
+        || !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+    {
+        return Ok(None);
+    }
+    let (n, wk) = w.dims2()?;
+    let (storage, layout) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    if wk != k {
+        return Ok(None);
+    }
+    let weights = &cpu.as_slice::<f32>()?[start..end];
+    let rows = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let y = tandem_kernels::matmul_small_m(&rows, weights, m, k, n);
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+}
+
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.w.forward(x)?;
+    /// `decode_batch`: the rows are one new token each of different sequences. Only then
+    /// does the small-batch kernel run; prefills keep candle's matmul, which is what the
+    /// reference model computes them with.
+    fn forward_step(&self, x: &Tensor, decode_batch: bool) -> candle_core::Result<Tensor> {
+        let small = match &self.w {
+            QMatMul::Tensor(w) if decode_batch => small_m_matmul(x, w)?,
+            _ => None,
+        };
+        let y = match small {
+            Some(y) => y,
+            None => self.w.forward(x)?,
+        };
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -84,7 +125,10 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let shape = (num_blocks * block_size, config.num_kv_heads * config.head_dim);
+        let shape = (
+            num_blocks * block_size,
+            config.num_kv_heads * config.head_dim,
+        );
         let mut k = Vec::with_capacity(config.num_layers);
         let mut v = Vec::with_capacity(config.num_layers);
         for _ in 0..config.num_layers {
@@ -101,7 +145,11 @@ impl KvCache {
 
     /// Bytes one block takes across all layers, keys and values.
     pub fn block_bytes(config: &ModelConfig, block_size: usize, dtype: DType) -> usize {
-        2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.size_in_bytes()
+        2 * config.num_layers
+            * block_size
+            * config.num_kv_heads
+            * config.head_dim
+            * dtype.size_in_bytes()
     }
 }
 
@@ -217,7 +265,9 @@ impl Loader {
     fn linear(&mut self, gguf: &str, hf: &str, bias: bool) -> Result<Linear, EngineError> {
         let w = self
             .matmul(&format!("{gguf}.weight"), &format!("{hf}.weight"))?
-            .ok_or_else(|| EngineError::Load(format!("weight {gguf}.weight / {hf}.weight missing")))?;
+            .ok_or_else(|| {
+                EngineError::Load(format!("weight {gguf}.weight / {hf}.weight missing"))
+            })?;
         let b = if bias {
             Some(self.require(
                 &format!("{gguf}.bias"),
@@ -233,8 +283,13 @@ impl Loader {
 
 impl Model {
     /// Loads a GGUF file.
-    pub fn from_gguf(path: &Path, format: WeightFormat, device: &Device) -> Result<Self, EngineError> {
-        let mut file = std::fs::File::open(path).map_err(|e| load_err(format!("{}: {e}", path.display())))?;
+    pub fn from_gguf(
+        path: &Path,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let mut file =
+            std::fs::File::open(path).map_err(|e| load_err(format!("{}: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file).map_err(load_err)?;
         let config = ModelConfig::from_gguf(&content)?;
         let loader = Loader {
@@ -246,7 +301,11 @@ impl Model {
     }
 
     /// Loads an HF directory: `config.json` and one or more `*.safetensors` files.
-    pub fn from_hf_dir(dir: &Path, format: WeightFormat, device: &Device) -> Result<Self, EngineError> {
+    pub fn from_hf_dir(
+        dir: &Path,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
         let config = ModelConfig::from_hf_dir(dir)?;
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| load_err(format!("{}: {e}", dir.display())))?
@@ -255,7 +314,10 @@ impl Model {
             .collect();
         files.sort();
         if files.is_empty() {
-            return Err(load_err(format!("no .safetensors files in {}", dir.display())));
+            return Err(load_err(format!(
+                "no .safetensors files in {}",
+                dir.display()
+            )));
         }
         let mut map = HashMap::new();
         for f in files {
@@ -280,33 +342,78 @@ impl Model {
             let bias = config.qkv_bias;
             let (q_norm, k_norm) = if config.qk_norm {
                 (
-                    Some(ld.require(&format!("{g}.attn_q_norm.weight"), &format!("{h}.self_attn.q_norm.weight"), act)?),
-                    Some(ld.require(&format!("{g}.attn_k_norm.weight"), &format!("{h}.self_attn.k_norm.weight"), act)?),
+                    Some(ld.require(
+                        &format!("{g}.attn_q_norm.weight"),
+                        &format!("{h}.self_attn.q_norm.weight"),
+                        act,
+                    )?),
+                    Some(ld.require(
+                        &format!("{g}.attn_k_norm.weight"),
+                        &format!("{h}.self_attn.k_norm.weight"),
+                        act,
+                    )?),
                 )
             } else {
                 (None, None)
             };
             layers.push(Layer {
-                attn_norm: ld.require(&format!("{g}.attn_norm.weight"), &format!("{h}.input_layernorm.weight"), act)?,
-                q: ld.linear(&format!("{g}.attn_q"), &format!("{h}.self_attn.q_proj"), bias)?,
-                k: ld.linear(&format!("{g}.attn_k"), &format!("{h}.self_attn.k_proj"), bias)?,
-                v: ld.linear(&format!("{g}.attn_v"), &format!("{h}.self_attn.v_proj"), bias)?,
-                o: ld.linear(&format!("{g}.attn_output"), &format!("{h}.self_attn.o_proj"), false)?,
+                attn_norm: ld.require(
+                    &format!("{g}.attn_norm.weight"),
+                    &format!("{h}.input_layernorm.weight"),
+                    act,
+                )?,
+                q: ld.linear(
+                    &format!("{g}.attn_q"),
+                    &format!("{h}.self_attn.q_proj"),
+                    bias,
+                )?,
+                k: ld.linear(
+                    &format!("{g}.attn_k"),
+                    &format!("{h}.self_attn.k_proj"),
+                    bias,
+                )?,
+                v: ld.linear(
+                    &format!("{g}.attn_v"),
+                    &format!("{h}.self_attn.v_proj"),
+                    bias,
+                )?,
+                o: ld.linear(
+                    &format!("{g}.attn_output"),
+                    &format!("{h}.self_attn.o_proj"),
+                    false,
+                )?,
                 q_norm,
                 k_norm,
-                ffn_norm: ld.require(&format!("{g}.ffn_norm.weight"), &format!("{h}.post_attention_layernorm.weight"), act)?,
-                gate: ld.linear(&format!("{g}.ffn_gate"), &format!("{h}.mlp.gate_proj"), false)?,
+                ffn_norm: ld.require(
+                    &format!("{g}.ffn_norm.weight"),
+                    &format!("{h}.post_attention_layernorm.weight"),
+                    act,
+                )?,
+                gate: ld.linear(
+                    &format!("{g}.ffn_gate"),
+                    &format!("{h}.mlp.gate_proj"),
+                    false,
+                )?,
                 up: ld.linear(&format!("{g}.ffn_up"), &format!("{h}.mlp.up_proj"), false)?,
-                down: ld.linear(&format!("{g}.ffn_down"), &format!("{h}.mlp.down_proj"), false)?,
+                down: ld.linear(
+                    &format!("{g}.ffn_down"),
+                    &format!("{h}.mlp.down_proj"),
+                    false,
+                )?,
             });
         }
         let norm = ld.require("output_norm.weight", "model.norm.weight", act)?;
         let lm_head = match ld.matmul("output.weight", "lm_head.weight")? {
             Some(w) => Linear { w, b: None },
+            // Tied: dense formats share the embedding's storage; quantized ones keep the
+            // GGUF blocks of the embedding for the output matmul, as llama.cpp does.
             None => Linear {
-                w: ld
-                    .matmul("token_embd.weight", "model.embed_tokens.weight")?
-                    .map_or_else(|| QMatMul::Tensor(embed.clone()), |w| w),
+                w: match ld.format {
+                    WeightFormat::Dense(_) => QMatMul::Tensor(embed.clone()),
+                    WeightFormat::Quantized => ld
+                        .matmul("token_embd.weight", "model.embed_tokens.weight")?
+                        .unwrap_or_else(|| QMatMul::Tensor(embed.clone())),
+                },
                 b: None,
             },
         };
@@ -352,6 +459,7 @@ impl Model {
         let n_tokens = ids.len();
         // Decode rows come first (the scheduler orders them so): they are attended together.
         let n_decode = seqs.iter().take_while(|s| s.tokens.len() == 1).count();
+        let decode_only = n_decode == seqs.len();
 
         let ids = Tensor::from_vec(ids, n_tokens, dev)?;
         let positions = Tensor::from_vec(positions, n_tokens, dev)?;
@@ -410,7 +518,9 @@ impl Model {
             prefill_ctx.push((
                 Tensor::from_vec(gather, ctx, dev)?,
                 ctx,
-                (t > 1).then(|| Tensor::from_vec(mask, (t, ctx), dev)).transpose()?,
+                (t > 1)
+                    .then(|| Tensor::from_vec(mask, (t, ctx), dev))
+                    .transpose()?,
             ));
         }
 
@@ -420,9 +530,15 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
-            let q = layer.q.forward(&h)?.reshape((n_tokens, nh, hd))?;
-            let k = layer.k.forward(&h)?.reshape((n_tokens, nkv, hd))?;
-            let v = layer.v.forward(&h)?.contiguous()?;
+            let q = layer
+                .q
+                .forward_step(&h, decode_only)?
+                .reshape((n_tokens, nh, hd))?;
+            let k = layer
+                .k
+                .forward_step(&h, decode_only)?
+                .reshape((n_tokens, nkv, hd))?;
+            let v = layer.v.forward_step(&h, decode_only)?.contiguous()?;
             let (q, k) = match (&layer.q_norm, &layer.k_norm) {
                 (Some(qn), Some(kn)) => (
                     rms_norm(&q.contiguous()?, qn, c.rms_norm_eps)?,
@@ -441,7 +557,11 @@ impl Model {
             let mut outs = Vec::with_capacity(1 + prefill_ctx.len());
             let mut decoded = Vec::with_capacity(decode_ctx.len());
             for (rows, g, gather, len) in &decode_ctx {
-                let qd = q.index_select(rows, 1)?.transpose(0, 1)?.unsqueeze(2)?.contiguous()?;
+                let qd = q
+                    .index_select(rows, 1)?
+                    .transpose(0, 1)?
+                    .unsqueeze(2)?
+                    .contiguous()?;
                 let kd = self.gather(&cache.k[l], gather, *g, *len, n_rep)?;
                 let vd = self.gather(&cache.v[l], gather, *g, *len, n_rep)?;
                 let att = (qd.matmul(&kd.t()?)? / scale)?;
@@ -483,17 +603,22 @@ impl Model {
             } else {
                 Tensor::cat(&outs, 0)?
             };
-            let x1 = (layer.o.forward(&y)? + residual)?;
+            let x1 = (layer.o.forward_step(&y, decode_only)? + residual)?;
             let h = rms_norm(&x1, &layer.ffn_norm, c.rms_norm_eps)?;
-            let mlp = layer
-                .down
-                .forward(&(silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?)?;
+            let gate = silu(&layer.gate.forward_step(&h, decode_only)?)?;
+            let mlp = layer.down.forward_step(
+                &(gate * layer.up.forward_step(&h, decode_only)?)?,
+                decode_only,
+            )?;
             x = (mlp + &x1)?;
         }
         let last = Tensor::from_vec(last_rows, seqs.len(), dev)?;
         let x = x.index_select(&last, 0)?;
         let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = self
+            .lm_head
+            .forward_step(&x, decode_only)?
+            .to_dtype(DType::F32)?;
         logits.to_vec2::<f32>()
     }
 
@@ -524,7 +649,12 @@ impl Model {
         if n_rep == 1 {
             Ok(t)
         } else {
-            Tensor::cat(&vec![&t; n_rep], 2)?.reshape((batch, c.num_kv_heads * n_rep, len, c.head_dim))
+            Tensor::cat(&vec![&t; n_rep], 2)?.reshape((
+                batch,
+                c.num_kv_heads * n_rep,
+                len,
+                c.head_dim,
+            ))
         }
     }
 }

@@ -88,7 +88,11 @@ impl Scheduler {
         events: broadcast::Sender<BlockEvent>,
     ) -> Self {
         Self {
-            pool: BlockPool::new(cache.num_blocks, cache.block_size, args.enable_prefix_caching),
+            pool: BlockPool::new(
+                cache.num_blocks,
+                cache.block_size,
+                args.enable_prefix_caching,
+            ),
             model,
             cache,
             args,
@@ -172,7 +176,10 @@ impl Scheduler {
             };
             self.release(&mut victim);
             self.preemptions += 1;
-            tracing::debug!(index = victim.index, "preempted a sequence: out of KV blocks");
+            tracing::debug!(
+                index = victim.index,
+                "preempted a sequence: out of KV blocks"
+            );
             self.waiting.push_front(victim);
             preempted = true;
         }

@@ -11,7 +11,12 @@ use tandem_worker::Engine;
 
 fn question(files: &tandem_model::ModelFiles, q: &str) -> Vec<u32> {
     let text = format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
-    files.tokenizer.encode(text, false).unwrap().get_ids().to_vec()
+    files
+        .tokenizer
+        .encode(text, false)
+        .unwrap()
+        .get_ids()
+        .to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +99,10 @@ async fn choices_seeds_stop_tokens_and_cancellation() {
     let second = run(req.clone()).await;
     assert_eq!(first, second, "same seed, same tokens");
     assert!(first.iter().all(|c| c.len() == 10));
-    assert!(first[0] != first[1] || first[1] != first[2], "choices differ");
+    assert!(
+        first[0] != first[1] || first[1] != first[2],
+        "choices differ"
+    );
     wait_idle(&engine).await;
 
     // A stop token ends the choice with finish reason stop.
@@ -109,6 +117,13 @@ async fn choices_seeds_stop_tokens_and_cancellation() {
     // Dropping the stream frees the blocks.
     let mut s = engine.generate(greedy_request(&prompt, 10_000)).unwrap();
     s.next().await.unwrap();
+    // Stats are published after each step; the first token can arrive just before.
+    for _ in 0..500 {
+        if engine.stats().active_blocks > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert!(engine.stats().active_blocks > 0);
     drop(s);
     wait_idle(&engine).await;

@@ -49,7 +49,10 @@ pub fn prompts(files: &ModelFiles) -> Vec<Vec<u32>> {
 pub async fn check_against_reference(dtype: DtypeArg, tokens: usize) {
     let files = files();
     let prompts = prompts(&files);
-    let expected: Vec<Vec<u32>> = prompts.iter().map(|p| reference_greedy(p, tokens)).collect();
+    let expected: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| reference_greedy(p, tokens))
+        .collect();
     let n = tokens as u32;
 
     let solo = engine(dtype, 512, 64);
@@ -63,19 +66,32 @@ pub async fn check_against_reference(dtype: DtypeArg, tokens: usize) {
     let batched = engine(dtype, 512, 64);
     let results = futures::future::join_all(prompts.iter().map(|p| generate(&batched, p, n))).await;
     for ((got, _), want) in results.iter().zip(&expected) {
-        assert_eq!(got, want, "batched: {:?}", files.tokenizer.decode(got, true));
+        assert_eq!(
+            got,
+            want,
+            "batched: {:?}",
+            files.tokenizer.decode(got, true)
+        );
     }
     wait_idle(&batched).await;
 
     let cached = engine(dtype, 512, 64);
     let prefixes: Vec<usize> = prompts.iter().map(|p| (p.len() - 1) / 16 * 16).collect();
-    let warm = prompts.iter().zip(&prefixes).map(|(p, &k)| generate(&cached, &p[..k.max(1)], 1));
+    let warm = prompts
+        .iter()
+        .zip(&prefixes)
+        .map(|(p, &k)| generate(&cached, &p[..k.max(1)], 1));
     futures::future::join_all(warm).await;
     let results = futures::future::join_all(prompts.iter().map(|p| generate(&cached, p, n))).await;
     for (((got, hit), p), &k) in results.iter().zip(&prompts).zip(&prefixes) {
         assert_eq!(*hit as usize, k, "cached prefix");
         let want = reference_greedy_from_cache(p, k, tokens);
-        assert_eq!(got, &want, "cached: {:?}", files.tokenizer.decode(got, true));
+        assert_eq!(
+            got,
+            &want,
+            "cached: {:?}",
+            files.tokenizer.decode(got, true)
+        );
     }
     wait_idle(&cached).await;
 }
@@ -100,10 +116,16 @@ pub fn reference_greedy_from_cache(prompt: &[u32], cached: usize, n: usize) -> V
     model.clear_kv_cache();
     let mut out = Vec::new();
     if cached > 0 {
-        let input = Tensor::new(&prompt[..cached], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(&prompt[..cached], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         model.forward(&input, 0).unwrap();
     }
-    let input = Tensor::new(&prompt[cached..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(&prompt[cached..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let mut logits = model.forward(&input, cached).unwrap();
     for i in 0..n {
         let next = tandem_sampling::argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
@@ -111,7 +133,10 @@ pub fn reference_greedy_from_cache(prompt: &[u32], cached: usize, n: usize) -> V
         if i + 1 == n {
             break;
         }
-        let input = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         logits = model.forward(&input, prompt.len() + i).unwrap();
     }
     out
@@ -147,7 +172,11 @@ pub fn greedy_request(prompt: &[u32], n: u32) -> PreprocessedRequest {
 
 /// Runs one greedy request to completion; returns its tokens and reported cached tokens.
 pub async fn generate(engine: &CandleEngine, prompt: &[u32], n: u32) -> (Vec<u32>, u32) {
-    let outs: Vec<_> = engine.generate(greedy_request(prompt, n)).unwrap().collect().await;
+    let outs: Vec<_> = engine
+        .generate(greedy_request(prompt, n))
+        .unwrap()
+        .collect()
+        .await;
     let cached = outs.iter().find_map(|o| o.cached_tokens).unwrap_or(0);
     (outs.into_iter().flat_map(|o| o.token_ids).collect(), cached)
 }

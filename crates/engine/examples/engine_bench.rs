@@ -1,0 +1,153 @@
+//! Decode throughput of tandem's engine beside candle-transformers' quantized Llama run the
+//! way candle's `quantized` example runs it (prompt, then one token at a time, argmax).
+//!
+//! `cargo run --release -p tandem-engine --example engine_bench -- MODEL.gguf [f32|quantized] [TOKENS]`
+//! Prints one markdown table row per measurement; `scripts/bench-engine.sh` runs both dtypes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use futures::StreamExt;
+use std::path::PathBuf;
+use std::time::Instant;
+use tandem_engine::{CandleArgs, CandleEngine, DtypeArg};
+use tandem_model::{ModelFiles, WeightsSource};
+use tandem_protocols::llm::{PreprocessedRequest, StopConditions};
+use tandem_worker::{BatchingArgs, Engine};
+
+fn prompt(files: &ModelFiles, i: usize) -> Vec<u32> {
+    let text = format!(
+        "<|im_start|>user\nWrite a long story about traveller number {i} crossing a desert.<|im_end|>\n<|im_start|>assistant\n"
+    );
+    files
+        .tokenizer
+        .encode(text, false)
+        .unwrap()
+        .get_ids()
+        .to_vec()
+}
+
+/// candle's example loop; returns decode tokens/s (prompt excluded).
+fn reference(path: &PathBuf, prompt: &[u32], tokens: usize) -> f64 {
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let input = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&input, 0).unwrap();
+    let mut next = tandem_sampling::argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+    let start = Instant::now();
+    for i in 0..tokens {
+        let input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&input, prompt.len() + i).unwrap();
+        next = tandem_sampling::argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
+    }
+    tokens as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `batch` concurrent greedy requests; returns (aggregate decode tokens/s, per-stream tokens/s).
+async fn tandem(
+    engine: &CandleEngine,
+    files: &ModelFiles,
+    batch: usize,
+    tokens: usize,
+) -> (f64, f64) {
+    let requests: Vec<_> = (0..batch)
+        .map(|i| PreprocessedRequest {
+            model: "m".into(),
+            token_ids: prompt(files, i),
+            sampling: Default::default(),
+            stop: StopConditions {
+                max_tokens: Some(tokens as u32 + 1),
+                ignore_eos: true,
+                ..Default::default()
+            },
+        })
+        .collect();
+    let streams: Vec<_> = requests
+        .into_iter()
+        .map(|r| engine.generate(r).unwrap())
+        .collect();
+    // Time from every stream's first token (prefill done) to its last.
+    let runs = streams.into_iter().map(|mut s| async move {
+        s.next().await.unwrap();
+        let start = Instant::now();
+        let mut n = 0;
+        while let Some(o) = s.next().await {
+            n += o.token_ids.len();
+        }
+        (n, start.elapsed().as_secs_f64())
+    });
+    let done = futures::future::join_all(runs).await;
+    let total: usize = done.iter().map(|d| d.0).sum();
+    let longest = done.iter().map(|d| d.1).fold(0.0, f64::max);
+    let per_stream = done.iter().map(|d| d.0 as f64 / d.1).sum::<f64>() / batch as f64;
+    (total as f64 / longest, per_stream)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let path = PathBuf::from(args.get(1).expect("MODEL.gguf"));
+    let dtype = match args.get(2).map(String::as_str) {
+        Some("quantized") => DtypeArg::Quantized,
+        _ => DtypeArg::F32,
+    };
+    let tokens: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
+    let files = ModelFiles::load(&path).unwrap();
+    let label = if dtype == DtypeArg::Quantized {
+        "quantized (Q4_1)"
+    } else {
+        "f32 (dequantized)"
+    };
+
+    if dtype == DtypeArg::F32 {
+        // candle dequantizes every matmul weight when this is set before the model loads.
+        #[allow(unsafe_code)]
+        // SAFETY: single-threaded at this point; nothing else reads the environment yet.
+        unsafe {
+            std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1")
+        };
+    }
+    let p = prompt(&files, 0);
+    let reference_tps = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || reference(&path, &p, tokens))
+            .await
+            .unwrap()
+    };
+    println!(
+        "| {label} | candle-transformers quantized_llama (example loop) | 1 | {reference_tps:.1} | {reference_tps:.1} | 1.00× |"
+    );
+
+    let engine = CandleEngine::start(
+        &WeightsSource::Gguf(path.clone()),
+        &CandleArgs {
+            dtype,
+            ..Default::default()
+        },
+        &BatchingArgs {
+            num_blocks: Some(1024),
+            ..Default::default()
+        },
+        8192,
+    )
+    .unwrap();
+    let mut single = 0.0;
+    for batch in [1, 4, 8, 16] {
+        let (agg, per) = tandem(&engine, &files, batch, tokens).await;
+        if batch == 1 {
+            single = agg;
+        }
+        println!(
+            "| {label} | tandem paged engine | {batch} | {agg:.1} | {per:.1} | {:.2}× single, {:.2}× reference |",
+            agg / single,
+            agg / reference_tps
+        );
+    }
+}

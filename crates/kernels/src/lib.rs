@@ -1,0 +1,139 @@
+//! CPU kernels candle lacks.
+//!
+//! [`matmul_small_m`]: `y = x · wᵀ` for the few rows of a decode step. candle's f32 matmul goes
+//! through `gemm`, which packs the whole weight matrix on every call and is tuned for large
+//! products; at 2–64 rows it runs several times slower than reading the weights once should
+//! allow. Here each weight row is loaded once, stays in L1 while it is dotted with every row
+//! of `x` (up to eight independent SIMD accumulators at a time, so the FMA chains overlap),
+//! and rayon splits the weight rows across cores. SIMD width is picked at run time by `pulp`
+//! (AVX2+FMA or AVX-512 where present, scalar elsewhere).
+
+use pulp::{Arch, Simd, WithSimd};
+use rayon::prelude::*;
+
+/// Weight rows per parallel task: enough work to amortise scheduling, small enough to
+/// balance across cores.
+const ROWS_PER_TASK: usize = 32;
+
+/// `x`: `m × k` row-major; `w`: `n × k` row-major. Returns `y`: `m × n` row-major.
+pub fn matmul_small_m(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "x is not m × k");
+    assert_eq!(w.len(), n * k, "w is not n × k");
+    let mut yt = vec![0f32; n * m];
+    if m == 0 || n == 0 {
+        return yt;
+    }
+    let arch = Arch::new();
+    yt.par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first = task * ROWS_PER_TASK;
+            let rows = out.len() / m;
+            arch.dispatch(Rows {
+                x,
+                w: &w[first * k..(first + rows) * k],
+                m,
+                k,
+                out,
+            });
+        });
+    // yt is n × m (each task wrote whole rows of it); callers want m × n.
+    let mut y = vec![0f32; m * n];
+    for (j, col) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            y[i * n + j] = *v;
+        }
+    }
+    y
+}
+
+struct Rows<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    m: usize,
+    k: usize,
+    out: &'a mut [f32],
+}
+
+impl WithSimd for Rows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let Rows { x, w, m, k, out } = self;
+        let xs: Vec<(&[S::f32s], &[f32])> = x.chunks_exact(k).map(S::as_simd_f32s).collect();
+        let tail_dot =
+            |wt: &[f32], xt: &[f32]| -> f32 { wt.iter().zip(xt).map(|(p, q)| p * q).sum() };
+        for (wrow, o) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
+            let (wh, wt) = S::as_simd_f32s(wrow);
+            let mut groups = xs.chunks_exact(4);
+            let mut outs = o.chunks_exact_mut(4);
+            for (g, og) in (&mut groups).zip(&mut outs) {
+                let z = simd.splat_f32s(0.0);
+                let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+                for ((((wv, p0), p1), p2), p3) in
+                    wh.iter().zip(g[0].0).zip(g[1].0).zip(g[2].0).zip(g[3].0)
+                {
+                    a0 = simd.mul_add_f32s(*p0, *wv, a0);
+                    a1 = simd.mul_add_f32s(*p1, *wv, a1);
+                    a2 = simd.mul_add_f32s(*p2, *wv, a2);
+                    a3 = simd.mul_add_f32s(*p3, *wv, a3);
+                }
+                for ((a, (_, xt)), y) in [a0, a1, a2, a3].iter().zip(g).zip(og.iter_mut()) {
+                    *y = simd.reduce_sum_f32s(*a) + tail_dot(wt, xt);
+                }
+            }
+            for ((xh, xt), y) in groups.remainder().iter().zip(outs.into_remainder()) {
+                // Two accumulators so consecutive FMAs do not wait on each other.
+                let z = simd.splat_f32s(0.0);
+                let (mut a0, mut a1) = (z, z);
+                let mut pairs_w = wh.chunks_exact(2);
+                let mut pairs_x = xh.chunks_exact(2);
+                for (pw, px) in (&mut pairs_w).zip(&mut pairs_x) {
+                    a0 = simd.mul_add_f32s(px[0], pw[0], a0);
+                    a1 = simd.mul_add_f32s(px[1], pw[1], a1);
+                }
+                for (pw, px) in pairs_w.remainder().iter().zip(pairs_x.remainder()) {
+                    a0 = simd.mul_add_f32s(*px, *pw, a0);
+                }
+                *y = simd.reduce_sum_f32s(simd.add_f32s(a0, a1)) + tail_dot(wt, xt);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_a_plain_product_for_odd_shapes() {
+        for (m, k, n) in [
+            (1, 3, 5),
+            (2, 17, 33),
+            (9, 64, 70),
+            (16, 576, 100),
+            (3, 1, 1),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+                .collect();
+            let y = matmul_small_m(&x, &w, m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                        .sum();
+                    let got = y[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "({m},{k},{n}) [{i},{j}] {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
