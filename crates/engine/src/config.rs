@@ -41,6 +41,9 @@ pub struct ModelConfig {
     /// NeoX-style architectures pair (i, i + d/2).
     pub rope_interleaved: bool,
     pub qkv_bias: bool,
+    /// Bias on the attention output projection (HF `attention_bias` on Llama and Qwen3; Qwen2
+    /// has q/k/v biases only).
+    pub o_bias: bool,
     pub qk_norm: bool,
     pub tie_embeddings: bool,
     pub max_position: usize,
@@ -122,6 +125,7 @@ impl ModelConfig {
             rope_scaling,
             rope_interleaved: !gguf_rope_is_neox(&arch),
             qkv_bias: has("blk.0.attn_q.bias"),
+            o_bias: has("blk.0.attn_output.bias"),
             qk_norm: has("blk.0.attn_q_norm.weight"),
             tie_embeddings: !has("output.weight"),
             max_position: req_u("context_length").unwrap_or(4096),
@@ -176,7 +180,9 @@ impl ModelConfig {
             rope_theta: c.rope_theta.unwrap_or(10_000.0) as f32,
             rope_scaling,
             rope_interleaved: false,
-            qkv_bias: c.attention_bias.unwrap_or(model_type == "qwen2"),
+            // Qwen2 always has q/k/v biases; elsewhere `attention_bias` puts one on all four.
+            qkv_bias: model_type == "qwen2" || c.attention_bias.unwrap_or(false),
+            o_bias: model_type != "qwen2" && c.attention_bias.unwrap_or(false),
             qk_norm: model_type == "qwen3",
             tie_embeddings: c.tie_word_embeddings.unwrap_or(false),
             max_position: c.max_position_embeddings.unwrap_or(4096),

@@ -143,6 +143,17 @@ impl CandleEngine {
         }
         let cache = KvCache::new(&model.config, num_blocks, block_size, dtype, &device)
             .map_err(|e| LoadError::Load(format!("allocating the KV cache: {e}")))?;
+        // One token through every layer now, so that a dtype or device the backend cannot run
+        // fails at start-up with its reason instead of failing every request. It writes only
+        // slot 0 of block 0, which holds nothing yet.
+        let probe = StepSeq {
+            tokens: vec![0],
+            start: 0,
+            block_table: vec![0],
+        };
+        model.forward(&[probe], &cache).map_err(|e| {
+            LoadError::Unsupported(format!("{format:?} weights on {}: {e}", args.device))
+        })?;
         tracing::info!(
             architecture = %model.config.architecture,
             format = ?format,

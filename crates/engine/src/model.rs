@@ -21,6 +21,9 @@ use std::sync::Arc;
 use crate::LoadError as EngineError;
 use crate::config::ModelConfig;
 
+/// Query rows attended at once in a prefill.
+const PREFILL_QUERY_CHUNK: usize = 1024;
+
 /// How weights are held in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
@@ -380,7 +383,7 @@ impl Model {
                 o: ld.linear(
                     &format!("{g}.attn_output"),
                     &format!("{h}.self_attn.o_proj"),
-                    false,
+                    config.o_bias,
                 )?,
                 q_norm,
                 k_norm,
@@ -583,19 +586,29 @@ impl Model {
             let mut row = n_decode;
             for (s, (gather, ctx, mask)) in seqs[n_decode..].iter().zip(&prefill_ctx) {
                 let t = s.tokens.len();
-                let qs = q.narrow(1, row, t)?.unsqueeze(0)?.contiguous()?;
                 let ks = self.gather(&cache.k[l], gather, 1, *ctx, n_rep)?;
                 let vs = self.gather(&cache.v[l], gather, 1, *ctx, n_rep)?;
-                let att = (qs.matmul(&ks.t()?)? / scale)?;
-                let att = match mask {
-                    Some(m) => m
-                        .broadcast_as(att.shape())?
-                        .where_cond(&self.neg_inf.broadcast_as(att.shape())?, &att)?,
-                    None => att,
-                };
-                let att = softmax_last_dim(&att)?;
-                let y = att.matmul(&vs)?; // [1, nh, t, hd]
-                outs.push(y.squeeze(0)?.transpose(0, 1)?.reshape((t, nh * hd))?);
+                // Long prompts attend in slices of query rows, which bounds the score matrix
+                // (heads × rows × context) instead of letting it grow with the square of the
+                // prompt.
+                let mut at = 0;
+                while at < t {
+                    let rows = (t - at).min(PREFILL_QUERY_CHUNK);
+                    let qs = q.narrow(1, row + at, rows)?.unsqueeze(0)?.contiguous()?;
+                    let att = (qs.matmul(&ks.t()?)? / scale)?;
+                    let att = match mask {
+                        Some(m) => {
+                            let m = m.narrow(0, at, rows)?;
+                            m.broadcast_as(att.shape())?
+                                .where_cond(&self.neg_inf.broadcast_as(att.shape())?, &att)?
+                        }
+                        None => att,
+                    };
+                    let att = softmax_last_dim(&att)?;
+                    let y = att.matmul(&vs)?; // [1, nh, rows, hd]
+                    outs.push(y.squeeze(0)?.transpose(0, 1)?.reshape((rows, nh * hd))?);
+                    at += rows;
+                }
                 row += t;
             }
             let y = if outs.len() == 1 {
