@@ -398,6 +398,78 @@ pub fn bundled_model() -> Result<PathBuf> {
     Ok(p)
 }
 
+/// A whole local deployment: NATS, etcd, one `worker` (system status on its own port) and the
+/// `frontend`, with the bundled model listed on `/v1/models`.
+pub struct Served {
+    pub stack: Stack,
+    pub worker: Proc,
+    pub frontend: Proc,
+    pub http: u16,
+    pub system: u16,
+}
+
+impl Served {
+    /// Starts everything; `worker_args` come after `--model-path` (the bundled model), and
+    /// the model must be listed within `timeout`.
+    pub async fn start(
+        worker_args: &[&str],
+        worker_env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let stack = Stack::start().await?;
+        let system = free_port()?;
+        let model = bundled_model()?;
+        let model = model.to_string_lossy().into_owned();
+        let mut args = vec!["--model-path", model.as_str()];
+        args.extend_from_slice(worker_args);
+        let system_port = system.to_string();
+        let mut env = vec![
+            ("DYN_SYSTEM_PORT", system_port.as_str()),
+            ("DYN_SYSTEM_HOST", "127.0.0.1"),
+        ];
+        env.extend_from_slice(worker_env);
+        let worker = stack.spawn("worker", &workspace_bin("worker")?, &args, &env)?;
+        let http = free_port()?;
+        let frontend = stack.spawn(
+            "frontend",
+            &workspace_bin("frontend")?,
+            &["--http-host", "127.0.0.1", "--http-port", &http.to_string()],
+            &[],
+        )?;
+        let s = Self {
+            stack,
+            worker,
+            frontend,
+            http,
+            system,
+        };
+        let client = reqwest::Client::new();
+        let models_url = s.url("/v1/models");
+        wait_for(timeout, "the model to be listed", || {
+            let (c, u) = (client.clone(), models_url.clone());
+            async move {
+                let v: serde_json::Value = c.get(&u).send().await.ok()?.json().await.ok()?;
+                (v["data"][0]["id"] == BUNDLED_MODEL_NAME).then_some(())
+            }
+        })
+        .await
+        .map_err(|e| e.context(s.worker.output()))?;
+        Ok(s)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    /// The worker's system status server (metrics, health).
+    pub fn system_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.system)
+    }
+}
+
+/// The name the bundled model is served under.
+pub const BUNDLED_MODEL_NAME: &str = "SmolLM2-135M-Instruct";
+
 #[cfg(test)]
 mod tests {
     use super::*;

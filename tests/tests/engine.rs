@@ -5,64 +5,13 @@
 use anyhow::Result;
 use serde_json::{Value, json};
 use std::time::Duration;
-use tandem_tests::{
-    Proc, Stack, bundled_model, free_port, metric_value, scrape, wait_for, workspace_bin,
-};
+use tandem_tests::{BUNDLED_MODEL_NAME, Served, metric_value, scrape, wait_for};
 
-const MODEL: &str = "SmolLM2-135M-Instruct";
-
-struct Served {
-    _stack: Stack,
-    worker: Proc,
-    _frontend: Proc,
-    http: u16,
-    system: u16,
-}
-
-async fn start() -> Result<Served> {
-    let stack = Stack::start().await?;
-    let system = free_port()?;
-    let model = bundled_model()?;
-    let worker = stack.spawn(
-        "worker",
-        &workspace_bin("worker")?,
-        &["--model-path", model.to_str().unwrap()],
-        &[
-            ("DYN_SYSTEM_PORT", &system.to_string()),
-            ("DYN_SYSTEM_HOST", "127.0.0.1"),
-        ],
-    )?;
-    let http = free_port()?;
-    let frontend = stack.spawn(
-        "frontend",
-        &workspace_bin("frontend")?,
-        &["--http-host", "127.0.0.1", "--http-port", &http.to_string()],
-        &[],
-    )?;
-    let s = Served {
-        _stack: stack,
-        worker,
-        _frontend: frontend,
-        http,
-        system,
-    };
-    let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{http}/v1/models");
-    wait_for(Duration::from_secs(120), "the model to be listed", || {
-        let (c, u) = (client.clone(), url.clone());
-        async move {
-            let v: Value = c.get(&u).send().await.ok()?.json().await.ok()?;
-            (v["data"][0]["id"] == MODEL).then_some(())
-        }
-    })
-    .await
-    .map_err(|e| e.context(s.worker.output()))?;
-    Ok(s)
-}
+const MODEL: &str = BUNDLED_MODEL_NAME;
 
 async fn chat(s: &Served, messages: Value, max_tokens: u32) -> Result<Value> {
     let r = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{}/v1/chat/completions", s.http))
+        .post(s.url("/v1/chat/completions"))
         .json(&json!({"model": MODEL, "messages": messages, "max_tokens": max_tokens}))
         .send()
         .await?;
@@ -71,13 +20,14 @@ async fn chat(s: &Served, messages: Value, max_tokens: u32) -> Result<Value> {
 }
 
 async fn kvstat(s: &Served, name: &str) -> Result<f64> {
-    let text = scrape(&format!("http://127.0.0.1:{}/metrics", s.system)).await?;
+    let text = scrape(&s.system_url("/metrics")).await?;
     metric_value(&text, name, &[]).ok_or_else(|| anyhow::anyhow!("{name} not exported"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundled_model_answers_and_reuses_cached_prefixes() -> Result<()> {
-    let s = start().await?;
+    // Default engine settings; loading and the start-up warm-up take a while in debug builds.
+    let s = Served::start(&[], &[], Duration::from_secs(120)).await?;
     // The engine is the default and publishes its cache in the model card's runtime config.
     assert!(kvstat(&s, "dynamo_component_kvstats_total_blocks").await? > 0.0);
 

@@ -4,36 +4,15 @@
 use anyhow::Result;
 use serde_json::{Value, json};
 use std::time::Duration;
-use tandem_tests::{
-    Proc, Stack, bundled_model, free_port, metric_value, scrape, wait_for, workspace_bin,
-};
+use tandem_tests::{BUNDLED_MODEL_NAME, Served, metric_value, scrape, wait_for};
 
-const MODEL: &str = "SmolLM2-135M-Instruct";
+const MODEL: &str = BUNDLED_MODEL_NAME;
 
-struct Served {
-    stack: Stack,
-    worker: Proc,
-    _frontend: Proc,
-    http: u16,
-    system: u16,
-}
-
-impl Served {
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.http)
-    }
-}
-
+/// The stack with a mocker worker (16-token blocks, a 2 s lease so a killed worker leaves
+/// discovery quickly) at the given speed-up ratio.
 async fn start(speedup: &str) -> Result<Served> {
-    let stack = Stack::start().await?;
-    let system = free_port()?;
-    let model = bundled_model()?;
-    let worker = stack.spawn(
-        "worker",
-        &workspace_bin("worker")?,
+    Served::start(
         &[
-            "--model-path",
-            model.to_str().unwrap(),
             "--engine",
             "mocker",
             "--speedup-ratio",
@@ -41,38 +20,10 @@ async fn start(speedup: &str) -> Result<Served> {
             "--block-size",
             "16",
         ],
-        &[
-            ("DYN_SYSTEM_PORT", &system.to_string()),
-            ("DYN_SYSTEM_HOST", "127.0.0.1"),
-            ("DYN_LEASE_TTL_SECS", "2"),
-        ],
-    )?;
-    let http = free_port()?;
-    let frontend = stack.spawn(
-        "frontend",
-        &workspace_bin("frontend")?,
-        &["--http-host", "127.0.0.1", "--http-port", &http.to_string()],
-        &[],
-    )?;
-    let s = Served {
-        stack,
-        worker,
-        _frontend: frontend,
-        http,
-        system,
-    };
-    let client = reqwest::Client::new();
-    let models_url = s.url("/v1/models");
-    wait_for(Duration::from_secs(30), "the model to be listed", || {
-        let (c, u) = (client.clone(), models_url.clone());
-        async move {
-            let v: Value = c.get(&u).send().await.ok()?.json().await.ok()?;
-            (v["data"][0]["id"] == MODEL).then_some(())
-        }
-    })
+        &[("DYN_LEASE_TTL_SECS", "2")],
+        Duration::from_secs(30),
+    )
     .await
-    .map_err(|e| e.context(s.worker.output()))?;
-    Ok(s)
 }
 
 async fn post(url: &str, body: Value) -> Result<reqwest::Response> {
