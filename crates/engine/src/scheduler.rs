@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use tandem_kv::{BlockEvent, BlockPool, SeqBlocks};
+use tandem_kv::{AdmitLimits, BlockEvent, BlockPool, Queued, SeqBlocks};
 use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, StopConditions};
 use tandem_sampling::Sampler;
 use tandem_worker::{BatchingArgs, EngineStats};
@@ -60,6 +60,18 @@ impl Seq {
                 cached_tokens: None,
             })
             .collect()
+    }
+}
+
+impl Queued for Seq {
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    fn blocks_mut(&mut self) -> &mut Option<SeqBlocks> {
+        &mut self.blocks
+    }
+    fn is_cancelled(&self) -> bool {
+        self.out.is_closed()
     }
 }
 
@@ -133,16 +145,7 @@ impl Scheduler {
     }
 
     fn drop_cancelled(&mut self) {
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.running[i].out.is_closed() {
-                let mut s = self.running.remove(i);
-                self.release(&mut s);
-            } else {
-                i += 1;
-            }
-        }
-        self.waiting.retain(|s| !s.out.is_closed());
+        tandem_kv::queue::drop_cancelled(&mut self.pool, &mut self.running, &mut self.waiting);
     }
 
     /// Ends a sequence that can never run.
@@ -252,50 +255,25 @@ impl Scheduler {
 
     /// Moves waiting sequences into `running` (behind the decodes) with their blocks.
     fn admit(&mut self) {
-        let total = self.pool.total_blocks();
-        let reserve = (self.args.watermark * total as f64).ceil() as usize;
-        let mut budget = self
-            .args
-            .max_num_batched_tokens
-            .saturating_sub(self.running.len());
-        let mut admitted_any = false;
-        while self.running.len() < self.args.max_num_seqs.max(1) {
-            let Some(front) = self.waiting.front() else {
-                break;
-            };
-            // A sequence longer than the whole pool can never run: end it now.
-            if front.tokens.len().div_ceil(self.pool.block_size()) > total {
-                if let Some(s) = self.waiting.pop_front() {
-                    self.reject(s, FinishReason::Length);
-                }
-                continue;
-            }
-            let needed = self.pool.blocks_needed(&front.tokens);
-            let reserve_now = if self.running.is_empty() { 0 } else { reserve };
-            if self.pool.available_blocks() < needed + reserve_now {
-                break;
-            }
-            if admitted_any && front.tokens.len() > budget {
-                break;
-            }
-            let Some(mut seq) = self.waiting.pop_front() else {
-                break;
-            };
-            let Some(blocks) = self.pool.allocate(&seq.tokens) else {
-                self.waiting.push_front(seq);
-                break;
-            };
-            seq.computed = blocks.cached_tokens;
-            let computed = seq.tokens.len() - blocks.cached_tokens;
+        let before = self.running.len();
+        let limits = AdmitLimits {
+            max_num_seqs: self.args.max_num_seqs,
+            max_num_batched_tokens: self.args.max_num_batched_tokens,
+            watermark: self.args.watermark,
+        };
+        let rejected =
+            tandem_kv::queue::admit(&mut self.pool, &mut self.running, &mut self.waiting, limits);
+        for s in rejected {
+            self.reject(s, FinishReason::Length);
+        }
+        for seq in &mut self.running[before..] {
+            let cached = seq.blocks.as_ref().map_or(0, |b| b.cached_tokens);
+            seq.computed = cached;
             if seq.generated == 0 && seq.cached_tokens.is_none() {
-                seq.cached_tokens = Some(blocks.cached_tokens as u32);
-                self.cached_prompt_tokens += blocks.cached_tokens as u64;
+                seq.cached_tokens = Some(cached as u32);
+                self.cached_prompt_tokens += cached as u64;
             }
-            self.prefill_tokens += computed as u64;
-            budget = budget.saturating_sub(computed);
-            seq.blocks = Some(blocks);
-            self.running.push(seq);
-            admitted_any = true;
+            self.prefill_tokens += (seq.tokens.len() - cached) as u64;
         }
     }
 

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tandem_kv::{BlockPool, SeqBlocks};
+use tandem_kv::{AdmitLimits, BlockPool, Queued, SeqBlocks};
 use tandem_protocols::card::ModelRuntimeConfig;
 use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest};
 use tandem_worker::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
@@ -153,6 +153,18 @@ fn tokio_stream(mut rx: mpsc::Receiver<EngineOutput>) -> EngineStream {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
+impl Queued for Seq {
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    fn blocks_mut(&mut self) -> &mut Option<SeqBlocks> {
+        &mut self.blocks
+    }
+    fn is_cancelled(&self) -> bool {
+        self.out.is_closed()
+    }
+}
+
 struct Scheduler {
     args: MockerArgs,
     pool: BlockPool,
@@ -224,67 +236,35 @@ impl Scheduler {
     }
 
     fn drop_cancelled(&mut self) {
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.running[i].out.is_closed() {
-                let mut s = self.running.swap_remove(i);
-                self.release(&mut s);
-            } else {
-                i += 1;
-            }
-        }
-        self.waiting.retain(|s| !s.out.is_closed());
+        tandem_kv::queue::drop_cancelled(&mut self.pool, &mut self.running, &mut self.waiting);
     }
 
     /// Admits waiting sequences; returns the simulated prefill time in ms.
     fn admit(&mut self) -> f64 {
-        let reserve = (self.args.watermark * self.pool.total_blocks() as f64).ceil() as usize;
-        let mut budget = self
-            .args
-            .max_num_batched_tokens
-            .saturating_sub(self.running.len());
-        let mut ms = 0.0;
-        let mut admitted_any = false;
-        while self.running.len() < self.args.max_num_seqs {
-            let Some(front) = self.waiting.front() else {
-                break;
-            };
-            let needed = self.pool.blocks_needed(&front.tokens);
-            if needed > self.pool.total_blocks() {
-                // Can never fit: end it rather than block the queue forever.
-                if let Some(s) = self.waiting.pop_front() {
-                    let _ = s.out.try_send(EngineOutput {
-                        index: s.index,
-                        token_ids: vec![],
-                        finish_reason: Some(FinishReason::Length),
-                        cached_tokens: None,
-                    });
-                }
-                continue;
-            }
-            let reserve_now = if self.running.is_empty() { 0 } else { reserve };
-            if self.pool.available_blocks() < needed + reserve_now {
-                break;
-            }
-            let new_tokens = front.tokens.len();
-            if admitted_any && new_tokens > budget {
-                break;
-            }
-            let Some(mut seq) = self.waiting.pop_front() else {
-                break;
-            };
-            let Some(blocks) = self.pool.allocate(&seq.tokens) else {
-                self.waiting.push_front(seq);
-                break;
-            };
-            let computed = seq.tokens.len() - blocks.cached_tokens;
-            budget = budget.saturating_sub(computed);
-            ms += prefill_ms(computed);
-            seq.blocks = Some(blocks);
-            self.running.push(seq);
-            admitted_any = true;
+        let before = self.running.len();
+        let limits = AdmitLimits {
+            max_num_seqs: self.args.max_num_seqs,
+            max_num_batched_tokens: self.args.max_num_batched_tokens,
+            watermark: self.args.watermark,
+        };
+        for s in
+            tandem_kv::queue::admit(&mut self.pool, &mut self.running, &mut self.waiting, limits)
+        {
+            // Can never fit: end it rather than block the queue forever.
+            let _ = s.out.try_send(EngineOutput {
+                index: s.index,
+                token_ids: vec![],
+                finish_reason: Some(FinishReason::Length),
+                cached_tokens: None,
+            });
         }
-        ms
+        self.running[before..]
+            .iter()
+            .map(|s| {
+                let cached = s.blocks.as_ref().map_or(0, |b| b.cached_tokens);
+                prefill_ms(s.tokens.len() - cached)
+            })
+            .sum()
     }
 
     async fn step(&mut self) {

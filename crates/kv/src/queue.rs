@@ -1,0 +1,187 @@
+//! The queue policy every engine's scheduler applies to its [`BlockPool`]: dropping cancelled
+//! sequences (their blocks go back at once) and admitting waiting sequences into the running
+//! batch while `max_num_seqs`, the `max_num_batched_tokens` budget and a free-block watermark
+//! allow. What a step then does with the batch (compute it, or simulate it) is the engine's.
+
+use crate::pool::{BlockPool, SeqBlocks};
+use std::collections::VecDeque;
+
+/// What the policy needs to know about a sequence.
+pub trait Queued {
+    /// Every token the sequence's cache must hold (prompt and output so far).
+    fn tokens(&self) -> &[u32];
+    fn blocks_mut(&mut self) -> &mut Option<SeqBlocks>;
+    /// The requester has gone away.
+    fn is_cancelled(&self) -> bool;
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitLimits {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Fraction of blocks kept free when admitting beside running sequences.
+    pub watermark: f64,
+}
+
+/// Removes cancelled sequences from both queues, releasing their blocks. `running` keeps its
+/// order (admission order, which preemption relies on).
+pub fn drop_cancelled<S: Queued>(
+    pool: &mut BlockPool,
+    running: &mut Vec<S>,
+    waiting: &mut VecDeque<S>,
+) {
+    let mut i = 0;
+    while i < running.len() {
+        if running[i].is_cancelled() {
+            let mut s = running.remove(i);
+            if let Some(b) = s.blocks_mut().take() {
+                pool.release(b);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    waiting.retain(|s| !s.is_cancelled());
+}
+
+/// Moves waiting sequences to the end of `running` with their blocks allocated (cached prefix
+/// reused). Returns the sequences that can never run because they need more blocks than the
+/// whole pool; the caller ends them.
+pub fn admit<S: Queued>(
+    pool: &mut BlockPool,
+    running: &mut Vec<S>,
+    waiting: &mut VecDeque<S>,
+    limits: AdmitLimits,
+) -> Vec<S> {
+    let total = pool.total_blocks();
+    let reserve = (limits.watermark * total as f64).ceil() as usize;
+    let mut budget = limits.max_num_batched_tokens.saturating_sub(running.len());
+    let mut rejected = Vec::new();
+    let mut admitted_any = false;
+    while running.len() < limits.max_num_seqs.max(1) {
+        let Some(front) = waiting.front() else {
+            break;
+        };
+        if front.tokens().len().div_ceil(pool.block_size()) > total {
+            rejected.extend(waiting.pop_front());
+            continue;
+        }
+        let needed = pool.blocks_needed(front.tokens());
+        // An empty batch takes whatever fits, so a lone large prompt cannot wait forever.
+        let reserve_now = if running.is_empty() { 0 } else { reserve };
+        if pool.available_blocks() < needed + reserve_now {
+            break;
+        }
+        if admitted_any && front.tokens().len() > budget {
+            break;
+        }
+        let Some(mut seq) = waiting.pop_front() else {
+            break;
+        };
+        let Some(blocks) = pool.allocate(seq.tokens()) else {
+            waiting.push_front(seq);
+            break;
+        };
+        budget = budget.saturating_sub(seq.tokens().len() - blocks.cached_tokens);
+        *seq.blocks_mut() = Some(blocks);
+        running.push(seq);
+        admitted_any = true;
+    }
+    rejected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct S {
+        tokens: Vec<u32>,
+        blocks: Option<SeqBlocks>,
+        cancelled: bool,
+    }
+
+    impl Queued for S {
+        fn tokens(&self) -> &[u32] {
+            &self.tokens
+        }
+        fn blocks_mut(&mut self) -> &mut Option<SeqBlocks> {
+            &mut self.blocks
+        }
+        fn is_cancelled(&self) -> bool {
+            self.cancelled
+        }
+    }
+
+    fn seq(len: u32, base: u32) -> S {
+        S {
+            tokens: (base..base + len).collect(),
+            blocks: None,
+            cancelled: false,
+        }
+    }
+
+    const LIMITS: AdmitLimits = AdmitLimits {
+        max_num_seqs: 3,
+        max_num_batched_tokens: 100,
+        watermark: 0.0,
+    };
+
+    #[test]
+    fn admits_up_to_the_limits_and_rejects_what_can_never_fit() {
+        let mut pool = BlockPool::new(10, 4, true);
+        let mut running = Vec::new();
+        let mut waiting: VecDeque<S> = [
+            seq(41, 0),
+            seq(8, 100),
+            seq(8, 200),
+            seq(8, 300),
+            seq(8, 400),
+        ]
+        .into_iter()
+        .collect();
+        let rejected = admit(&mut pool, &mut running, &mut waiting, LIMITS);
+        assert_eq!(rejected.len(), 1, "41 tokens need 11 of 10 blocks");
+        assert_eq!(running.len(), 3, "max_num_seqs");
+        assert!(
+            running
+                .iter()
+                .all(|s| s.blocks.as_ref().is_some_and(|b| b.blocks.len() == 2))
+        );
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(pool.stats().active_blocks, 6);
+
+        // A token budget of 6: the first prompt (4) goes in, the second would exceed what is left.
+        let limits = AdmitLimits {
+            max_num_batched_tokens: 6,
+            max_num_seqs: 10,
+            ..LIMITS
+        };
+        let mut waiting: VecDeque<S> = [seq(4, 500), seq(4, 600)].into_iter().collect();
+        let mut batch = Vec::new();
+        admit(&mut pool, &mut batch, &mut waiting, limits);
+        assert_eq!(batch.len(), 1);
+        // With running sequences, a watermark keeps blocks free: 3 free of 10 at 0.3.
+        let limits = AdmitLimits {
+            watermark: 0.3,
+            max_num_seqs: 10,
+            ..LIMITS
+        };
+        admit(&mut pool, &mut batch, &mut waiting, limits);
+        assert_eq!(
+            batch.len(),
+            1,
+            "admitting would leave fewer than 3 blocks free"
+        );
+
+        running[1].cancelled = true;
+        waiting.push_back(S {
+            cancelled: true,
+            ..seq(4, 700)
+        });
+        drop_cancelled(&mut pool, &mut running, &mut waiting);
+        assert_eq!(running.len(), 2);
+        assert_eq!(running[1].tokens[0], 300, "order kept");
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(pool.stats().active_blocks, 5);
+    }
+}
