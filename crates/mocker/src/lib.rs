@@ -96,6 +96,9 @@ impl MockEngine {
             running: Vec::new(),
             stats: stats.clone(),
             vocab: vocab_size.max(FIRST_PLAIN_TOKEN + 1),
+            prefill_tokens: 0,
+            cached_prompt_tokens: 0,
+            preemptions: 0,
         };
         tokio::spawn(scheduler.run(rx));
         Arc::new(Self { args, tx, stats })
@@ -172,6 +175,10 @@ struct Scheduler {
     running: Vec<Seq>,
     stats: Arc<Mutex<EngineStats>>,
     vocab: u32,
+    /// Cumulative counters reported in [`EngineStats`].
+    prefill_tokens: u64,
+    cached_prompt_tokens: u64,
+    preemptions: u64,
 }
 
 /// Dynamo mocker's prefill cost in ms for `t` newly computed tokens.
@@ -258,13 +265,17 @@ impl Scheduler {
                 cached_tokens: None,
             });
         }
-        self.running[before..]
-            .iter()
-            .map(|s| {
-                let cached = s.blocks.as_ref().map_or(0, |b| b.cached_tokens);
-                prefill_ms(s.tokens.len() - cached)
-            })
-            .sum()
+        let mut ms = 0.0;
+        for s in &self.running[before..] {
+            let cached = s.blocks.as_ref().map_or(0, |b| b.cached_tokens);
+            let computed = s.tokens.len() - cached;
+            if s.generated == 0 {
+                self.cached_prompt_tokens += cached as u64;
+            }
+            self.prefill_tokens += computed as u64;
+            ms += prefill_ms(computed);
+        }
+        ms
     }
 
     async fn step(&mut self) {
@@ -284,6 +295,7 @@ impl Scheduler {
                 let mut s = self.running.swap_remove(i);
                 s.tokens.pop();
                 self.release(&mut s);
+                self.preemptions += 1;
                 tracing::debug!(
                     index = s.index,
                     "mocker preempted a sequence: out of KV blocks"
@@ -330,7 +342,9 @@ impl Scheduler {
             prefix_hit_rate: s.prefix_hit_rate,
             running: self.running.len() as u64,
             waiting: self.waiting.len() as u64,
-            ..Default::default()
+            prefill_tokens: self.prefill_tokens,
+            cached_prompt_tokens: self.cached_prompt_tokens,
+            preemptions: self.preemptions,
         };
     }
 }
@@ -400,6 +414,11 @@ mod tests {
             Some(8),
             "two full prompt blocks came from the cache"
         );
+        tokio::task::yield_now().await;
+        let s = engine.stats();
+        // The second choice shares the first's two full prompt blocks, and so does the repeat.
+        assert_eq!(s.cached_prompt_tokens, 8 + 8);
+        assert_eq!(s.prefill_tokens, 10 + 2 + 2);
     }
 
     #[tokio::test]
@@ -420,6 +439,7 @@ mod tests {
         }
         tokio::task::yield_now().await;
         assert_eq!(engine.stats().active_blocks, 0);
+        assert!(engine.stats().preemptions > 0);
     }
 
     #[tokio::test]
