@@ -12,7 +12,6 @@ pub mod model;
 pub mod scheduler;
 
 use candle_core::{DType, Device};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tandem_kv::BlockEvent;
 use tandem_model::WeightsSource;
@@ -203,10 +202,6 @@ impl CandleEngine {
     pub fn subscribe_events(&self) -> broadcast::Receiver<BlockEvent> {
         self.events.subscribe()
     }
-
-    pub fn vocab_size(&self) -> usize {
-        self.vocab_size
-    }
 }
 
 impl Engine for CandleEngine {
@@ -264,14 +259,5 @@ fn free_memory(device: &Device) -> Result<usize, LoadError> {
         _ => Err(LoadError::Device(
             "set --kv-cache-blocks: free memory of this device is unknown".into(),
         )),
-    }
-}
-
-/// Loads only the model (for tests and benchmarks that drive [`Model::forward`] directly).
-pub fn load_model(path: &Path, format: WeightFormat, device: &Device) -> Result<Model, LoadError> {
-    if path.is_dir() {
-        Model::from_hf_dir(path, format, device)
-    } else {
-        Model::from_gguf(path, format, device)
     }
 }
