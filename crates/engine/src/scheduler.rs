@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use tandem_kv::{AdmitLimits, BlockEvent, BlockPool, Queued, SeqBlocks};
+use tandem_kv::{AdmitCounters, AdmitLimits, BlockEvent, BlockPool, Queued, SeqBlocks};
 use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, StopConditions};
 use tandem_sampling::Sampler;
 use tandem_worker::{BatchingArgs, EngineStats};
@@ -73,6 +73,9 @@ impl Queued for Seq {
     fn is_cancelled(&self) -> bool {
         self.out.is_closed()
     }
+    fn is_fresh(&self) -> bool {
+        self.generated == 0
+    }
 }
 
 pub struct Scheduler {
@@ -85,8 +88,7 @@ pub struct Scheduler {
     running: Vec<Seq>,
     stats: Arc<Mutex<EngineStats>>,
     events: broadcast::Sender<BlockEvent>,
-    prefill_tokens: u64,
-    cached_prompt_tokens: u64,
+    counters: AdmitCounters,
     preemptions: u64,
 }
 
@@ -113,8 +115,7 @@ impl Scheduler {
             running: Vec::new(),
             stats,
             events,
-            prefill_tokens: 0,
-            cached_prompt_tokens: 0,
+            counters: AdmitCounters::default(),
             preemptions: 0,
         }
     }
@@ -261,19 +262,22 @@ impl Scheduler {
             max_num_batched_tokens: self.args.max_num_batched_tokens,
             watermark: self.args.watermark,
         };
-        let rejected =
-            tandem_kv::queue::admit(&mut self.pool, &mut self.running, &mut self.waiting, limits);
+        let rejected = tandem_kv::queue::admit(
+            &mut self.pool,
+            &mut self.running,
+            &mut self.waiting,
+            limits,
+            &mut self.counters,
+        );
         for s in rejected {
             self.reject(s, FinishReason::Length);
         }
         for seq in &mut self.running[before..] {
             let cached = seq.blocks.as_ref().map_or(0, |b| b.cached_tokens);
             seq.computed = cached;
-            if seq.generated == 0 && seq.cached_tokens.is_none() {
+            if seq.is_fresh() {
                 seq.cached_tokens = Some(cached as u32);
-                self.cached_prompt_tokens += cached as u64;
             }
-            self.prefill_tokens += (seq.tokens.len() - cached) as u64;
         }
     }
 
@@ -285,8 +289,8 @@ impl Scheduler {
             prefix_hit_rate: s.prefix_hit_rate,
             running: self.running.len() as u64,
             waiting: self.waiting.len() as u64,
-            prefill_tokens: self.prefill_tokens,
-            cached_prompt_tokens: self.cached_prompt_tokens,
+            prefill_tokens: self.counters.prefill_tokens,
+            cached_prompt_tokens: self.counters.cached_prompt_tokens,
             preemptions: self.preemptions,
         };
     }

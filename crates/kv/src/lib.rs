@@ -15,4 +15,4 @@ pub mod queue;
 
 pub use hash::{BlockHashes, local_block_hash, sequence_hashes};
 pub use pool::{BlockEvent, BlockId, BlockPool, PoolStats, SeqBlocks};
-pub use queue::{AdmitLimits, Queued};
+pub use queue::{AdmitCounters, AdmitLimits, Queued};

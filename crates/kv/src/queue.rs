@@ -13,6 +13,18 @@ pub trait Queued {
     fn blocks_mut(&mut self) -> &mut Option<SeqBlocks>;
     /// The requester has gone away.
     fn is_cancelled(&self) -> bool;
+    /// Nothing generated yet: this admission is its first, not a return after preemption.
+    fn is_fresh(&self) -> bool;
+}
+
+/// Prompt accounting of admissions, kept the same way by every engine.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AdmitCounters {
+    /// Tokens admitted sequences must compute (cache hits excluded; recomputation after
+    /// preemption included).
+    pub prefill_tokens: u64,
+    /// Prompt tokens served from the prefix cache at sequences' first admission.
+    pub cached_prompt_tokens: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -45,13 +57,14 @@ pub fn drop_cancelled<S: Queued>(
 }
 
 /// Moves waiting sequences to the end of `running` with their blocks allocated (cached prefix
-/// reused). Returns the sequences that can never run because they need more blocks than the
-/// whole pool; the caller ends them.
+/// reused), counting them in `counters`. Returns the sequences that can never run because
+/// they need more blocks than the whole pool; the caller ends them.
 pub fn admit<S: Queued>(
     pool: &mut BlockPool,
     running: &mut Vec<S>,
     waiting: &mut VecDeque<S>,
     limits: AdmitLimits,
+    counters: &mut AdmitCounters,
 ) -> Vec<S> {
     let total = pool.total_blocks();
     let reserve = (limits.watermark * total as f64).ceil() as usize;
@@ -82,7 +95,12 @@ pub fn admit<S: Queued>(
             waiting.push_front(seq);
             break;
         };
-        budget = budget.saturating_sub(seq.tokens().len() - blocks.cached_tokens);
+        let computed = seq.tokens().len() - blocks.cached_tokens;
+        budget = budget.saturating_sub(computed);
+        counters.prefill_tokens += computed as u64;
+        if seq.is_fresh() {
+            counters.cached_prompt_tokens += blocks.cached_tokens as u64;
+        }
         *seq.blocks_mut() = Some(blocks);
         running.push(seq);
         admitted_any = true;
@@ -110,6 +128,9 @@ mod tests {
         fn is_cancelled(&self) -> bool {
             self.cancelled
         }
+        fn is_fresh(&self) -> bool {
+            true
+        }
     }
 
     fn seq(len: u32, base: u32) -> S {
@@ -130,6 +151,7 @@ mod tests {
     fn admits_up_to_the_limits_and_rejects_what_can_never_fit() {
         let mut pool = BlockPool::new(10, 4, true);
         let mut running = Vec::new();
+        let mut counters = AdmitCounters::default();
         let mut waiting: VecDeque<S> = [
             seq(41, 0),
             seq(8, 100),
@@ -139,9 +161,10 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let rejected = admit(&mut pool, &mut running, &mut waiting, LIMITS);
+        let rejected = admit(&mut pool, &mut running, &mut waiting, LIMITS, &mut counters);
         assert_eq!(rejected.len(), 1, "41 tokens need 11 of 10 blocks");
         assert_eq!(running.len(), 3, "max_num_seqs");
+        assert_eq!(counters.prefill_tokens, 3 * 8);
         assert!(
             running
                 .iter()
@@ -158,7 +181,7 @@ mod tests {
         };
         let mut waiting: VecDeque<S> = [seq(4, 500), seq(4, 600)].into_iter().collect();
         let mut batch = Vec::new();
-        admit(&mut pool, &mut batch, &mut waiting, limits);
+        admit(&mut pool, &mut batch, &mut waiting, limits, &mut counters);
         assert_eq!(batch.len(), 1);
         // With running sequences, a watermark keeps blocks free: 3 free of 10 at 0.3.
         let limits = AdmitLimits {
@@ -166,7 +189,7 @@ mod tests {
             max_num_seqs: 10,
             ..LIMITS
         };
-        admit(&mut pool, &mut batch, &mut waiting, limits);
+        admit(&mut pool, &mut batch, &mut waiting, limits, &mut counters);
         assert_eq!(
             batch.len(),
             1,

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tandem_kv::{AdmitLimits, BlockPool, Queued, SeqBlocks};
+use tandem_kv::{AdmitCounters, AdmitLimits, BlockPool, Queued, SeqBlocks};
 use tandem_protocols::card::ModelRuntimeConfig;
 use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest};
 use tandem_worker::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
@@ -96,8 +96,7 @@ impl MockEngine {
             running: Vec::new(),
             stats: stats.clone(),
             vocab: vocab_size.max(FIRST_PLAIN_TOKEN + 1),
-            prefill_tokens: 0,
-            cached_prompt_tokens: 0,
+            counters: AdmitCounters::default(),
             preemptions: 0,
         };
         tokio::spawn(scheduler.run(rx));
@@ -166,6 +165,9 @@ impl Queued for Seq {
     fn is_cancelled(&self) -> bool {
         self.out.is_closed()
     }
+    fn is_fresh(&self) -> bool {
+        self.generated == 0
+    }
 }
 
 struct Scheduler {
@@ -176,8 +178,7 @@ struct Scheduler {
     stats: Arc<Mutex<EngineStats>>,
     vocab: u32,
     /// Cumulative counters reported in [`EngineStats`].
-    prefill_tokens: u64,
-    cached_prompt_tokens: u64,
+    counters: AdmitCounters,
     preemptions: u64,
 }
 
@@ -254,9 +255,13 @@ impl Scheduler {
             max_num_batched_tokens: self.args.max_num_batched_tokens,
             watermark: self.args.watermark,
         };
-        for s in
-            tandem_kv::queue::admit(&mut self.pool, &mut self.running, &mut self.waiting, limits)
-        {
+        for s in tandem_kv::queue::admit(
+            &mut self.pool,
+            &mut self.running,
+            &mut self.waiting,
+            limits,
+            &mut self.counters,
+        ) {
             // Can never fit: end it rather than block the queue forever.
             let _ = s.out.try_send(EngineOutput {
                 index: s.index,
@@ -265,17 +270,10 @@ impl Scheduler {
                 cached_tokens: None,
             });
         }
-        let mut ms = 0.0;
-        for s in &self.running[before..] {
-            let cached = s.blocks.as_ref().map_or(0, |b| b.cached_tokens);
-            let computed = s.tokens.len() - cached;
-            if s.generated == 0 {
-                self.cached_prompt_tokens += cached as u64;
-            }
-            self.prefill_tokens += computed as u64;
-            ms += prefill_ms(computed);
-        }
-        ms
+        self.running[before..]
+            .iter()
+            .map(|s| prefill_ms(s.tokens.len() - s.blocks.as_ref().map_or(0, |b| b.cached_tokens)))
+            .sum()
     }
 
     async fn step(&mut self) {
@@ -342,8 +340,8 @@ impl Scheduler {
             prefix_hit_rate: s.prefix_hit_rate,
             running: self.running.len() as u64,
             waiting: self.waiting.len() as u64,
-            prefill_tokens: self.prefill_tokens,
-            cached_prompt_tokens: self.cached_prompt_tokens,
+            prefill_tokens: self.counters.prefill_tokens,
+            cached_prompt_tokens: self.counters.cached_prompt_tokens,
             preemptions: self.preemptions,
         };
     }
