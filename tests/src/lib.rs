@@ -5,6 +5,8 @@
 //! running. Readiness is always polled (TCP accept, `/health`), never slept for. The binaries
 //! come from `scripts/install-deps.sh` (`.tools/bin`).
 
+pub mod otlp;
+
 use anyhow::{Context, Result, bail};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -416,6 +418,16 @@ impl Served {
         worker_env: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<Self> {
+        Self::start_with(worker_args, worker_env, &[], timeout).await
+    }
+
+    /// As [`Served::start`], with extra environment for the frontend too.
+    pub async fn start_with(
+        worker_args: &[&str],
+        worker_env: &[(&str, &str)],
+        frontend_env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<Self> {
         let stack = Stack::start().await?;
         let system = free_port()?;
         let model = bundled_model()?;
@@ -434,7 +446,7 @@ impl Served {
             "frontend",
             &workspace_bin("frontend")?,
             &["--http-host", "127.0.0.1", "--http-port", &http.to_string()],
-            &[],
+            frontend_env,
         )?;
         let s = Self {
             stack,

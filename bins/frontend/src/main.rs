@@ -27,7 +27,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = tandem_telemetry::init()?;
+    let _telemetry = tandem_telemetry::init("frontend")?;
     let mut cli = Cli::parse();
     let router_mode: RouterMode = cli.router_mode.parse()?;
     if cli.runtime.system_port().is_some() {

@@ -53,7 +53,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _telemetry = tandem_telemetry::init()?;
+    let _telemetry = tandem_telemetry::init("worker")?;
     let cli = Cli::parse();
     let path = match cli.model_path.to_str() {
         Some(id) if !cli.model_path.exists() && tandem_model::hub::is_hub_id(id) => {

@@ -6,11 +6,13 @@
 //!   `/health`, `/live`, `/metrics`) and the request pipeline.
 //! - [`error`]: the single mapping from failures to HTTP statuses and OpenAI error bodies.
 //! - [`metrics`]: `dynamo_frontend_*` with Dynamo's labels and buckets.
+//! - [`trace`]: the `http-request` span each generation request runs in.
 
 pub mod error;
 pub mod metrics;
 pub mod models;
 pub mod service;
+pub mod trace;
 
 use axum::serve::ListenerExt;
 

@@ -175,13 +175,19 @@ pub struct RequestGuard<'a> {
     endpoint: &'static str,
     request_type: &'static str,
     start: std::time::Instant,
+    first_token: Option<std::time::Instant>,
     last_token: Option<std::time::Instant>,
     queued: Option<IntGauge>,
     /// Bound once: these two are touched for every streamed chunk.
     itl: Histogram,
     output_counter: prometheus::IntCounter,
     pub output_tokens: u64,
+    input_tokens: usize,
     error_type: Option<&'static str>,
+    /// Set by `ok` or `fail`; a guard dropped without either is a cancelled request.
+    settled: bool,
+    /// The request's `http-request` span, which gets the end-of-request fields.
+    span: tracing::Span,
 }
 
 impl<'a> RequestGuard<'a> {
@@ -195,13 +201,21 @@ impl<'a> RequestGuard<'a> {
             endpoint,
             request_type: if stream { "stream" } else { "unary" },
             start: std::time::Instant::now(),
+            first_token: None,
             last_token: None,
             queued: Some(queued),
             itl: m.itl.with_label_values(&[model]),
             output_counter: m.output_tokens.with_label_values(&[model]),
             output_tokens: 0,
+            input_tokens: 0,
             error_type: Some("internal"),
+            settled: false,
+            span: tracing::Span::current(),
         }
+    }
+
+    pub fn input_tokens(&mut self, n: usize) {
+        self.input_tokens = n;
     }
 
     /// Records `n` new tokens: TTFT and ISL on the first, ITL per token afterwards.
@@ -213,6 +227,7 @@ impl<'a> RequestGuard<'a> {
         let model = [self.model.as_str()];
         match self.last_token {
             None => {
+                self.first_token = Some(now);
                 if let Some(q) = self.queued.take() {
                     q.dec();
                 }
@@ -236,15 +251,56 @@ impl<'a> RequestGuard<'a> {
 
     pub fn ok(&mut self) {
         self.error_type = None;
+        self.settled = true;
     }
 
     pub fn fail(&mut self, error_type: &'static str) {
         self.error_type = Some(error_type);
+        self.settled = true;
+    }
+
+    /// Dynamo's end-of-request fields on the `http-request` span, and one log line in it.
+    fn record_span(&self) {
+        let outcome = match (self.settled, self.error_type) {
+            (false, _) => "cancelled",
+            (true, None) => "success",
+            (true, Some(_)) => "error",
+        };
+        let span = &self.span;
+        span.record("input_tokens", self.input_tokens as u64);
+        span.record("output_tokens", self.output_tokens);
+        let ttft = self
+            .first_token
+            .map(|t| ((t - self.start).as_secs_f64() * 1e5).round() / 100.0);
+        if let Some(ms) = ttft {
+            span.record("ttft_ms", ms);
+        }
+        if let (Some(first), Some(last)) = (self.first_token, self.last_token)
+            && self.output_tokens > 1
+        {
+            let itl = (last - first).as_secs_f64() * 1e3 / (self.output_tokens - 1) as f64;
+            span.record("avg_itl_ms", (itl * 100.0).round() / 100.0);
+        }
+        span.record("request.outcome", outcome);
+        span.in_scope(|| {
+            tracing::debug!(
+                model = %self.model,
+                endpoint = self.endpoint,
+                request_type = self.request_type,
+                status = outcome,
+                error_type = self.error_type.unwrap_or(""),
+                input_tokens = self.input_tokens,
+                output_tokens = self.output_tokens,
+                elapsed_ms = self.start.elapsed().as_millis() as u64,
+                "request completed"
+            )
+        });
     }
 }
 
 impl Drop for RequestGuard<'_> {
     fn drop(&mut self) {
+        self.record_span();
         if let Some(q) = self.queued.take() {
             q.dec();
         }

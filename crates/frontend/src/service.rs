@@ -9,12 +9,13 @@
 use crate::error::ApiError;
 use crate::metrics::{FrontendMetrics, RequestGuard};
 use crate::models::{Lookup, ModelManager, ServedModel};
+use crate::trace::{InSpan, RequestIds, http_request_span};
 use async_stream::stream;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Extension, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::{Stream, StreamExt};
@@ -38,9 +39,14 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    // Only generation requests get an `http-request` span: scrapes and health probes would
+    // bury them in the trace store.
+    let traced = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route_layer(axum::middleware::from_fn(http_request_span));
+    Router::new()
+        .merge(traced)
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
         .route("/live", get(live))
@@ -336,22 +342,6 @@ fn prepare(
     })
 }
 
-fn request_id_header(headers: &HeaderMap) -> String {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 256)
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
-}
-
-fn with_request_id(mut resp: Response, id: &str) -> Response {
-    if let Ok(v) = HeaderValue::from_str(id) {
-        resp.headers_mut().insert("x-request-id", v);
-    }
-    resp
-}
-
 /// What generation produces, whatever the response format.
 enum GenEvent {
     Text { index: u32, text: String },
@@ -359,85 +349,93 @@ enum GenEvent {
     Usage(Usage),
 }
 
-/// Runs one request on a worker; yields text per choice, finishes, then usage.
+/// Runs one request on a worker; yields text per choice, finishes, then usage. Polled inside
+/// the caller's `http-request` span.
 fn generate(
     metrics: Arc<FrontendMetrics>,
     p: Prepared,
     endpoint: &'static str,
-    x_request_id: String,
+    ids: RequestIds,
 ) -> impl Stream<Item = Result<GenEvent, ApiError>> + Send + 'static {
-    stream! {
-        let mut guard = RequestGuard::new(&metrics, &p.model.name, endpoint, p.stream);
-        let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
-        let body = match serde_json::to_vec(&p.request) {
-            Ok(b) => Bytes::from(b),
-            Err(e) => { yield Err(ApiError::internal(e.to_string())); return; }
-        };
-        let opts = RequestOptions { id: Some(p.request_id.clone()), headers: vec![("x-request-id".into(), x_request_id)] };
-        let mut upstream = match p.model.client.generate(p.model.router_mode, body, opts).await {
-            Ok(s) => s,
-            Err(e) => {
-                let e = ApiError::from(e);
-                guard.fail(e.metric_error_type());
-                disconnect.done = true;
-                yield Err(e);
-                return;
-            }
-        };
-        let prompt_tokens = p.request.token_ids.len();
-        let n = p.n as usize;
-        let mut decoders: Vec<_> = (0..n).map(|_| p.model.preprocessor.decoder()).collect();
-        let mut stops: Vec<StopMatcher> = (0..n).map(|_| StopMatcher::new(p.stops.clone())).collect();
-        let mut finished = vec![false; n];
-        let mut completion_tokens = 0u32;
-        let mut cached = None;
-        while let Some(item) = upstream.next().await {
-            let out: EngineOutput = match item.map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
-                Ok(o) => o,
+    let span = tracing::Span::current();
+    span.record("request_id", p.request_id.as_str());
+    span.record("model", p.model.name.as_str());
+    InSpan::new(
+        stream! {
+            let mut guard = RequestGuard::new(&metrics, &p.model.name, endpoint, p.stream);
+            guard.input_tokens(p.request.token_ids.len());
+            let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
+            let body = match serde_json::to_vec(&p.request) {
+                Ok(b) => Bytes::from(b),
+                Err(e) => { yield Err(ApiError::internal(e.to_string())); return; }
+            };
+            let opts = RequestOptions { id: Some(p.request_id.clone()), headers: ids.headers() };
+            let mut upstream = match p.model.client.generate(p.model.router_mode, body, opts).await {
+                Ok(s) => s,
                 Err(e) => {
-                    guard.fail("internal");
+                    let e = ApiError::from(e);
+                    guard.fail(e.metric_error_type());
                     disconnect.done = true;
-                    yield Err(ApiError::internal(format!("worker error: {e}")));
+                    yield Err(e);
                     return;
                 }
             };
-            let i = out.index as usize;
-            if i >= n || finished[i] { continue; }
-            if cached.is_none() { cached = out.cached_tokens; }
-            completion_tokens += out.token_ids.len() as u32;
-            guard.tokens(out.token_ids.len(), prompt_tokens);
-            let mut text = decoders[i].push(&out.token_ids);
-            if out.finish_reason.is_some() { text.push_str(&decoders[i].finish()); }
-            let step = stops[i].push(&text);
-            let mut text = step.text;
-            let reason = if step.stopped {
-                Some("stop")
-            } else if let Some(r) = out.finish_reason {
-                text.push_str(&stops[i].finish());
-                Some(r.as_openai())
-            } else { None };
-            if !text.is_empty() { yield Ok(GenEvent::Text { index: out.index, text }); }
-            if let Some(reason) = reason {
-                finished[i] = true;
-                yield Ok(GenEvent::Finish { index: out.index, reason });
-                if finished.iter().all(|f| *f) { break; }
+            let prompt_tokens = p.request.token_ids.len();
+            let n = p.n as usize;
+            let mut decoders: Vec<_> = (0..n).map(|_| p.model.preprocessor.decoder()).collect();
+            let mut stops: Vec<StopMatcher> = (0..n).map(|_| StopMatcher::new(p.stops.clone())).collect();
+            let mut finished = vec![false; n];
+            let mut completion_tokens = 0u32;
+            let mut cached = None;
+            while let Some(item) = upstream.next().await {
+                let out: EngineOutput = match item.map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        guard.fail("internal");
+                        disconnect.done = true;
+                        yield Err(ApiError::internal(format!("worker error: {e}")));
+                        return;
+                    }
+                };
+                let i = out.index as usize;
+                if i >= n || finished[i] { continue; }
+                if cached.is_none() { cached = out.cached_tokens; }
+                completion_tokens += out.token_ids.len() as u32;
+                guard.tokens(out.token_ids.len(), prompt_tokens);
+                let mut text = decoders[i].push(&out.token_ids);
+                if out.finish_reason.is_some() { text.push_str(&decoders[i].finish()); }
+                let step = stops[i].push(&text);
+                let mut text = step.text;
+                let reason = if step.stopped {
+                    Some("stop")
+                } else if let Some(r) = out.finish_reason {
+                    text.push_str(&stops[i].finish());
+                    Some(r.as_openai())
+                } else { None };
+                if !text.is_empty() { yield Ok(GenEvent::Text { index: out.index, text }); }
+                if let Some(reason) = reason {
+                    finished[i] = true;
+                    yield Ok(GenEvent::Finish { index: out.index, reason });
+                    if finished.iter().all(|f| *f) { break; }
+                }
             }
-        }
-        if !finished.iter().all(|f| *f) {
-            guard.fail("internal");
+            if !finished.iter().all(|f| *f) {
+                guard.fail("internal");
+                disconnect.done = true;
+                yield Err(ApiError::internal("worker stream ended before every choice finished"));
+                return;
+            }
+            guard.ok();
             disconnect.done = true;
-            yield Err(ApiError::internal("worker stream ended before every choice finished"));
-            return;
-        }
-        guard.ok();
-        disconnect.done = true;
-        yield Ok(GenEvent::Usage(Usage {
-            prompt_tokens: prompt_tokens as u32,
-            completion_tokens,
-            total_tokens: prompt_tokens as u32 + completion_tokens,
-            prompt_tokens_details: cached.map(|c| PromptTokensDetails { cached_tokens: c }),
-        }));
-    }
+            yield Ok(GenEvent::Usage(Usage {
+                prompt_tokens: prompt_tokens as u32,
+                completion_tokens,
+                total_tokens: prompt_tokens as u32 + completion_tokens,
+                prompt_tokens_details: cached.map(|c| PromptTokensDetails { cached_tokens: c }),
+            }));
+        },
+        span,
+    )
 }
 
 /// Gathers a whole generation for a unary response: text and finish reason per choice, usage.
@@ -511,15 +509,14 @@ fn sse_response(body: impl Stream<Item = Bytes> + Send + 'static) -> Response {
 
 async fn chat(
     State(s): State<AppState>,
+    Extension(ids): Extension<RequestIds>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let rid = request_id_header(&headers);
-    let resp = match chat_inner(&s, body, &headers, rid.clone()).await {
+    match chat_inner(&s, body, &headers, ids).await {
         Ok(r) => r,
         Err(e) => rejected(&s, e, "chat_completions"),
-    };
-    with_request_id(resp, &rid)
+    }
 }
 
 /// Counts a request refused before generation and renders its error.
@@ -535,7 +532,7 @@ async fn chat_inner(
     s: &AppState,
     body: Result<Bytes, BytesRejection>,
     headers: &HeaderMap,
-    rid: String,
+    request_ids: RequestIds,
 ) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = parse_body(headers, body)?;
     if req.messages.is_empty() {
@@ -571,7 +568,7 @@ async fn chat_inner(
     let created = now();
     let name = req.model.clone();
     let (stream_mode, include_usage, n) = (p.stream, p.include_usage, p.n);
-    let events = generate(s.metrics.clone(), p, "chat_completions", rid);
+    let events = generate(s.metrics.clone(), p, "chat_completions", request_ids);
     if stream_mode {
         let chunk =
             move |choices: Vec<ChatChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
@@ -650,22 +647,21 @@ async fn chat_inner(
 
 async fn completions(
     State(s): State<AppState>,
+    Extension(ids): Extension<RequestIds>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let rid = request_id_header(&headers);
-    let resp = match completions_inner(&s, body, &headers, rid.clone()).await {
+    match completions_inner(&s, body, &headers, ids).await {
         Ok(r) => r,
         Err(e) => rejected(&s, e, "completions"),
-    };
-    with_request_id(resp, &rid)
+    }
 }
 
 async fn completions_inner(
     s: &AppState,
     body: Result<Bytes, BytesRejection>,
     headers: &HeaderMap,
-    rid: String,
+    request_ids: RequestIds,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(headers, body)?;
     let model = find_model(s, &req.model)?;
@@ -697,7 +693,7 @@ async fn completions_inner(
     let created = now();
     let name = req.model.clone();
     let (stream_mode, include_usage, n) = (p.stream, p.include_usage, p.n);
-    let events = generate(s.metrics.clone(), p, "completions", rid);
+    let events = generate(s.metrics.clone(), p, "completions", request_ids);
     let make = move |choices: Vec<CompletionChoice>, usage: Option<Usage>| CompletionResponse {
         id: id.clone(),
         object: "text_completion".into(),

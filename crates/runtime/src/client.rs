@@ -20,6 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How a client picks the instance for a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +202,42 @@ impl Client {
         let id = opts
             .id
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        // Child of the caller's current span (the frontend's `http-request`); its context is
+        // what the instance's `handle_payload` span gets as parent.
+        let span = tracing::info_span!(
+            "client_request",
+            otel.kind = "client",
+            operation = "generate",
+            endpoint = %self.endpoint,
+            request_id = %id,
+            instance_id = instance.instance_id,
+            x_request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        let mut headers = opts.headers;
+        if let Some((_, x)) = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("x-request-id"))
+        {
+            span.record("x_request_id", x.as_str());
+        }
+        if let Some(t) = tandem_telemetry::propagation::trace_id(&span) {
+            span.record("trace_id", t);
+        }
+        tandem_telemetry::propagation::inject(&span, &mut headers);
+        self.send(instance, id, body, headers, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn send(
+        &self,
+        instance: Instance,
+        id: String,
+        body: Bytes,
+        extra_headers: Vec<(String, String)>,
+        span: tracing::Span,
+    ) -> Result<ResponseStream, RuntimeError> {
         let reply_to = self.nats.new_inbox();
         // Subscribe before sending: NATS keeps one connection's commands in order, so the
         // subscription exists before the handler can publish its first frame.
@@ -209,7 +246,7 @@ impl Client {
             .subscribe(reply_to.clone())
             .await
             .map_err(|e| RuntimeError::Nats(e.to_string()))?;
-        let headers = request_headers(&id, &reply_to, &opts.headers);
+        let headers = request_headers(&id, &reply_to, &extra_headers);
         let size = body.len();
         let request = async_nats::Request::new()
             .headers(headers)
@@ -240,15 +277,19 @@ impl Client {
         let (tx, rx) = mpsc::channel(64);
         let stop = CancellationToken::new();
         let finished = Arc::new(AtomicBool::new(false));
-        tokio::spawn(read_frames(
-            self.nats.clone(),
-            sub,
-            tx,
-            stop.clone(),
-            finished.clone(),
-            self.settings.stall_timeout,
-        ));
+        tokio::spawn(
+            read_frames(
+                self.nats.clone(),
+                sub,
+                tx,
+                stop.clone(),
+                finished.clone(),
+                self.settings.stall_timeout,
+            )
+            .instrument(span.clone()),
+        );
         Ok(ResponseStream {
+            _span: span,
             rx,
             stop,
             finished,
@@ -332,6 +373,8 @@ async fn read_frames(
 /// The response of one request: payloads in order, then the end of the stream, or one error.
 /// Dropping it early cancels the request on the instance.
 pub struct ResponseStream {
+    /// `client_request` ends when the caller is done with the response.
+    _span: tracing::Span,
     rx: mpsc::Receiver<Result<Bytes, RuntimeError>>,
     stop: CancellationToken,
     finished: Arc<AtomicBool>,

@@ -294,6 +294,8 @@ impl Endpoint {
             .await
             .map_err(|e| RuntimeError::Nats(e.to_string()))?;
         let ingress = Arc::new(Ingress {
+            endpoint: self.id.clone(),
+            instance_id,
             nats: inner.nats.clone(),
             handler: Arc::new(handler),
             metrics: inner

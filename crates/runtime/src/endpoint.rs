@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// `dyn://{namespace}.{component}.{endpoint}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -214,6 +215,8 @@ impl InflightRegistry {
 }
 
 pub(crate) struct Ingress {
+    pub endpoint: EndpointId,
+    pub instance_id: u64,
     pub nats: async_nats::Client,
     pub handler: Arc<dyn Handler>,
     pub metrics: EndpointMetrics,
@@ -242,7 +245,44 @@ impl Ingress {
         self.tasks.wait().await;
     }
 
+    /// Runs one request inside its `handle_payload` span, whose parent is the caller's span
+    /// when the request carries a valid `traceparent`.
     async fn handle_message(&self, msg: async_nats::Message) {
+        let headers = msg.headers.as_ref();
+        let span = tracing::info_span!(
+            "handle_payload",
+            otel.kind = "server",
+            component = %self.endpoint.component,
+            endpoint = %self.endpoint.name,
+            namespace = %self.endpoint.namespace,
+            instance_id = self.instance_id,
+            request_id = tracing::field::Empty,
+            x_request_id = tracing::field::Empty,
+            x_dynamo_request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            parent_id = tracing::field::Empty,
+        );
+        if let Some(parent) = tandem_telemetry::propagation::set_remote_parent(&span, |k| {
+            transport::header(headers, k)
+        }) {
+            span.record("parent_id", parent);
+        }
+        if let Some(t) = tandem_telemetry::propagation::trace_id(&span) {
+            span.record("trace_id", t);
+        }
+        for (field, header) in [
+            ("request_id", transport::HDR_REQUEST_ID),
+            ("x_request_id", "x-request-id"),
+            ("x_dynamo_request_id", "x-dynamo-request-id"),
+        ] {
+            if let Some(v) = transport::header(headers, header) {
+                span.record(field, v);
+            }
+        }
+        self.handle_in_span(msg).instrument(span).await
+    }
+
+    async fn handle_in_span(&self, msg: async_nats::Message) {
         let started = Instant::now();
         let m = &self.metrics;
         m.requests.inc();
@@ -284,20 +324,29 @@ impl Ingress {
         let ctx = RequestContext::new(id.clone(), passthrough);
         self.inflight.insert(&id, ctx.cancel.clone());
         let _registered = scopeguard(|| self.inflight.remove(&id));
-        let probe = tokio::spawn(probe_caller(
-            self.nats.clone(),
-            reply_to.clone(),
-            ctx.clone(),
-            self.probe_interval,
-        ));
+        let probe = tokio::spawn(
+            probe_caller(
+                self.nats.clone(),
+                reply_to.clone(),
+                ctx.clone(),
+                self.probe_interval,
+            )
+            .in_current_span(),
+        );
         let _probe = scopeguard(|| probe.abort());
 
+        tracing::debug!("request received");
         let outcome = self.stream_response(msg.payload, &ctx, &reply_to).await;
         if let Outcome::Cancelled = outcome {
             m.cancellations.inc();
-            tracing::debug!(request_id = %id, "request cancelled");
         }
-        m.duration.observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        m.duration.observe(elapsed.as_secs_f64());
+        tracing::debug!(
+            outcome = outcome.as_str(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request completed"
+        );
     }
 
     async fn stream_response(&self, body: Bytes, ctx: &RequestContext, reply_to: &str) -> Outcome {
@@ -378,6 +427,16 @@ enum Outcome {
     Done,
     Failed,
     Cancelled,
+}
+
+impl Outcome {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Self::Done => "success",
+            Self::Failed => "error",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Asks the caller's reply subject every `interval` whether anyone still listens. NATS

@@ -20,8 +20,14 @@ pub const HDR_REQUEST_ID: &str = "tandem-request-id";
 pub const HDR_REPLY_TO: &str = "tandem-reply-to";
 pub const HDR_KIND: &str = "tandem-kind";
 pub const HDR_SEQ: &str = "tandem-seq";
-/// Headers a caller's tracing context travels in; carried through untouched.
-pub const PASSTHROUGH_HEADERS: [&str; 3] = ["traceparent", "tracestate", "x-request-id"];
+/// Headers a caller's tracing context and request ids travel in. `traceparent` / `tracestate`
+/// are rewritten by the client to its own `client_request` span when tracing is installed.
+pub const PASSTHROUGH_HEADERS: [&str; 4] = [
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+    "x-dynamo-request-id",
+];
 
 /// Queue group every endpoint subscribes in, so one instance gets each request.
 pub const QUEUE_GROUP: &str = "q";

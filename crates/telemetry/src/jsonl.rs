@@ -4,12 +4,16 @@
 //! and the fields of every span in the current scope (innermost wins), plus `span_name` of the
 //! innermost span. Span fields are captured when a span is created or recorded into and kept
 //! in the span's extensions, so an event deep inside a request still carries `x_request_id`.
+//! `trace_id` and `span_id` are the OpenTelemetry ids of the innermost span (the ones exported
+//! and propagated), present whenever the OpenTelemetry layer is installed, export or not.
 
+use opentelemetry::trace::TraceId;
 use serde_json::{Map, Value};
 use std::fmt;
 use std::io::Write;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber, span};
+use tracing_opentelemetry::OtelData;
 use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::Context;
@@ -95,17 +99,29 @@ where
         }
         if let Some(scope) = ctx.event_scope(event) {
             let mut innermost = None;
+            let mut ids = None;
             // Outermost first, so inner spans overwrite fields of the same name.
             for span in scope.from_root() {
-                if let Some(SpanFields(fields)) = span.extensions().get::<SpanFields>() {
+                let ext = span.extensions();
+                if let Some(SpanFields(fields)) = ext.get::<SpanFields>() {
                     for (k, v) in fields {
                         line.insert(k.clone(), v.clone());
                     }
+                }
+                if let Some(otel) = ext.get::<OtelData>()
+                    && let (Some(t), Some(s)) = (otel.trace_id(), otel.span_id())
+                    && t != TraceId::INVALID
+                {
+                    ids = Some((t, s));
                 }
                 innermost = Some(span.name());
             }
             if let Some(name) = innermost {
                 line.insert("span_name".into(), Value::from(name));
+            }
+            if let Some((t, s)) = ids {
+                line.insert("trace_id".into(), Value::from(t.to_string()));
+                line.insert("span_id".into(), Value::from(s.to_string()));
             }
         }
         let mut fields = Map::new();
@@ -168,5 +184,48 @@ mod tests {
         assert_eq!(v["span_name"], "handle_payload");
         assert!(v["time"].as_str().unwrap().ends_with('Z'));
         assert!(v["file"].as_str().unwrap().ends_with("jsonl.rs"));
+        assert!(
+            v.get("trace_id").is_none(),
+            "no OpenTelemetry layer, no ids"
+        );
+    }
+
+    #[test]
+    fn lines_carry_the_exported_ids_of_the_innermost_span() {
+        let buf = Buf::default();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            .with(JsonlLayer::new(buf.clone(), false));
+        let (outer_ids, inner_ids) = tracing::subscriber::with_default(subscriber, || {
+            use opentelemetry::trace::TraceContextExt;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let ids = |s: &tracing::Span| {
+                let cx = s.context();
+                let sc = cx.span().span_context().clone();
+                (sc.trace_id().to_string(), sc.span_id().to_string())
+            };
+            let outer = tracing::info_span!("http-request");
+            let _o = outer.enter();
+            tracing::info!("outer");
+            let inner = tracing::info_span!("client_request");
+            let _i = inner.enter();
+            tracing::info!("inner");
+            (ids(&outer), ids(&inner))
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["trace_id"], outer_ids.0.as_str());
+        assert_eq!(lines[0]["span_id"], outer_ids.1.as_str());
+        assert_eq!(lines[1]["trace_id"], outer_ids.0.as_str(), "one trace");
+        assert_eq!(lines[1]["span_id"], inner_ids.1.as_str());
+        assert_ne!(inner_ids.1, outer_ids.1);
+        assert_eq!(outer_ids.0.len(), 32);
+        assert_eq!(outer_ids.1.len(), 16);
     }
 }

@@ -1,18 +1,26 @@
-//! Process-wide logging for tandem binaries.
+//! Process-wide logging and tracing for tandem binaries.
 //!
 //! `init` reads Dynamo's environment variables once at start-up and installs one global
-//! `tracing` subscriber:
-//! - `DYN_LOG`: an `EnvFilter` directive (default `info`), e.g. `info,tandem_runtime=debug`;
-//! - `DYN_LOGGING_JSONL`: when true, every event becomes one JSON object per line on stderr
-//!   (see [`jsonl`]); otherwise human-readable lines;
-//! - `DYN_LOG_USE_LOCAL_TZ`: timestamps in local time instead of UTC.
+//! `tracing` subscriber made of:
+//! - a filter from `DYN_LOG` (an `EnvFilter` directive, default `info`), with Dynamo's noisy
+//!   dependencies (h2, hyper, tonic, async-nats, …) held at `error` unless `DYN_LOG` names them;
+//! - the OpenTelemetry layer ([`otel`]): every span gets W3C trace and span ids from the SDK
+//!   tracer and, with `OTEL_EXPORT_ENABLED`, is exported in batches over OTLP gRPC to
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` under `OTEL_SERVICE_NAME` (default: the binary's name);
+//! - the log output: with `DYN_LOGGING_JSONL` one JSON object per line on stderr ([`jsonl`],
+//!   carrying the span's `trace_id` / `span_id`), otherwise human-readable lines;
+//!   `DYN_LOG_USE_LOCAL_TZ` switches timestamps to local time.
 //!
-//! Trace export (OTLP) will be another layer on the same registry; the JSONL layer already
-//! carries span fields so that request ids show up on every line inside a request's span.
+//! [`propagation`] moves trace context through HTTP and NATS headers.
 
 pub mod jsonl;
+pub mod otel;
+pub mod propagation;
 
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// Why logging could not be installed.
 #[derive(Debug, thiserror::Error)]
@@ -21,22 +29,54 @@ pub enum TelemetryError {
     Filter { value: String, reason: String },
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
+    #[error("OTLP exporter for {endpoint} not created: {reason}")]
+    Exporter { endpoint: String, reason: String },
 }
 
-/// Logging settings, normally taken from the environment by [`LogConfig::from_env`].
+/// Crates whose own logs drown a service's at `info` or `debug`; held at `error` (as Dynamo
+/// does) unless `DYN_LOG` mentions them.
+const NOISY_TARGETS: [&str; 13] = [
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tower",
+    "axum",
+    "tonic",
+    "rustls",
+    "async_nats",
+    "tokenizers",
+    "reqwest",
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+];
+
+/// Logging and tracing settings, normally taken from the environment by
+/// [`LogConfig::from_env`].
 #[derive(Debug, Clone)]
 pub struct LogConfig {
     pub filter: String,
     pub jsonl: bool,
     pub local_tz: bool,
+    /// Export spans over OTLP (`OTEL_EXPORT_ENABLED`).
+    pub export: bool,
+    /// `service.name` of exported spans (`OTEL_SERVICE_NAME`).
+    pub service_name: String,
 }
 
 impl LogConfig {
-    pub fn from_env() -> Self {
+    /// Reads the environment; `default_service` names the process when `OTEL_SERVICE_NAME` is
+    /// unset.
+    pub fn from_env(default_service: &str) -> Self {
         Self {
             filter: std::env::var("DYN_LOG").unwrap_or_else(|_| "info".to_string()),
             jsonl: env_flag("DYN_LOGGING_JSONL"),
             local_tz: env_flag("DYN_LOG_USE_LOCAL_TZ"),
+            export: env_flag("OTEL_EXPORT_ENABLED"),
+            service_name: std::env::var("OTEL_SERVICE_NAME")
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+                .unwrap_or_else(|| default_service.to_string()),
         }
     }
 }
@@ -53,23 +93,62 @@ pub fn env_flag(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Kept alive by `main` for the life of the process; dropping it flushes exporters.
+/// Kept alive by `main` for the life of the process; dropping it flushes queued spans to the
+/// collector (bounded wait). Drop it on a multi-threaded tokio runtime or outside any runtime:
+/// the flush blocks the calling thread while the exporter's connection runs on the runtime.
 #[must_use = "dropping the guard ends telemetry export"]
 pub struct TelemetryGuard {
-    _private: (),
+    provider: SdkTracerProvider,
 }
 
-/// Installs the global subscriber from the environment.
-pub fn init() -> Result<TelemetryGuard, TelemetryError> {
-    init_with(LogConfig::from_env())
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        otel::shutdown(&self.provider);
+    }
+}
+
+/// Installs the global subscriber from the environment. Call inside the tokio runtime when
+/// export may be enabled.
+pub fn init(default_service: &str) -> Result<TelemetryGuard, TelemetryError> {
+    init_with(LogConfig::from_env(default_service))
+}
+
+/// The `DYN_LOG` filter plus `error` for noisy crates the user did not mention.
+fn env_filter(user: &str) -> Result<EnvFilter, TelemetryError> {
+    let mut directives = user.to_string();
+    for target in NOISY_TARGETS {
+        let named = user.split(',').any(|d| {
+            let d = d.trim();
+            d == target
+                || d.starts_with(&format!("{target}="))
+                || d.starts_with(&format!("{target}::"))
+        });
+        if !named {
+            directives.push_str(&format!(",{target}=error"));
+        }
+    }
+    EnvFilter::try_new(&directives).map_err(|e| TelemetryError::Filter {
+        value: user.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::try_new(&config.filter).map_err(|e| TelemetryError::Filter {
-        value: config.filter.clone(),
-        reason: e.to_string(),
-    })?;
-    let registry = tracing_subscriber::registry().with(filter);
+    let filter = env_filter(&config.filter)?;
+    let provider = otel::provider(&config.service_name, config.export)?;
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    // The exporter's own HTTP/2 stack must never feed spans back into the exporter.
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("tandem"))
+        .with_filter(filter_fn(|meta| {
+            let t = meta.target();
+            !NOISY_TARGETS
+                .iter()
+                .any(|n| t == *n || t.starts_with(&format!("{n}::")))
+        }));
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     let result = if config.jsonl {
         registry
             .with(jsonl::JsonlLayer::new(std::io::stderr, config.local_tz))
@@ -84,5 +163,29 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
             .try_init()
     };
     result.map_err(|_| TelemetryError::AlreadyInstalled)?;
-    Ok(TelemetryGuard { _private: () })
+    if config.export {
+        tracing::info!(
+            endpoint = %otel::traces_endpoint(),
+            service_name = %config.service_name,
+            "exporting traces over OTLP"
+        );
+    }
+    Ok(TelemetryGuard { provider })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noisy_crates_are_held_at_error_unless_named() {
+        let f = env_filter("info").unwrap().to_string();
+        assert!(f.contains("h2=error") && f.contains("tonic=error"), "{f}");
+        let f = env_filter("debug,async_nats=debug").unwrap().to_string();
+        assert!(
+            f.contains("async_nats=debug") && !f.contains("async_nats=error"),
+            "{f}"
+        );
+        assert!(env_filter("info,=bad=").is_err());
+    }
 }

@@ -79,7 +79,7 @@ async fn echo(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let _log = tandem_telemetry::init()?;
+    let _log = tandem_telemetry::init("rt-echo")?;
     let cli = Cli::parse();
     let id: EndpointId = cli.endpoint.parse()?;
     let drt = DistributedRuntime::connect(cli.runtime).await?;

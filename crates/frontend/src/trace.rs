@@ -1,0 +1,123 @@
+//! The `http-request` span: one per OpenAI request, the root of the request's trace.
+//!
+//! [`http_request_span`] (an axum middleware on the `/v1` routes) opens it with Dynamo's
+//! fields, makes an inbound W3C `traceparent` its parent (a malformed one is ignored), settles
+//! the request's `x-request-id` (the client's, or a new UUID) and echoes it on the response.
+//! The generation stream runs inside the span ([`InSpan`]) so the runtime's `client_request`
+//! and, through NATS headers, the worker's `handle_payload` join the same trace;
+//! `RequestGuard` records tokens, TTFT and the outcome on it when the request ends.
+
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use futures::Stream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tracing::Instrument;
+use tracing::field::Empty;
+
+/// The ids a request is known by, settled by the middleware and read by the handlers.
+#[derive(Debug, Clone)]
+pub struct RequestIds {
+    /// The client's `x-request-id`, or a new UUID; echoed on the response and sent to workers.
+    pub x_request_id: String,
+    /// The client's `x-dynamo-request-id`, kept only when it is a UUID (as Dynamo does).
+    pub x_dynamo_request_id: Option<String>,
+}
+
+impl RequestIds {
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        Self {
+            x_request_id: get("x-request-id")
+                .filter(|v| !v.is_empty() && v.len() <= 256)
+                .map(str::to_string)
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            x_dynamo_request_id: get("x-dynamo-request-id")
+                .and_then(|v| uuid::Uuid::parse_str(v).ok())
+                .map(|u| u.to_string()),
+        }
+    }
+
+    /// The headers that carry these ids to the worker.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        let mut h = vec![("x-request-id".to_string(), self.x_request_id.clone())];
+        if let Some(d) = &self.x_dynamo_request_id {
+            h.push(("x-dynamo-request-id".to_string(), d.clone()));
+        }
+        h
+    }
+}
+
+/// Wraps a request in its `http-request` span.
+pub async fn http_request_span(mut req: Request, next: Next) -> Response {
+    let ids = RequestIds::from_headers(req.headers());
+    let span = tracing::info_span!(
+        "http-request",
+        otel.kind = "server",
+        method = %req.method(),
+        uri = %req.uri(),
+        version = ?req.version(),
+        x_request_id = %ids.x_request_id,
+        x_dynamo_request_id = Empty,
+        trace_id = Empty,
+        parent_id = Empty,
+        request_id = Empty,
+        model = Empty,
+        input_tokens = Empty,
+        output_tokens = Empty,
+        ttft_ms = Empty,
+        avg_itl_ms = Empty,
+        request.outcome = Empty,
+    );
+    let headers = req.headers();
+    if let Some(parent) = tandem_telemetry::propagation::set_remote_parent(&span, |k| {
+        headers.get(k).and_then(|v| v.to_str().ok())
+    }) {
+        span.record("parent_id", parent);
+    }
+    if let Some(t) = tandem_telemetry::propagation::trace_id(&span) {
+        span.record("trace_id", t);
+    }
+    if let Some(d) = &ids.x_dynamo_request_id {
+        span.record("x_dynamo_request_id", d.as_str());
+    }
+    let x_request_id = ids.x_request_id.clone();
+    req.extensions_mut().insert(ids);
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    // Refused before generation (bad input, unknown model, no worker): the request's
+    // `RequestGuard` never existed to record the outcome.
+    if !resp.status().is_success() {
+        span.record("request.outcome", "error");
+    }
+    if let Ok(v) = HeaderValue::from_str(&x_request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// A stream polled inside `span`, so everything it logs or starts (the runtime call to the
+/// worker) belongs to that span even though the body is streamed after the handler returned.
+pub struct InSpan<S> {
+    inner: Pin<Box<S>>,
+    span: tracing::Span,
+}
+
+impl<S: Stream> InSpan<S> {
+    pub fn new(inner: S, span: tracing::Span) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            span,
+        }
+    }
+}
+
+impl<S: Stream> Stream for InSpan<S> {
+    type Item = S::Item;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = self.get_mut();
+        let _entered = this.span.enter();
+        this.inner.as_mut().poll_next(cx)
+    }
+}

@@ -1,0 +1,198 @@
+//! OpenTelemetry side of the subscriber: the tracer every span goes through and, when
+//! `OTEL_EXPORT_ENABLED` is set, the batched OTLP gRPC export.
+//!
+//! Spans always get real W3C ids from the SDK tracer, so log lines and propagated
+//! `traceparent` headers carry the same ids whether or not they are exported. Export runs on
+//! the SDK's batch thread: a request only appends its finished span to a bounded queue (full
+//! queue = span dropped), so a slow or absent collector never costs request latency.
+
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Where spans go when no endpoint variable is set (an OTLP collector's gRPC port).
+pub const DEFAULT_OTLP_ENDPOINT: &str = "http://localhost:4317";
+
+/// How long shutdown waits for the last batch to reach the collector.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The OTLP endpoint the exporter uses, with OpenTelemetry's precedence: the traces-specific
+/// variable, then the general one, then the default.
+pub fn traces_endpoint() -> String {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+    .unwrap_or_else(|| DEFAULT_OTLP_ENDPOINT.to_string())
+}
+
+/// Builds the tracer provider. With `export` the OTLP exporter is created here, so this must
+/// run inside a tokio runtime (tonic's channel spawns its connection task on it).
+pub(crate) fn provider(
+    service_name: &str,
+    export: bool,
+) -> Result<SdkTracerProvider, crate::TelemetryError> {
+    let resource = Resource::builder()
+        .with_service_name(service_name.to_string())
+        .build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if export {
+        let endpoint = traces_endpoint();
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .build()
+            .map_err(|e| crate::TelemetryError::Exporter {
+                endpoint: endpoint.clone(),
+                reason: e.to_string(),
+            })?;
+        builder = builder.with_batch_exporter(ReportingExporter::new(exporter, endpoint));
+    }
+    Ok(builder.build())
+}
+
+/// Flushes what is queued and stops the batch thread; bounded so that an unreachable
+/// collector cannot hold up process exit.
+pub(crate) fn shutdown(provider: &SdkTracerProvider) {
+    if let Err(e) = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
+        tracing::warn!(error = %e, "trace export did not flush at shutdown");
+    }
+}
+
+/// Wraps the OTLP exporter so that a failing collector is reported once (a warning when export
+/// starts failing, an info line when it works again) instead of once per batch.
+#[derive(Debug)]
+pub(crate) struct ReportingExporter<E> {
+    inner: E,
+    endpoint: String,
+    failing: AtomicBool,
+    failures: AtomicU64,
+}
+
+impl<E> ReportingExporter<E> {
+    pub(crate) fn new(inner: E, endpoint: String) -> Self {
+        Self {
+            inner,
+            endpoint,
+            failing: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    fn report(&self, result: &OTelSdkResult, spans: usize) {
+        match result {
+            Err(e) => {
+                let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        endpoint = %self.endpoint,
+                        error = %e,
+                        "OTLP trace export failed; spans are dropped until the collector is reachable (reported once)"
+                    );
+                } else {
+                    tracing::debug!(endpoint = %self.endpoint, error = %e, spans, failures, "OTLP trace export still failing");
+                }
+            }
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(endpoint = %self.endpoint, "OTLP trace export recovered");
+                }
+            }
+        }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for ReportingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        self.report(&result, spans);
+        result
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_sdk::error::OTelSdkError;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// A collector that is down until `up` is set.
+    #[derive(Debug, Default)]
+    struct Flaky {
+        up: Arc<AtomicBool>,
+    }
+    impl SpanExporter for Flaky {
+        async fn export(&self, _batch: Vec<SpanData>) -> OTelSdkResult {
+            if self.up.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err(OTelSdkError::InternalFailure("connection refused".into()))
+            }
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Lines {
+        fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            let mut msg = String::new();
+            struct V<'a>(&'a mut String);
+            impl tracing::field::Visit for V<'_> {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    if f.name() == "message" {
+                        *self.0 = format!("{v:?}");
+                    }
+                }
+            }
+            e.record(&mut V(&mut msg));
+            self.0.lock().unwrap().push((*e.metadata().level(), msg));
+        }
+    }
+
+    #[test]
+    fn a_failing_collector_is_reported_once_and_its_recovery_once() {
+        let lines = Lines::default();
+        let up = Arc::new(AtomicBool::new(false));
+        let exporter = ReportingExporter::new(Flaky { up: up.clone() }, "http://x:4317".into());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let subscriber = tracing_subscriber::registry().with(lines.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..5 {
+                assert!(rt.block_on(exporter.export(vec![])).is_err());
+            }
+            up.store(true, Ordering::Relaxed);
+            for _ in 0..3 {
+                assert!(rt.block_on(exporter.export(vec![])).is_ok());
+            }
+            up.store(false, Ordering::Relaxed);
+            assert!(rt.block_on(exporter.export(vec![])).is_err());
+        });
+        let lines = lines.0.lock().unwrap();
+        let count = |level| lines.iter().filter(|(l, _)| *l == level).count();
+        assert_eq!(count(tracing::Level::WARN), 2, "{lines:?}");
+        assert_eq!(count(tracing::Level::DEBUG), 4, "{lines:?}");
+        assert_eq!(count(tracing::Level::INFO), 1, "{lines:?}");
+        assert!(lines[0].1.contains("OTLP trace export failed"));
+    }
+}
