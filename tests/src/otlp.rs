@@ -102,8 +102,13 @@ pub struct Collector {
 }
 
 impl Collector {
+    /// Listens on a free 127.0.0.1 port.
     pub async fn start() -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    pub async fn start_on(addr: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let port = listener.local_addr()?.port();
         let store = Store::default();
         let stop = CancellationToken::new();

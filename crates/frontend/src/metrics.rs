@@ -191,7 +191,14 @@ pub struct RequestGuard<'a> {
 }
 
 impl<'a> RequestGuard<'a> {
-    pub fn new(m: &'a FrontendMetrics, model: &str, endpoint: &'static str, stream: bool) -> Self {
+    /// `span` is the request's `http-request` span.
+    pub fn new(
+        m: &'a FrontendMetrics,
+        model: &str,
+        endpoint: &'static str,
+        stream: bool,
+        span: tracing::Span,
+    ) -> Self {
         m.inflight.with_label_values(&[model]).inc();
         let queued = m.queued.with_label_values(&[model]);
         queued.inc();
@@ -210,7 +217,7 @@ impl<'a> RequestGuard<'a> {
             input_tokens: 0,
             error_type: Some("internal"),
             settled: false,
-            span: tracing::Span::current(),
+            span,
         }
     }
 

@@ -9,7 +9,7 @@
 use crate::error::ApiError;
 use crate::metrics::{FrontendMetrics, RequestGuard};
 use crate::models::{Lookup, ModelManager, ServedModel};
-use crate::trace::{InSpan, RequestIds, http_request_span};
+use crate::trace::{RequestIds, http_request_span};
 use async_stream::stream;
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -26,6 +26,7 @@ use tandem_preprocessor::stop::StopMatcher;
 use tandem_protocols::llm::{EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions};
 use tandem_protocols::openai::*;
 use tandem_runtime::RequestOptions;
+use tracing::Instrument;
 
 /// Largest accepted request body.
 pub const BODY_LIMIT: usize = 8 * 1024 * 1024;
@@ -349,8 +350,10 @@ enum GenEvent {
     Usage(Usage),
 }
 
-/// Runs one request on a worker; yields text per choice, finishes, then usage. Polled inside
-/// the caller's `http-request` span.
+/// Runs one request on a worker; yields text per choice, finishes, then usage. Called inside
+/// the request's `http-request` span; the call to the worker runs in it (so the worker's spans
+/// join the trace) and the request's end is recorded on it. The per-token loop does not enter
+/// it: entering a span costs time on every token and the loop logs nothing.
 fn generate(
     metrics: Arc<FrontendMetrics>,
     p: Prepared,
@@ -360,82 +363,79 @@ fn generate(
     let span = tracing::Span::current();
     span.record("request_id", p.request_id.as_str());
     span.record("model", p.model.name.as_str());
-    InSpan::new(
-        stream! {
-            let mut guard = RequestGuard::new(&metrics, &p.model.name, endpoint, p.stream);
-            guard.input_tokens(p.request.token_ids.len());
-            let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
-            let body = match serde_json::to_vec(&p.request) {
-                Ok(b) => Bytes::from(b),
-                Err(e) => { yield Err(ApiError::internal(e.to_string())); return; }
-            };
-            let opts = RequestOptions { id: Some(p.request_id.clone()), headers: ids.headers() };
-            let mut upstream = match p.model.client.generate(p.model.router_mode, body, opts).await {
-                Ok(s) => s,
+    stream! {
+        let mut guard = RequestGuard::new(&metrics, &p.model.name, endpoint, p.stream, span.clone());
+        guard.input_tokens(p.request.token_ids.len());
+        let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
+        let body = match serde_json::to_vec(&p.request) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => { yield Err(ApiError::internal(e.to_string())); return; }
+        };
+        let opts = RequestOptions { id: Some(p.request_id.clone()), headers: ids.headers() };
+        let mut upstream = match p.model.client.generate(p.model.router_mode, body, opts).instrument(span.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                let e = ApiError::from(e);
+                guard.fail(e.metric_error_type());
+                disconnect.done = true;
+                yield Err(e);
+                return;
+            }
+        };
+        let prompt_tokens = p.request.token_ids.len();
+        let n = p.n as usize;
+        let mut decoders: Vec<_> = (0..n).map(|_| p.model.preprocessor.decoder()).collect();
+        let mut stops: Vec<StopMatcher> = (0..n).map(|_| StopMatcher::new(p.stops.clone())).collect();
+        let mut finished = vec![false; n];
+        let mut completion_tokens = 0u32;
+        let mut cached = None;
+        while let Some(item) = upstream.next().await {
+            let out: EngineOutput = match item.map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+                Ok(o) => o,
                 Err(e) => {
-                    let e = ApiError::from(e);
-                    guard.fail(e.metric_error_type());
+                    guard.fail("internal");
                     disconnect.done = true;
-                    yield Err(e);
+                    yield Err(ApiError::internal(format!("worker error: {e}")));
                     return;
                 }
             };
-            let prompt_tokens = p.request.token_ids.len();
-            let n = p.n as usize;
-            let mut decoders: Vec<_> = (0..n).map(|_| p.model.preprocessor.decoder()).collect();
-            let mut stops: Vec<StopMatcher> = (0..n).map(|_| StopMatcher::new(p.stops.clone())).collect();
-            let mut finished = vec![false; n];
-            let mut completion_tokens = 0u32;
-            let mut cached = None;
-            while let Some(item) = upstream.next().await {
-                let out: EngineOutput = match item.map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        guard.fail("internal");
-                        disconnect.done = true;
-                        yield Err(ApiError::internal(format!("worker error: {e}")));
-                        return;
-                    }
-                };
-                let i = out.index as usize;
-                if i >= n || finished[i] { continue; }
-                if cached.is_none() { cached = out.cached_tokens; }
-                completion_tokens += out.token_ids.len() as u32;
-                guard.tokens(out.token_ids.len(), prompt_tokens);
-                let mut text = decoders[i].push(&out.token_ids);
-                if out.finish_reason.is_some() { text.push_str(&decoders[i].finish()); }
-                let step = stops[i].push(&text);
-                let mut text = step.text;
-                let reason = if step.stopped {
-                    Some("stop")
-                } else if let Some(r) = out.finish_reason {
-                    text.push_str(&stops[i].finish());
-                    Some(r.as_openai())
-                } else { None };
-                if !text.is_empty() { yield Ok(GenEvent::Text { index: out.index, text }); }
-                if let Some(reason) = reason {
-                    finished[i] = true;
-                    yield Ok(GenEvent::Finish { index: out.index, reason });
-                    if finished.iter().all(|f| *f) { break; }
-                }
+            let i = out.index as usize;
+            if i >= n || finished[i] { continue; }
+            if cached.is_none() { cached = out.cached_tokens; }
+            completion_tokens += out.token_ids.len() as u32;
+            guard.tokens(out.token_ids.len(), prompt_tokens);
+            let mut text = decoders[i].push(&out.token_ids);
+            if out.finish_reason.is_some() { text.push_str(&decoders[i].finish()); }
+            let step = stops[i].push(&text);
+            let mut text = step.text;
+            let reason = if step.stopped {
+                Some("stop")
+            } else if let Some(r) = out.finish_reason {
+                text.push_str(&stops[i].finish());
+                Some(r.as_openai())
+            } else { None };
+            if !text.is_empty() { yield Ok(GenEvent::Text { index: out.index, text }); }
+            if let Some(reason) = reason {
+                finished[i] = true;
+                yield Ok(GenEvent::Finish { index: out.index, reason });
+                if finished.iter().all(|f| *f) { break; }
             }
-            if !finished.iter().all(|f| *f) {
-                guard.fail("internal");
-                disconnect.done = true;
-                yield Err(ApiError::internal("worker stream ended before every choice finished"));
-                return;
-            }
-            guard.ok();
+        }
+        if !finished.iter().all(|f| *f) {
+            guard.fail("internal");
             disconnect.done = true;
-            yield Ok(GenEvent::Usage(Usage {
-                prompt_tokens: prompt_tokens as u32,
-                completion_tokens,
-                total_tokens: prompt_tokens as u32 + completion_tokens,
-                prompt_tokens_details: cached.map(|c| PromptTokensDetails { cached_tokens: c }),
-            }));
-        },
-        span,
-    )
+            yield Err(ApiError::internal("worker stream ended before every choice finished"));
+            return;
+        }
+        guard.ok();
+        disconnect.done = true;
+        yield Ok(GenEvent::Usage(Usage {
+            prompt_tokens: prompt_tokens as u32,
+            completion_tokens,
+            total_tokens: prompt_tokens as u32 + completion_tokens,
+            prompt_tokens_details: cached.map(|c| PromptTokensDetails { cached_tokens: c }),
+        }));
+    }
 }
 
 /// Gathers a whole generation for a unary response: text and finish reason per choice, usage.

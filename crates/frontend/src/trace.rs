@@ -3,17 +3,14 @@
 //! [`http_request_span`] (an axum middleware on the `/v1` routes) opens it with Dynamo's
 //! fields, makes an inbound W3C `traceparent` its parent (a malformed one is ignored), settles
 //! the request's `x-request-id` (the client's, or a new UUID) and echoes it on the response.
-//! The generation stream runs inside the span ([`InSpan`]) so the runtime's `client_request`
-//! and, through NATS headers, the worker's `handle_payload` join the same trace;
-//! `RequestGuard` records tokens, TTFT and the outcome on it when the request ends.
+//! The call to the worker runs inside the span, so the runtime's `client_request` and, through
+//! NATS headers, the worker's `handle_payload` join the same trace; `RequestGuard` records
+//! tokens, TTFT and the outcome on it when the request ends.
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use futures::Stream;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use tracing::Instrument;
 use tracing::field::Empty;
 
@@ -95,29 +92,4 @@ pub async fn http_request_span(mut req: Request, next: Next) -> Response {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
-}
-
-/// A stream polled inside `span`, so everything it logs or starts (the runtime call to the
-/// worker) belongs to that span even though the body is streamed after the handler returned.
-pub struct InSpan<S> {
-    inner: Pin<Box<S>>,
-    span: tracing::Span,
-}
-
-impl<S: Stream> InSpan<S> {
-    pub fn new(inner: S, span: tracing::Span) -> Self {
-        Self {
-            inner: Box::pin(inner),
-            span,
-        }
-    }
-}
-
-impl<S: Stream> Stream for InSpan<S> {
-    type Item = S::Item;
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        let this = self.get_mut();
-        let _entered = this.span.enter();
-        this.inner.as_mut().poll_next(cx)
-    }
 }

@@ -7,10 +7,13 @@
 //! `trace_id` and `span_id` are the OpenTelemetry ids of the innermost span (the ones exported
 //! and propagated), present whenever the OpenTelemetry layer is installed, export or not.
 
-use opentelemetry::trace::TraceId;
+use opentelemetry::trace::{SpanId, TraceContextExt, TraceId};
 use serde_json::{Map, Value};
 use std::fmt;
 use std::io::Write;
+use std::sync::OnceLock;
+use tracing::Dispatch;
+use tracing::dispatcher::WeakDispatch;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber, span};
 use tracing_opentelemetry::OtelData;
@@ -25,6 +28,9 @@ struct SpanFields(Map<String, Value>);
 pub struct JsonlLayer<W> {
     make_writer: W,
     local_tz: bool,
+    /// The subscriber this layer is part of, to have the OpenTelemetry layer start a span's
+    /// context when a line needs its ids (weak: the subscriber owns this layer).
+    dispatch: OnceLock<WeakDispatch>,
 }
 
 impl<W> JsonlLayer<W> {
@@ -32,7 +38,29 @@ impl<W> JsonlLayer<W> {
         Self {
             make_writer,
             local_tz,
+            dispatch: OnceLock::new(),
         }
+    }
+
+    /// OpenTelemetry trace and span id of the innermost span the OpenTelemetry layer tracks.
+    fn otel_ids<S>(
+        &self,
+        scope: Option<tracing_subscriber::registry::Scope<'_, S>>,
+    ) -> Option<(TraceId, SpanId)>
+    where
+        S: for<'a> LookupSpan<'a>,
+    {
+        let dispatch = self.dispatch.get()?.upgrade()?;
+        for span in scope? {
+            let mut ext = span.extensions_mut();
+            if ext.get_mut::<OtelData>().is_none() {
+                continue;
+            }
+            let cx = tracing_opentelemetry::get_otel_context(&mut ext, &dispatch)?;
+            let sc = cx.span().span_context().clone();
+            return sc.is_valid().then(|| (sc.trace_id(), sc.span_id()));
+        }
+        None
     }
 }
 
@@ -65,6 +93,10 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     W: for<'w> MakeWriter<'w> + 'static,
 {
+    fn on_register_dispatch(&self, subscriber: &Dispatch) {
+        let _ = self.dispatch.set(subscriber.downgrade());
+    }
+
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         let mut fields = Map::new();
@@ -99,27 +131,19 @@ where
         }
         if let Some(scope) = ctx.event_scope(event) {
             let mut innermost = None;
-            let mut ids = None;
             // Outermost first, so inner spans overwrite fields of the same name.
             for span in scope.from_root() {
-                let ext = span.extensions();
-                if let Some(SpanFields(fields)) = ext.get::<SpanFields>() {
+                if let Some(SpanFields(fields)) = span.extensions().get::<SpanFields>() {
                     for (k, v) in fields {
                         line.insert(k.clone(), v.clone());
                     }
-                }
-                if let Some(otel) = ext.get::<OtelData>()
-                    && let (Some(t), Some(s)) = (otel.trace_id(), otel.span_id())
-                    && t != TraceId::INVALID
-                {
-                    ids = Some((t, s));
                 }
                 innermost = Some(span.name());
             }
             if let Some(name) = innermost {
                 line.insert("span_name".into(), Value::from(name));
             }
-            if let Some((t, s)) = ids {
+            if let Some((t, s)) = self.otel_ids(ctx.event_scope(event)) {
                 line.insert("trace_id".into(), Value::from(t.to_string()));
                 line.insert("span_id".into(), Value::from(s.to_string()));
             }
@@ -196,7 +220,11 @@ mod tests {
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
         let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "test");
         let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_context_activation(false),
+            )
             .with(JsonlLayer::new(buf.clone(), false));
         let (outer_ids, inner_ids) = tracing::subscriber::with_default(subscriber, || {
             use opentelemetry::trace::TraceContextExt;
