@@ -13,12 +13,12 @@ pub mod scheduler;
 
 use candle_core::{DType, Device};
 use std::sync::{Arc, Mutex};
-use tandem_kv::BlockEvent;
+use tandem_kv::{BlockEvent, EventTap};
 use tandem_model::WeightsSource;
 use tandem_protocols::card::ModelRuntimeConfig;
 use tandem_protocols::llm::PreprocessedRequest;
 use tandem_worker::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 pub use model::{KvCache, Model, StepSeq, WeightFormat};
 
@@ -92,7 +92,7 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 pub struct CandleEngine {
     tx: mpsc::UnboundedSender<scheduler::Seq>,
     stats: Arc<Mutex<EngineStats>>,
-    events: broadcast::Sender<BlockEvent>,
+    events: EventTap,
     runtime: ModelRuntimeConfig,
     block_size: usize,
     vocab_size: usize,
@@ -168,12 +168,13 @@ impl CandleEngine {
             max_num_seqs: batching.max_num_seqs as u64,
             max_num_batched_tokens: batching.max_num_batched_tokens as u64,
             data_parallel_size: 1,
+            kv_events_zmq: None,
         };
         let stats = Arc::new(Mutex::new(EngineStats {
             total_blocks: num_blocks as u64,
             ..Default::default()
         }));
-        let (events, _) = broadcast::channel(4096);
+        let events = EventTap::new();
         let (tx, rx) = mpsc::unbounded_channel();
         let sched = scheduler::Scheduler::new(
             model,
@@ -197,9 +198,8 @@ impl CandleEngine {
         }))
     }
 
-    /// Block events (stored / removed / cleared) as the prefix cache changes. Events sent
-    /// while nobody subscribes are dropped; a slow subscriber sees `Lagged`.
-    pub fn subscribe_events(&self) -> broadcast::Receiver<BlockEvent> {
+    /// Block events (stored / removed / cleared) as the prefix cache changes, from now on.
+    pub fn subscribe_events(&self) -> tokio::sync::mpsc::UnboundedReceiver<BlockEvent> {
         self.events.subscribe()
     }
 }
@@ -237,6 +237,10 @@ impl Engine for CandleEngine {
 
     fn block_size(&self) -> u32 {
         self.block_size as u32
+    }
+
+    fn subscribe_kv_events(&self) -> mpsc::UnboundedReceiver<BlockEvent> {
+        self.events.subscribe()
     }
 }
 

@@ -15,11 +15,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use tandem_kv::{AdmitCounters, AdmitLimits, BlockEvent, BlockPool, Queued, SeqBlocks};
+use tandem_kv::{AdmitCounters, AdmitLimits, BlockPool, EventTap, Queued, SeqBlocks};
 use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, StopConditions};
 use tandem_sampling::Sampler;
 use tandem_worker::{BatchingArgs, EngineStats};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use crate::model::{KvCache, Model, StepSeq};
 
@@ -87,7 +87,7 @@ pub struct Scheduler {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     stats: Arc<Mutex<EngineStats>>,
-    events: broadcast::Sender<BlockEvent>,
+    events: EventTap,
     counters: AdmitCounters,
     preemptions: u64,
 }
@@ -99,7 +99,7 @@ impl Scheduler {
         args: BatchingArgs,
         max_model_len: usize,
         stats: Arc<Mutex<EngineStats>>,
-        events: broadcast::Sender<BlockEvent>,
+        events: EventTap,
     ) -> Self {
         Self {
             pool: BlockPool::new(
@@ -248,10 +248,7 @@ impl Scheduler {
             let mut s = self.running.remove(i);
             self.release(&mut s);
         }
-        for e in self.pool.drain_events() {
-            // No subscriber yet is fine: the event is simply not needed.
-            let _ = self.events.send(e);
-        }
+        self.events.send_all(self.pool.drain_events());
     }
 
     /// Moves waiting sequences into `running` (behind the decodes) with their blocks.

@@ -17,9 +17,12 @@ pub struct BlockId(pub u32);
 /// hashes; `local` are the per-block token hashes the router keys its tree on).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockEvent {
+    /// Consecutive blocks of one sequence, the first a child of `parent_hash`.
     Stored {
         parent_hash: Option<u64>,
         blocks: Vec<BlockHashes>,
+        /// The blocks' tokens, `block_size` per block (vLLM's event carries them).
+        tokens: Vec<u32>,
     },
     Removed {
         hashes: Vec<u64>,
@@ -180,7 +183,7 @@ impl BlockPool {
             let b = self.take_block()?;
             seq.blocks.push(b);
         }
-        self.register(&seq, matched, hashes.len());
+        self.register(&seq, tokens, matched, hashes.len());
         if !tokens.is_empty() {
             if self.hit_rates.len() == HIT_RATE_WINDOW {
                 self.hit_rates.pop_front();
@@ -218,7 +221,7 @@ impl BlockPool {
             seq.full.push(BlockHashes { local, sequence });
         }
         if seq.full.len() > before {
-            self.register(seq, before, seq.full.len());
+            self.register(seq, tokens, before, seq.full.len());
         }
     }
 
@@ -287,35 +290,57 @@ impl BlockPool {
         Some(b)
     }
 
-    /// Registers full blocks `from..to` of `seq` under their hashes and records one event.
-    fn register(&mut self, seq: &SeqBlocks, from: usize, to: usize) {
+    /// Registers full blocks `from..to` of `seq` (whose content is `tokens`) under their
+    /// hashes and records `Stored` events: one per run of newly registered blocks, so that each
+    /// event's blocks really are a chain under its parent.
+    fn register(&mut self, seq: &SeqBlocks, tokens: &[u32], from: usize, to: usize) {
         if !self.prefix_caching || from >= to {
             return;
         }
-        let mut stored = Vec::new();
+        let mut run: Vec<BlockHashes> = Vec::new();
+        let mut run_start = from;
         for i in from..to {
             let (Some(&b), Some(&h)) = (seq.blocks.get(i), seq.full.get(i)) else {
                 break;
             };
             // Another block may already hold this hash (its parent was evicted, it was not):
-            // keep that one, this block stays anonymous.
+            // keep that one, this block stays anonymous, and the run restarts under it.
             if self.by_hash.contains_key(&h.sequence) {
+                self.push_stored(seq, tokens, run_start, std::mem::take(&mut run));
+                run_start = i + 1;
                 continue;
             }
             self.by_hash.insert(h.sequence, b);
             self.blocks[b.0 as usize].hash = Some(h);
-            stored.push(h);
+            run.push(h);
         }
-        if !stored.is_empty() {
-            let parent_hash = from
-                .checked_sub(1)
-                .and_then(|p| seq.full.get(p))
-                .map(|h| h.sequence);
-            self.events.push(BlockEvent::Stored {
-                parent_hash,
-                blocks: stored,
-            });
+        self.push_stored(seq, tokens, run_start, run);
+    }
+
+    fn push_stored(
+        &mut self,
+        seq: &SeqBlocks,
+        tokens: &[u32],
+        start: usize,
+        run: Vec<BlockHashes>,
+    ) {
+        if run.is_empty() {
+            return;
         }
+        let bs = self.block_size;
+        let parent_hash = start
+            .checked_sub(1)
+            .and_then(|p| seq.full.get(p))
+            .map(|h| h.sequence);
+        let toks = tokens
+            .get(start * bs..(start + run.len()) * bs)
+            .map(<[u32]>::to_vec)
+            .unwrap_or_default();
+        self.events.push(BlockEvent::Stored {
+            parent_hash,
+            blocks: run,
+            tokens: toks,
+        });
     }
 }
 
@@ -336,7 +361,7 @@ mod tests {
         assert_eq!(pool.stats().active_blocks, 3);
         let events = pool.drain_events();
         assert!(
-            matches!(&events[..], [BlockEvent::Stored { parent_hash: None, blocks }] if blocks.len() == 2)
+            matches!(&events[..], [BlockEvent::Stored { parent_hash: None, blocks, tokens }] if blocks.len() == 2 && tokens.len() == 8)
         );
 
         // Same first 8 tokens: two blocks shared.

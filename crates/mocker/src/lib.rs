@@ -14,7 +14,7 @@ use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tandem_kv::{AdmitCounters, AdmitLimits, BlockPool, Queued, SeqBlocks};
+use tandem_kv::{AdmitCounters, AdmitLimits, BlockPool, EventTap, Queued, SeqBlocks};
 use tandem_protocols::card::ModelRuntimeConfig;
 use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest};
 use tandem_worker::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
@@ -67,6 +67,7 @@ pub struct MockEngine {
     args: MockerArgs,
     tx: mpsc::UnboundedSender<Seq>,
     stats: Arc<Mutex<EngineStats>>,
+    events: EventTap,
 }
 
 struct Seq {
@@ -89,7 +90,9 @@ impl MockEngine {
             total_blocks: args.num_blocks as u64,
             ..Default::default()
         }));
+        let events = EventTap::new();
         let scheduler = Scheduler {
+            events: events.clone(),
             pool: BlockPool::new(args.num_blocks, args.block_size, args.enable_prefix_caching),
             args: args.clone(),
             waiting: VecDeque::new(),
@@ -100,7 +103,12 @@ impl MockEngine {
             preemptions: 0,
         };
         tokio::spawn(scheduler.run(rx));
-        Arc::new(Self { args, tx, stats })
+        Arc::new(Self {
+            args,
+            tx,
+            stats,
+            events,
+        })
     }
 }
 
@@ -143,11 +151,16 @@ impl Engine for MockEngine {
             max_num_seqs: self.args.max_num_seqs as u64,
             max_num_batched_tokens: self.args.max_num_batched_tokens as u64,
             data_parallel_size: 1,
+            kv_events_zmq: None,
         }
     }
 
     fn block_size(&self) -> u32 {
         self.args.block_size as u32
+    }
+
+    fn subscribe_kv_events(&self) -> mpsc::UnboundedReceiver<tandem_kv::BlockEvent> {
+        self.events.subscribe()
     }
 }
 
@@ -172,6 +185,7 @@ impl Queued for Seq {
 
 struct Scheduler {
     args: MockerArgs,
+    events: EventTap,
     pool: BlockPool,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
@@ -328,8 +342,7 @@ impl Scheduler {
             }
             i += 1;
         }
-        // Events are published by the KV router work; until then keep the buffer bounded.
-        self.pool.drain_events();
+        self.events.send_all(self.pool.drain_events());
     }
 
     fn publish_stats(&self) {

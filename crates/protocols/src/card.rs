@@ -14,6 +14,16 @@ pub struct ModelRuntimeConfig {
     pub max_num_batched_tokens: u64,
     #[serde(default = "one")]
     pub data_parallel_size: u32,
+    /// Where the worker also publishes its KV events over ZMQ (vLLM's format), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_events_zmq: Option<ZmqEventsEndpoint>,
+}
+
+/// A ZMQ PUB endpoint of KV events, as routers should connect to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZmqEventsEndpoint {
+    pub endpoint: String,
+    pub topic: String,
 }
 
 fn one() -> u32 {

@@ -5,7 +5,10 @@
 //!   stop settings) and the token deltas the worker streams back — Dynamo's
 //!   `PreprocessedRequest` / `LLMEngineOutput` in spirit.
 //! - [`card`]: the model card a worker registers in etcd and the frontend watches.
+//! - [`kv_events`]: KV block events as Dynamo's router reads them (JSON over NATS) and as
+//!   vLLM publishes them (msgpack over ZMQ).
 
 pub mod card;
+pub mod kv_events;
 pub mod llm;
 pub mod openai;

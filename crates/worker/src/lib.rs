@@ -92,6 +92,9 @@ pub trait Engine: Send + Sync + 'static {
     fn stats(&self) -> EngineStats;
     fn runtime_config(&self) -> ModelRuntimeConfig;
     fn block_size(&self) -> u32;
+    /// The engine's KV block events from now on, in order (one subscriber; a later call
+    /// replaces it). Nothing is kept while nobody subscribes.
+    fn subscribe_kv_events(&self) -> tokio::sync::mpsc::UnboundedReceiver<tandem_kv::BlockEvent>;
 }
 
 /// How the worker presents its model.

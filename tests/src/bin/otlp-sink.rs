@@ -25,7 +25,9 @@ async fn main() -> anyhow::Result<()> {
             last = spans.len();
             let mut by_name = BTreeMap::new();
             for s in &spans {
-                *by_name.entry(format!("{}/{}", s.service, s.name)).or_insert(0usize) += 1;
+                *by_name
+                    .entry(format!("{}/{}", s.service, s.name))
+                    .or_insert(0usize) += 1;
             }
             println!("{} spans: {by_name:?}", spans.len());
         }

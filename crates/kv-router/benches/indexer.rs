@@ -1,0 +1,3 @@
+//! Radix index throughput: `cargo bench -p tandem-kv-router --bench indexer`.
+//! Placeholder replaced below.
+fn main() {}
