@@ -7,11 +7,17 @@ cd "$root"
 
 bash scripts/install-deps.sh
 bash scripts/fetch-model.sh >/dev/null
-# The official OpenAI SDK, for the client-compatibility tests.
-OPENAI_VERSION=3.51.0
-if ! .venv/bin/python -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+# The official OpenAI SDK, for the client-compatibility tests; pyzmq + msgspec for the test
+# that reads KV events the way consumers of vLLM's ZMQ events do.
+PY_PKGS=("openai==3.51.0" "pyzmq==27.1.0" "msgspec==0.19.0")
+if ! .venv/bin/python - "${PY_PKGS[@]}" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+sys.exit(any(version(p.split("==")[0]) != p.split("==")[1] for p in sys.argv[1:]))
+PY
+then
   python3 -m venv .venv
-  .venv/bin/python -m pip install --quiet "openai==$OPENAI_VERSION"
+  .venv/bin/python -m pip install --quiet "${PY_PKGS[@]}"
 fi
 
 start=$(date +%s)

@@ -479,6 +479,125 @@ impl Served {
     }
 }
 
+/// NATS, etcd, several workers (each with its own system status port) and one frontend, all
+/// serving the bundled model; for routing tests.
+pub struct Cluster {
+    pub stack: Stack,
+    pub workers: Vec<Proc>,
+    /// System status port of each worker, by position.
+    pub systems: Vec<u16>,
+    pub frontend: Proc,
+    pub http: u16,
+}
+
+impl Cluster {
+    /// Starts `n` workers with `worker_args(i)` (after `--model-path`) and a frontend with
+    /// `frontend_args`; returns once the frontend lists the model with all `n` workers.
+    pub async fn start(
+        n: usize,
+        worker_args: impl Fn(usize) -> Vec<String>,
+        frontend_args: &[&str],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let stack = Stack::start().await?;
+        let model = bundled_model()?.to_string_lossy().into_owned();
+        let mut workers = Vec::new();
+        let mut systems = Vec::new();
+        for i in 0..n {
+            let system = free_port()?;
+            let mut args = vec!["--model-path".to_string(), model.clone()];
+            args.extend(worker_args(i));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let port = system.to_string();
+            workers.push(stack.spawn(
+                &format!("worker{i}"),
+                &workspace_bin("worker")?,
+                &args,
+                &[
+                    ("DYN_SYSTEM_PORT", port.as_str()),
+                    ("DYN_SYSTEM_HOST", "127.0.0.1"),
+                    ("DYN_LEASE_TTL_SECS", "2"),
+                ],
+            )?);
+            systems.push(system);
+        }
+        let http = free_port()?;
+        let port = http.to_string();
+        let mut args = vec!["--http-host", "127.0.0.1", "--http-port", port.as_str()];
+        args.extend_from_slice(frontend_args);
+        let frontend = stack.spawn("frontend", &workspace_bin("frontend")?, &args, &[])?;
+        let c = Self {
+            stack,
+            workers,
+            systems,
+            frontend,
+            http,
+        };
+        c.wait_workers(n, timeout).await?;
+        Ok(c)
+    }
+
+    /// Waits until the frontend counts `n` workers for the bundled model.
+    pub async fn wait_workers(&self, n: usize, timeout: Duration) -> Result<()> {
+        let url = self.url("/metrics");
+        wait_for(timeout, &format!("{n} workers behind the frontend"), || {
+            let url = url.clone();
+            async move {
+                let text = scrape(&url).await.ok()?;
+                (metric_value(
+                    &text,
+                    "dynamo_frontend_model_workers",
+                    &[("model", BUNDLED_MODEL_NAME)],
+                ) == Some(n as f64))
+                .then_some(())
+            }
+        })
+        .await
+        .map_err(|e| {
+            let logs: Vec<String> = self.workers.iter().map(Proc::output).collect();
+            e.context(format!(
+                "frontend: {}\nworkers: {logs:?}",
+                self.frontend.output()
+            ))
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    /// Generate requests worker `i` has served so far.
+    pub async fn served(&self, i: usize) -> Result<f64> {
+        let text = scrape(&format!("http://127.0.0.1:{}/metrics", self.systems[i])).await?;
+        Ok(metric_value(
+            &text,
+            "dynamo_component_requests_total",
+            &[("dynamo_endpoint", "generate")],
+        )
+        .unwrap_or(0.0))
+    }
+
+    /// Generate requests served by every worker, by position.
+    pub async fn served_all(&self) -> Result<Vec<f64>> {
+        let mut v = Vec::new();
+        for i in 0..self.workers.len() {
+            v.push(self.served(i).await?);
+        }
+        Ok(v)
+    }
+
+    /// The instance id (`worker_id` label) of worker `i`.
+    pub async fn worker_id(&self, i: usize) -> Result<u64> {
+        let text = scrape(&format!("http://127.0.0.1:{}/metrics", self.systems[i])).await?;
+        text.lines()
+            .find_map(|l| {
+                let rest = l.split("worker_id=\"").nth(1)?;
+                rest.split('"').next()?.parse().ok()
+            })
+            .context("worker_id label on the worker's metrics")
+    }
+}
+
 /// The name the bundled model is served under.
 pub const BUNDLED_MODEL_NAME: &str = "SmolLM2-135M-Instruct";
 

@@ -3,8 +3,9 @@
 use clap::Parser;
 use std::sync::Arc;
 use tandem_frontend::metrics::FrontendMetrics;
-use tandem_frontend::models::ModelManager;
+use tandem_frontend::models::{ModelManager, Routing};
 use tandem_frontend::service::{AppState, router};
+use tandem_kv_router::KvRouterArgs;
 use tandem_runtime::{DistributedRuntime, RouterMode, RuntimeConfig};
 
 #[derive(Parser, Debug)]
@@ -14,13 +15,16 @@ struct Cli {
     http_host: String,
     #[arg(long = "http-port", env = "DYN_HTTP_PORT", default_value_t = 8000)]
     http_port: u16,
-    /// How requests are spread over workers: round-robin or random.
+    /// How requests are spread over workers: round-robin, random, or kv (to the worker with
+    /// the most of the prompt cached, weighed against its load).
     #[arg(
         long = "router-mode",
         env = "DYN_ROUTER_MODE",
         default_value = "round-robin"
     )]
     router_mode: String,
+    #[command(flatten)]
+    kv_router: KvRouterArgs,
     #[command(flatten)]
     runtime: RuntimeConfig,
 }
@@ -29,7 +33,10 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = tandem_telemetry::init("frontend")?;
     let mut cli = Cli::parse();
-    let router_mode: RouterMode = cli.router_mode.parse()?;
+    let routing = match cli.router_mode.as_str() {
+        "kv" => Routing::Kv(Arc::new(cli.kv_router.clone())),
+        other => Routing::Basic(other.parse::<RouterMode>()?),
+    };
     if cli.runtime.system_port().is_some() {
         tracing::warn!(
             "DYN_SYSTEM_PORT is set but not used by the frontend: metrics are on the HTTP port"
@@ -38,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let drt = DistributedRuntime::connect(cli.runtime.clone()).await?;
     let metrics = Arc::new(FrontendMetrics::new());
-    let models = ModelManager::watch(&drt, metrics.clone(), router_mode);
+    let models = ModelManager::watch(&drt, metrics.clone(), routing);
     let app = router(AppState {
         models,
         metrics,

@@ -46,6 +46,16 @@ struct Cli {
     batching: BatchingArgs,
     #[command(flatten)]
     candle: CandleArgs,
+    /// vLLM's KV event publisher settings, e.g.
+    /// '{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://*:20082","enable_kv_cache_events":true}':
+    /// events then also go out on that ZMQ PUB socket in vLLM's format (they always go out on
+    /// NATS for the KV router).
+    #[arg(long = "kv-events-config")]
+    kv_events_config: Option<tandem_worker::kv_events::KvEventsConfig>,
+    /// This worker only decodes: it publishes no KV events. (Disaggregated prefill/decode
+    /// itself is not implemented yet; the flag only affects event publishing.)
+    #[arg(long = "is-decode-worker")]
+    is_decode_worker: bool,
     /// Mocker only: divides every simulated delay; 0 removes them.
     #[arg(long = "speedup-ratio", default_value_t = 1.0)]
     speedup_ratio: f64,
@@ -92,6 +102,8 @@ async fn main() -> anyhow::Result<()> {
         model_name: cli.model_name.clone().unwrap_or_else(|| model.name.clone()),
         context_length,
         migration_limit: cli.migration_limit,
+        publish_kv_events: !cli.is_decode_worker,
+        kv_events_config: cli.kv_events_config.clone(),
     };
     tandem_worker::serve(&drt, engine, &model, config).await?;
     tandem_runtime::shutdown_signal().await;

@@ -4,23 +4,43 @@
 //! `tokenizer` endpoint and checked against the card's checksum), a preprocessor and a client
 //! for the worker's generate endpoint. The last card for a name disappears → the model is
 //! dropped, and requests for it get 503 (it was served here) instead of 404 (never was).
+//! With `--router-mode kv` each model also gets a KV router fed by its workers' events.
 
 use crate::metrics::FrontendMetrics;
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tandem_kv_router::{KvRouter, KvRouterArgs, RouterMetrics};
 use tandem_preprocessor::Preprocessor;
 use tandem_protocols::card::{MDC_ROOT, ModelDeploymentCard, ModelEntry};
 use tandem_runtime::{Client, DistributedRuntime, EndpointId, RequestOptions, RouterMode};
+use tokio_util::sync::CancellationToken;
+
+/// How the frontend spreads requests over a model's workers.
+#[derive(Clone)]
+pub enum Routing {
+    Basic(RouterMode),
+    Kv(Arc<KvRouterArgs>),
+}
 
 pub struct ServedModel {
     pub name: String,
     pub card: ModelDeploymentCard,
     pub preprocessor: Preprocessor,
     pub client: Client,
+    /// Used when `kv` is `None`.
     pub router_mode: RouterMode,
+    pub kv: Option<Arc<KvRouter>>,
+    /// Stops the KV router's event intake when the model goes.
+    kv_stop: CancellationToken,
     pub created: u64,
+}
+
+impl Drop for ServedModel {
+    fn drop(&mut self) {
+        self.kv_stop.cancel();
+    }
 }
 
 #[derive(Default)]
@@ -38,7 +58,8 @@ pub enum Lookup {
 #[derive(Clone)]
 pub struct ModelManager {
     state: Arc<RwLock<State>>,
-    pub router_mode: RouterMode,
+    pub routing: Routing,
+    router_metrics: Option<RouterMetrics>,
 }
 
 impl ModelManager {
@@ -62,11 +83,22 @@ impl ModelManager {
     pub fn watch(
         drt: &DistributedRuntime,
         metrics: Arc<FrontendMetrics>,
-        router_mode: RouterMode,
+        routing: Routing,
     ) -> Self {
+        let router_metrics = match &routing {
+            Routing::Kv(_) => match RouterMetrics::new(&metrics.registry) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!(error = %e, "kv router metrics not registered");
+                    RouterMetrics::unregistered().ok()
+                }
+            },
+            Routing::Basic(_) => None,
+        };
         let mgr = Self {
             state: Arc::default(),
-            router_mode,
+            routing,
+            router_metrics,
         };
         let mut rx = drt.discovery().watch_prefix(&format!("{MDC_ROOT}/"));
         let (drt, this) = (drt.clone(), mgr.clone());
@@ -125,7 +157,7 @@ impl ModelManager {
             let Some(first) = entries.first() else {
                 continue;
             };
-            match load_model(drt, first, self.router_mode).await {
+            match load_model(drt, first, &self.routing, self.router_metrics.as_ref()).await {
                 Ok(model) => {
                     set_card_gauges(metrics, &model.card);
                     tracing::info!(model = %name, "model added");
@@ -163,7 +195,8 @@ fn set_card_gauges(m: &FrontendMetrics, card: &ModelDeploymentCard) {
 async fn load_model(
     drt: &DistributedRuntime,
     entry: &ModelEntry,
-    router_mode: RouterMode,
+    routing: &Routing,
+    router_metrics: Option<&RouterMetrics>,
 ) -> Result<ServedModel, String> {
     let card = entry.card_json.clone();
     let tok_ep: EndpointId = card
@@ -201,10 +234,40 @@ async fn load_model(
         Preprocessor::from_json(&text, card.prompt.clone()).map_err(|e| e.to_string())?;
     let gen_ep = EndpointId::new(&entry.namespace, &entry.component, &entry.endpoint)
         .map_err(|e| e.to_string())?;
+    let kv_stop = CancellationToken::new();
+    let (router_mode, kv) = match routing {
+        Routing::Basic(mode) => (*mode, None),
+        Routing::Kv(args) => {
+            let block_size = args.block_size.unwrap_or(card.kv_cache_block_size).max(1);
+            let metrics = match router_metrics {
+                Some(m) => m.clone(),
+                None => RouterMetrics::unregistered().map_err(|e| e.to_string())?,
+            };
+            let router = Arc::new(KvRouter::new(args.config(), block_size as usize, metrics));
+            router.publish_loads();
+            tandem_kv_router::intake::spawn(
+                drt,
+                router.clone(),
+                &gen_ep,
+                args.source,
+                kv_stop.clone(),
+            )
+            .map_err(|e| e.to_string())?;
+            tracing::info!(
+                model = %card.display_name,
+                block_size,
+                kv_events = args.config().use_kv_events,
+                "kv router started"
+            );
+            (RouterMode::RoundRobin, Some(router))
+        }
+    };
     Ok(ServedModel {
         name: card.display_name.clone(),
         client: drt.endpoint(gen_ep).client(),
         router_mode,
+        kv,
+        kv_stop,
         preprocessor,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

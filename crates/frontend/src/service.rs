@@ -25,7 +25,7 @@ use std::sync::Arc;
 use tandem_preprocessor::stop::StopMatcher;
 use tandem_protocols::llm::{EngineOutput, PreprocessedRequest, SamplingOptions, StopConditions};
 use tandem_protocols::openai::*;
-use tandem_runtime::RequestOptions;
+use tandem_runtime::{RequestOptions, RouterMode};
 use tracing::Instrument;
 
 /// Largest accepted request body.
@@ -372,7 +372,13 @@ fn generate(
             Err(e) => { yield Err(ApiError::internal(e.to_string())); return; }
         };
         let opts = RequestOptions { id: Some(p.request_id.clone()), headers: ids.headers() };
-        let mut upstream = match p.model.client.generate(p.model.router_mode, body, opts).instrument(span.clone()).await {
+        // KV routing: the decision registers the request's load on the chosen worker before
+        // it is sent; the guard takes it off however this stream ends.
+        let (mode, mut load) = match route_kv(&p, &span) {
+            Some((worker, guard)) => (RouterMode::Direct(worker), Some(guard)),
+            None => (p.model.router_mode, None),
+        };
+        let mut upstream = match p.model.client.generate(mode, body, opts).instrument(span.clone()).await {
             Ok(s) => s,
             Err(e) => {
                 let e = ApiError::from(e);
@@ -402,6 +408,7 @@ fn generate(
             let i = out.index as usize;
             if i >= n || finished[i] { continue; }
             if cached.is_none() { cached = out.cached_tokens; }
+            if let Some(g) = load.as_mut() { g.prefill_done(); }
             completion_tokens += out.token_ids.len() as u32;
             guard.tokens(out.token_ids.len(), prompt_tokens);
             let mut text = decoders[i].push(&out.token_ids);
@@ -436,6 +443,36 @@ fn generate(
             prompt_tokens_details: cached.map(|c| PromptTokensDetails { cached_tokens: c }),
         }));
     }
+}
+
+/// Picks the worker for a KV-routed model; `None` for other routing modes or when no worker
+/// is known (the runtime client then reports that).
+fn route_kv(p: &Prepared, parent: &tracing::Span) -> Option<(u64, tandem_kv_router::LoadGuard)> {
+    let kv = p.model.kv.as_ref()?;
+    let span = tracing::info_span!(
+        parent: parent,
+        "kv_router.route_request",
+        worker_id = tracing::field::Empty,
+        overlap_blocks = tracing::field::Empty,
+        cost = tracing::field::Empty,
+    );
+    let _entered = span.enter();
+    let total_blocks = p.model.card.runtime_config.total_kv_blocks;
+    let candidates: Vec<tandem_kv_router::Candidate> = p
+        .model
+        .client
+        .instance_ids()
+        .into_iter()
+        .map(|worker_id| tandem_kv_router::Candidate {
+            worker_id,
+            total_blocks,
+        })
+        .collect();
+    let d = kv.route(&p.request.token_ids, &candidates)?;
+    span.record("worker_id", d.worker_id);
+    span.record("overlap_blocks", d.overlap_blocks);
+    span.record("cost", d.cost);
+    Some((d.worker_id, d.guard))
 }
 
 /// Gathers a whole generation for a unary response: text and finish reason per choice, usage.

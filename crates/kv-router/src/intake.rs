@@ -65,7 +65,12 @@ pub fn spawn(
             KV_DUMP_ENDPOINT,
         )?)
         .client();
-    tokio::spawn(watch_instances(client, router.clone(), stop.clone()));
+    tokio::spawn(watch_instances(
+        client,
+        router.clone(),
+        dump.clone(),
+        stop.clone(),
+    ));
     if !router.config().use_kv_events {
         return Ok(());
     }
@@ -86,7 +91,15 @@ pub fn spawn(
     Ok(())
 }
 
-async fn watch_instances(client: Client, router: Arc<KvRouter>, stop: CancellationToken) {
+/// Follows the workers: one that leaves leaves the index; one that appears has its current
+/// block state fetched, so a router that starts (or restarts) next to busy workers knows their
+/// caches at once instead of after their next events.
+async fn watch_instances(
+    client: Client,
+    router: Arc<KvRouter>,
+    dump: Client,
+    stop: CancellationToken,
+) {
     let mut rx = client.instance_watch();
     let mut known: HashSet<u64> = HashSet::new();
     loop {
@@ -98,6 +111,24 @@ async fn watch_instances(client: Client, router: Arc<KvRouter>, stop: Cancellati
         for gone in known.difference(&now) {
             tracing::info!(worker_id = gone, "worker left; removed from the kv index");
             router.remove_worker(*gone);
+        }
+        if router.config().use_kv_events {
+            for new in now.difference(&known) {
+                let (router, dump, id) = (router.clone(), dump.clone(), *new);
+                tokio::spawn(async move {
+                    // The dump endpoint is registered beside generate; it may lag a moment.
+                    let ready = dump
+                        .wait_for(Duration::from_secs(10), |v| {
+                            v.iter().any(|i| i.instance_id == id)
+                        })
+                        .await;
+                    if ready.is_ok()
+                        && let Some(state) = fetch_dump(&dump, id).await
+                    {
+                        router.apply_dump(&state, crate::router::ResyncReason::Joined);
+                    }
+                });
+            }
         }
         known = now;
         tokio::select! {

@@ -8,12 +8,14 @@
 //! ([`sequences`]) and picks the cheapest; the returned guard keeps the request's load
 //! registered until the request ends.
 
+pub mod args;
 pub mod indexer;
 pub mod intake;
 pub mod metrics;
 pub mod router;
 pub mod sequences;
 
+pub use args::KvRouterArgs;
 pub use intake::{EventSource, KV_DUMP_ENDPOINT};
 pub use metrics::RouterMetrics;
 pub use router::{Candidate, Decision, KvRouter, KvRouterConfig};

@@ -9,7 +9,10 @@
 //!   `dynamo_frontend_worker_active_decode_blocks`, `dynamo_component_kv_router_tree_blocks`.
 
 use crate::sequences::ActiveSequences;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use std::sync::{Arc, Mutex, Weak};
 
 #[derive(Clone)]
 pub struct RouterMetrics {
@@ -17,9 +20,46 @@ pub struct RouterMetrics {
     resyncs: IntCounterVec,
     pub hit_rate: Histogram,
     pub decision_seconds: Histogram,
+    loads: LoadCollector,
+    tree: IntGaugeVec,
+}
+
+/// Per-worker routed load, read from the routers' active sequences when scraped (a gauge set
+/// only when routing would go stale once requests finish).
+#[derive(Clone)]
+struct LoadCollector {
     prefill_tokens: IntGaugeVec,
     decode_blocks: IntGaugeVec,
-    tree: IntGaugeVec,
+    sources: Arc<Mutex<Vec<Weak<ActiveSequences>>>>,
+}
+
+impl Collector for LoadCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.prefill_tokens.desc();
+        d.extend(self.decode_blocks.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.prefill_tokens.reset();
+        self.decode_blocks.reset();
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        sources.retain(|s| s.strong_count() > 0);
+        for s in sources.iter().filter_map(Weak::upgrade) {
+            for (worker, l) in s.all() {
+                let id = worker.to_string();
+                self.prefill_tokens
+                    .with_label_values(&[&id])
+                    .set(l.prefill_tokens as i64);
+                self.decode_blocks
+                    .with_label_values(&[&id])
+                    .set(l.decode_blocks as i64);
+            }
+        }
+        let mut out = self.prefill_tokens.collect();
+        out.extend(self.decode_blocks.collect());
+        out
+    }
 }
 
 impl RouterMetrics {
@@ -32,8 +72,7 @@ impl RouterMetrics {
             Box::new(m.resyncs.clone()),
             Box::new(m.hit_rate.clone()),
             Box::new(m.decision_seconds.clone()),
-            Box::new(m.prefill_tokens.clone()),
-            Box::new(m.decode_blocks.clone()),
+            Box::new(m.loads.clone()),
             Box::new(m.tree.clone()),
         ] {
             match registry.register(c) {
@@ -78,14 +117,17 @@ impl RouterMetrics {
                     1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2,
                 ],
             )?,
-            prefill_tokens: gauge(
-                "dynamo_frontend_worker_active_prefill_tokens",
-                "Prompt tokens routed to the worker and not yet prefilled",
-            )?,
-            decode_blocks: gauge(
-                "dynamo_frontend_worker_active_decode_blocks",
-                "KV blocks of requests routed to the worker and still running",
-            )?,
+            loads: LoadCollector {
+                prefill_tokens: gauge(
+                    "dynamo_frontend_worker_active_prefill_tokens",
+                    "Prompt tokens routed to the worker and not yet prefilled",
+                )?,
+                decode_blocks: gauge(
+                    "dynamo_frontend_worker_active_decode_blocks",
+                    "KV blocks of requests routed to the worker and still running",
+                )?,
+                sources: Arc::default(),
+            },
             tree: gauge(
                 "dynamo_component_kv_router_tree_blocks",
                 "Blocks the router's index holds for the worker",
@@ -107,21 +149,16 @@ impl RouterMetrics {
             .set(blocks as i64);
     }
 
-    pub fn observe_loads(&self, active: &ActiveSequences, worker_id: u64) {
-        let l = active.load(worker_id);
-        let id = worker_id.to_string();
-        self.prefill_tokens
-            .with_label_values(&[&id])
-            .set(l.prefill_tokens as i64);
-        self.decode_blocks
-            .with_label_values(&[&id])
-            .set(l.decode_blocks as i64);
+    pub(crate) fn watch_loads(&self, active: Weak<ActiveSequences>) {
+        self.loads
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(active);
     }
 
     pub fn forget_worker(&self, worker_id: u64) {
         let id = worker_id.to_string();
-        for g in [&self.prefill_tokens, &self.decode_blocks, &self.tree] {
-            let _ = g.remove_label_values(&[&id]);
-        }
+        let _ = self.tree.remove_label_values(&[&id]);
     }
 }

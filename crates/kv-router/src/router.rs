@@ -125,6 +125,11 @@ impl KvRouter {
         }
     }
 
+    /// Makes the router's per-worker load visible in its metrics (read at every scrape).
+    pub fn publish_loads(self: &Arc<Self>) {
+        self.metrics.watch_loads(Arc::downgrade(&self.active));
+    }
+
     pub fn config(&self) -> &KvRouterConfig {
         &self.config
     }
@@ -196,7 +201,7 @@ impl KvRouter {
             choice,
             new_prefill,
             hashes.iter().map(|h| h.sequence).collect(),
-            tokens.len() % self.block_size != 0,
+            !tokens.len().is_multiple_of(self.block_size),
         );
         if !self.config.use_kv_events {
             self.record_approx(choice, &hashes, started);
@@ -208,7 +213,6 @@ impl KvRouter {
         self.metrics
             .decision_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.observe_loads(&self.active, choice);
         tracing::debug!(
             worker_id = choice,
             overlap_blocks = overlap,
@@ -232,7 +236,7 @@ impl KvRouter {
         candidates: &[Candidate],
     ) -> (u64, u32, f64) {
         let bs = self.block_size as f64;
-        let partial = isl % self.block_size != 0;
+        let partial = !isl.is_multiple_of(self.block_size);
         let loads = self.active.all();
         let sizes: Vec<usize> = {
             let idx = self.index();
@@ -528,7 +532,13 @@ mod tests {
         );
         assert!(per.values().all(|&n| n == 10), "{per:?}");
         drop(guards);
-        assert!(r.active().all().is_empty(), "every guard released its load");
+        assert!(
+            r.active()
+                .all()
+                .values()
+                .all(|l| *l == crate::sequences::WorkerLoad::default()),
+            "every guard released its load"
+        );
     }
 
     #[test]

@@ -7,8 +7,11 @@
 //! - `tokenizer`: the model's `tokenizer.json`, in chunks, so that a frontend on another
 //!   machine can tokenize for this model.
 //!
-//! It then writes the model card to etcd under the process's lease and mirrors the engine's
-//! block statistics into `dynamo_component_kvstats_*` on the system status server.
+//! It publishes the engine's KV block events for routers ([`kv_events`]), then writes the
+//! model card to etcd under the process's lease and mirrors the engine's block statistics into
+//! `dynamo_component_kvstats_*` on the system status server.
+
+pub mod kv_events;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -105,6 +108,10 @@ pub struct ServeConfig {
     pub model_name: String,
     pub context_length: u32,
     pub migration_limit: u32,
+    /// Publish KV block events (off for decode-only workers).
+    pub publish_kv_events: bool,
+    /// vLLM's `--kv-events-config`: also publish over ZMQ.
+    pub kv_events_config: Option<kv_events::KvEventsConfig>,
 }
 
 /// Size of one tokenizer chunk: well under NATS' default 1 MiB max payload.
@@ -171,6 +178,20 @@ pub async fn serve(
         })
         .await?;
 
+    let kv_events_zmq = if config.publish_kv_events {
+        kv_events::start(
+            drt,
+            &engine,
+            &config.endpoint,
+            config.kv_events_config.as_ref(),
+        )
+        .await?
+    } else {
+        None
+    };
+    let mut runtime_config = engine.runtime_config();
+    runtime_config.kv_events_zmq = kv_events_zmq;
+
     let card = ModelDeploymentCard {
         display_name: config.model_name.clone(),
         slug: slugify(&config.model_name),
@@ -178,7 +199,7 @@ pub async fn serve(
         kv_cache_block_size: engine.block_size(),
         migration_limit: config.migration_limit,
         model_type: vec!["chat".into(), "completions".into()],
-        runtime_config: engine.runtime_config(),
+        runtime_config,
         prompt: model.prompt.clone(),
         tokenizer_endpoint: tokenizer_ep.to_string(),
         tokenizer_checksum: checksum,
@@ -213,6 +234,8 @@ pub enum WorkerError {
     Runtime(#[from] RuntimeError),
     #[error("model: {0}")]
     Model(String),
+    #[error("kv events: {0}")]
+    KvEvents(String),
 }
 
 /// `dynamo_component_kvstats_*` gauges, refreshed from the engine at every scrape.
