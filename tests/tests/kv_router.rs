@@ -372,3 +372,60 @@ async fn zmq_events_reach_a_vllm_style_consumer_and_feed_the_router() -> Result<
     assert_eq!(delta(&c, &before).await?, vec![0.0, 1.0]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_engine_repeat_of_a_long_prompt_lands_where_its_cache_is() -> Result<()> {
+    let c = Cluster::start(
+        2,
+        |_| vec!["--kv-cache-blocks".to_string(), "256".to_string()],
+        &["--router-mode", "kv"],
+        Duration::from_secs(120),
+    )
+    .await?;
+    let long = "The history of the city spans many centuries, with markets, bridges, \
+                libraries and harbours built and rebuilt by each generation. "
+        .repeat(12);
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": format!("{long}Summarise this in one sentence.")}],
+        "max_tokens": 4,
+        "temperature": 0,
+    });
+    let chat = || async {
+        let r = reqwest::Client::new()
+            .post(c.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status() == 200, "status {}", r.status());
+        Ok::<Value, anyhow::Error>(r.json().await?)
+    };
+    let before = c.served_all().await?;
+    let first = chat().await?;
+    let d1 = delta(&c, &before).await?;
+    let w = d1
+        .iter()
+        .position(|&n| n == 1.0)
+        .expect("one worker served it");
+    let prompt_tokens = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 200, "{prompt_tokens}");
+    // The router learns the blocks from the worker's events.
+    let wid = c.worker_id(w).await?;
+    wait_indexed(&c, wid, (prompt_tokens / 16) as f64 - 1.0).await?;
+    let before = c.served_all().await?;
+    let second = chat().await?;
+    let d2 = delta(&c, &before).await?;
+    assert_eq!(d2[w], 1.0, "the repeat went to worker {w}: {d2:?}");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= prompt_tokens / 16 * 16 - 16,
+        "cached {cached} of {prompt_tokens}"
+    );
+    assert_eq!(
+        first["choices"][0]["message"],
+        second["choices"][0]["message"]
+    );
+    Ok(())
+}

@@ -173,14 +173,14 @@ impl KvRouter {
             return None;
         }
         let hashes = {
-            let _s = tracing::debug_span!("kv_router.compute_block_hashes").entered();
+            let _s = tracing::info_span!("kv_router.compute_block_hashes").entered();
             sequence_hashes(tokens, self.block_size)
         };
         if !self.config.use_kv_events {
             self.expire_approx(started);
         }
         let scores = {
-            let _s = tracing::debug_span!(
+            let _s = tracing::info_span!(
                 "kv_router.find_matches",
                 block_count = hashes.len(),
                 block_size = self.block_size
@@ -190,7 +190,7 @@ impl KvRouter {
             self.index().find_matches(&local).scores
         };
         let (choice, overlap, cost) = {
-            let _s = tracing::debug_span!("kv_router.schedule").entered();
+            let _s = tracing::info_span!("kv_router.schedule").entered();
             let seq: Vec<u64> = hashes.iter().map(|h| h.sequence).collect();
             self.select(tokens.len(), &seq, &scores, candidates)
         };
