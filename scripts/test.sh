@@ -8,8 +8,9 @@ cd "$root"
 bash scripts/install-deps.sh
 bash scripts/fetch-model.sh >/dev/null
 # The official OpenAI SDK, for the client-compatibility tests; pyzmq + msgspec for the test
-# that reads KV events the way consumers of vLLM's ZMQ events do.
-PY_PKGS=("openai==3.51.0" "pyzmq==27.1.0" "msgspec==0.19.0")
+# that reads KV events the way consumers of vLLM's ZMQ events do; jsonschema + PyYAML to
+# validate the compose files.
+PY_PKGS=("openai==3.51.0" "pyzmq==27.1.0" "msgspec==0.19.0" "jsonschema==4.23.0" "PyYAML==6.0.2")
 if ! .venv/bin/python - "${PY_PKGS[@]}" 2>/dev/null <<'PY'
 import sys
 from importlib.metadata import version
