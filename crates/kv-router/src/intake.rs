@@ -20,15 +20,12 @@ use tandem_kv::local_block_hash;
 use tandem_protocols::card::{MDC_ROOT, ModelEntry};
 use tandem_protocols::kv_events::vllm::{self, VllmEvent};
 use tandem_protocols::kv_events::{
-    KvCacheEventData, KvCacheRemoveData, KvCacheStoreData, KvCacheStoredBlock, KvStateDump,
-    RouterEvent, kv_events_subject,
+    KV_DUMP_ENDPOINT, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData, KvCacheStoredBlock,
+    KvStateDump, RouterEvent, kv_events_subject,
 };
 use tandem_runtime::{Client, DistributedRuntime, EndpointId, RequestOptions, RouterMode};
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketRecv};
-
-/// Name of the endpoint a worker serves its block state on.
-pub const KV_DUMP_ENDPOINT: &str = "kv_dump";
 
 /// Where the router reads KV events from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -189,25 +186,18 @@ async fn intake(
             reason = reason.as_str(),
             "kv events out of sequence; resynchronising"
         );
-        match fetch_dump(dump, worker_id).await {
-            Some(state) => {
-                router.apply_dump(&state, reason);
-                let _ = router.apply_event(worker_id, event_id, data);
-            }
-            None => {
-                // Without the state, the best is a clean slate for this worker, continuing
-                // from this event.
-                router.apply_dump(
-                    &KvStateDump {
-                        worker_id,
-                        last_event_id: event_id.checked_sub(1),
-                        stored: Vec::new(),
-                    },
-                    reason,
-                );
-                let _ = router.apply_event(worker_id, event_id, data);
-            }
-        }
+        // Without the state, the best is a clean slate for this worker, continuing from this
+        // event.
+        let state = fetch_dump(dump, worker_id)
+            .await
+            .unwrap_or_else(|| KvStateDump {
+                worker_id,
+                last_event_id: event_id.checked_sub(1),
+                stored: Vec::new(),
+            });
+        router.apply_dump(&state, reason);
+        // Stale when the state already covers this event.
+        let _ = router.apply_event(worker_id, event_id, data);
     }
 }
 

@@ -16,7 +16,8 @@ pub mod router;
 pub mod sequences;
 
 pub use args::KvRouterArgs;
-pub use intake::{EventSource, KV_DUMP_ENDPOINT};
+pub use intake::EventSource;
 pub use metrics::RouterMetrics;
 pub use router::{Candidate, Decision, KvRouter, KvRouterConfig};
 pub use sequences::LoadGuard;
+pub use tandem_protocols::kv_events::KV_DUMP_ENDPOINT;

@@ -156,15 +156,6 @@ impl KvRouter {
         self.index().workers()
     }
 
-    /// Matched leading blocks per worker for `tokens`.
-    pub fn overlaps(&self, tokens: &[u32]) -> HashMap<u64, u32> {
-        let local: Vec<u64> = sequence_hashes(tokens, self.block_size)
-            .iter()
-            .map(|h| h.local)
-            .collect();
-        self.index().find_matches(&local).scores
-    }
-
     /// Picks the worker for a prompt of `tokens` among `candidates` and registers the
     /// request's load on it. `None` when there is no candidate.
     pub fn route(&self, tokens: &[u32], candidates: &[Candidate]) -> Option<Decision> {
@@ -237,7 +228,6 @@ impl KvRouter {
     ) -> (u64, u32, f64) {
         let bs = self.block_size as f64;
         let partial = !isl.is_multiple_of(self.block_size);
-        let loads = self.active.all();
         let sizes: Vec<usize> = {
             let idx = self.index();
             candidates
@@ -245,46 +235,44 @@ impl KvRouter {
                 .map(|c| idx.tree_size(c.worker_id))
                 .collect()
         };
-        let busy = |c: &Candidate| match (self.config.busy_threshold, c.total_blocks) {
-            (Some(t), total) if total > 0 => {
-                let l = loads
-                    .get(&c.worker_id)
-                    .map(|l| l.decode_blocks)
-                    .unwrap_or(0);
-                l as f64 / total as f64 > t
-            }
-            _ => false,
-        };
-        let not_busy: Vec<usize> = (0..candidates.len())
-            .filter(|&i| !busy(&candidates[i]))
-            .collect();
-        let pool: Vec<usize> = if not_busy.is_empty() {
-            (0..candidates.len()).collect()
-        } else {
-            not_busy
-        };
-        let eval: Vec<(usize, u32, f64, u64)> = pool
+        // One pass over the candidates: overlap, load now (for busy and ties), cost with this
+        // request added.
+        let all: Vec<Scored> = candidates
             .iter()
-            .map(|&i| {
-                let c = &candidates[i];
+            .enumerate()
+            .map(|(i, c)| {
                 let overlap = scores.get(&c.worker_id).copied().unwrap_or(0);
                 let new_prefill =
                     (isl as u64).saturating_sub(u64::from(overlap) * self.block_size as u64);
-                let now = loads.get(&c.worker_id).copied().unwrap_or_default();
-                let p = self
-                    .active
-                    .potential(c.worker_id, seq_hashes, partial, new_prefill);
-                let cost = self.config.overlap_score_weight * p.prefill_tokens as f64 / bs
-                    + p.decode_blocks as f64;
-                (i, overlap, cost, now.decode_blocks)
+                let (now, with) =
+                    self.active
+                        .potential(c.worker_id, seq_hashes, partial, new_prefill);
+                let cost = self.config.overlap_score_weight * with.prefill_tokens as f64 / bs
+                    + with.decode_blocks as f64;
+                let busy = match (self.config.busy_threshold, c.total_blocks) {
+                    (Some(t), total) if total > 0 => now.decode_blocks as f64 / total as f64 > t,
+                    _ => false,
+                };
+                Scored {
+                    index: i,
+                    overlap,
+                    cost,
+                    load: now.decode_blocks,
+                    busy,
+                }
             })
             .collect();
+        let eval: Vec<Scored> = if all.iter().all(|e| e.busy) {
+            all
+        } else {
+            all.into_iter().filter(|e| !e.busy).collect()
+        };
         let mut rng = rand::rng();
         let pick = if self.config.temperature > 0.0 {
             softmax_pick(&eval, self.config.temperature, &mut rng)
         } else {
             // Cheapest; ties to the less loaded, then the smaller cache, then at random.
-            let key = |e: &(usize, u32, f64, u64)| (e.2, e.3, sizes[e.0]);
+            let key = |e: &Scored| (e.cost, e.load, sizes[e.index]);
             let best = eval
                 .iter()
                 .map(key)
@@ -295,12 +283,11 @@ impl KvRouter {
                 .filter(|(_, e)| Some(key(e)) == best)
                 .map(|(j, _)| j)
                 .collect();
-            ties[rng
-                .random_range(0..ties.len().max(1))
-                .min(ties.len().saturating_sub(1))]
+            // `eval` is never empty (candidates are not), so neither is `ties`.
+            ties[rng.random_range(0..ties.len())]
         };
-        let (i, overlap, cost, _) = eval[pick];
-        (candidates[i].worker_id, overlap, cost)
+        let e = &eval[pick];
+        (candidates[e.index].worker_id, e.overlap, e.cost)
     }
 
     /// Applies a worker's event, checking its id against the worker's sequence.
@@ -326,7 +313,10 @@ impl KvRouter {
     }
 
     fn apply_unchecked(&self, worker_id: u64, data: &KvCacheEventData) {
-        let status = self.index().apply(worker_id, data);
+        let (status, size) = {
+            let mut idx = self.index();
+            (idx.apply(worker_id, data), idx.tree_size(worker_id))
+        };
         let kind = match data {
             KvCacheEventData::Stored(_) => "stored",
             KvCacheEventData::Removed(_) => "removed",
@@ -341,7 +331,7 @@ impl KvRouter {
             );
         }
         self.metrics.event_applied(kind, status.as_str());
-        self.metrics.tree_size(worker_id, self.tree_size(worker_id));
+        self.metrics.tree_size(worker_id, size);
     }
 
     /// Replaces what the index holds for a worker with its dumped state; events up to
@@ -432,18 +422,27 @@ impl KvRouter {
     }
 }
 
-fn softmax_pick(eval: &[(usize, u32, f64, u64)], temperature: f64, rng: &mut impl Rng) -> usize {
+/// A candidate as the selection sees it.
+struct Scored {
+    /// Position in the candidate list.
+    index: usize,
+    overlap: u32,
+    cost: f64,
+    /// Decode blocks routed there now (before this request).
+    load: u64,
+    busy: bool,
+}
+
+fn softmax_pick(eval: &[Scored], temperature: f64, rng: &mut impl Rng) -> usize {
     let (min, max) = eval.iter().fold((f64::MAX, f64::MIN), |(lo, hi), e| {
-        (lo.min(e.2), hi.max(e.2))
+        (lo.min(e.cost), hi.max(e.cost))
     });
     if eval.len() <= 1 || max - min <= f64::EPSILON {
-        return rng
-            .random_range(0..eval.len().max(1))
-            .min(eval.len().saturating_sub(1));
+        return rng.random_range(0..eval.len());
     }
     let logits: Vec<f64> = eval
         .iter()
-        .map(|e| -(e.2 / (max - min)) / temperature)
+        .map(|e| -(e.cost / (max - min)) / temperature)
         .collect();
     let top = logits.iter().cloned().fold(f64::MIN, f64::max);
     let weights: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();

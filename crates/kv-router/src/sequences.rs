@@ -60,25 +60,26 @@ impl ActiveSequences {
         self.lock().iter().map(|(k, v)| (*k, v.summary())).collect()
     }
 
-    /// The worker's load if a request with these full-block hashes (plus a partial block when
-    /// `partial`) and `prefill_tokens` to compute were added.
+    /// The worker's load now, and what it would be if a request with these full-block
+    /// hashes (plus a partial block when `partial`) and `prefill_tokens` to compute were added.
     pub fn potential(
         &self,
         worker_id: u64,
         hashes: &[u64],
         partial: bool,
         prefill_tokens: u64,
-    ) -> WorkerLoad {
+    ) -> (WorkerLoad, WorkerLoad) {
         let loads = self.lock();
         let t = loads.get(&worker_id);
-        let mut load = t.map(Tracked::summary).unwrap_or_default();
+        let now = t.map(Tracked::summary).unwrap_or_default();
+        let mut load = now;
         let new_blocks = match t {
             Some(t) => hashes.iter().filter(|h| !t.blocks.contains_key(h)).count(),
             None => hashes.len(),
         };
         load.decode_blocks += new_blocks as u64 + u64::from(partial);
         load.prefill_tokens += prefill_tokens;
-        load
+        (now, load)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
@@ -128,10 +129,6 @@ pub struct LoadGuard {
 }
 
 impl LoadGuard {
-    pub fn worker_id(&self) -> u64 {
-        self.worker_id
-    }
-
     /// The first token arrived: the prompt is no longer waiting to be computed.
     pub fn prefill_done(&mut self) {
         let n = std::mem::take(&mut self.prefill_tokens);
@@ -172,7 +169,8 @@ mod tests {
         let s = ActiveSequences::new();
         let mut a = s.add(1, 100, vec![1, 2, 3], true);
         // Shares blocks 1 and 2 with `a`: only block 4 and its partial block are new.
-        assert_eq!(s.potential(1, &[1, 2, 4], true, 50).decode_blocks, 6);
+        let (now, with) = s.potential(1, &[1, 2, 4], true, 50);
+        assert_eq!((now.decode_blocks, with.decode_blocks), (4, 6));
         let b = s.add(1, 50, vec![1, 2, 4], true);
         assert_eq!(
             s.load(1),

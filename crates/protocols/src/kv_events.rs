@@ -12,6 +12,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Endpoint (beside `generate`, same component) where a worker serves its [`KvStateDump`].
+pub const KV_DUMP_ENDPOINT: &str = "kv_dump";
+
 /// NATS subject of a component's KV events (Dynamo's classic event subject).
 pub fn kv_events_subject(namespace: &str, component: &str) -> String {
     format!("namespace.{namespace}.component.{component}.kv_events")

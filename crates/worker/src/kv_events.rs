@@ -17,8 +17,8 @@ use tandem_kv::BlockEvent;
 use tandem_protocols::card::ZmqEventsEndpoint;
 use tandem_protocols::kv_events::vllm::{self, VllmEvent};
 use tandem_protocols::kv_events::{
-    KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData, KvCacheStoredBlock,
-    KvStateDump, RouterEvent, kv_events_subject,
+    KV_DUMP_ENDPOINT, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
+    KvCacheStoredBlock, KvStateDump, RouterEvent, kv_events_subject,
 };
 use tandem_runtime::{DistributedRuntime, EndpointId, RequestContext};
 use zeromq::{Socket, SocketSend};
@@ -229,7 +229,7 @@ pub async fn start(
     drt.endpoint(EndpointId::new(
         &generate.namespace,
         &generate.component,
-        tandem_kv_router_dump_endpoint(),
+        KV_DUMP_ENDPOINT,
     )?)
     .serve(move |_body: Bytes, _ctx: RequestContext| {
         let mirror = dump_mirror.clone();
@@ -294,11 +294,6 @@ pub async fn start(
         }
     });
     Ok(advertise)
-}
-
-/// The router's name for the dump endpoint (kept here to avoid a dependency on the router).
-fn tandem_kv_router_dump_endpoint() -> &'static str {
-    "kv_dump"
 }
 
 #[cfg(test)]
