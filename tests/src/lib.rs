@@ -305,6 +305,60 @@ impl Stack {
         }
         Proc::spawn(name, &mut cmd, self.dir.path())
     }
+
+    /// Starts a `worker` on the bundled model (`args` come after `--model-path`) with its
+    /// system status server on a free 127.0.0.1 port, which is returned.
+    pub fn spawn_worker(
+        &self,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(Proc, u16)> {
+        let system = free_port()?;
+        let model = bundled_model()?.to_string_lossy().into_owned();
+        let mut all_args = vec!["--model-path", model.as_str()];
+        all_args.extend_from_slice(args);
+        let port = system.to_string();
+        let mut all_env = vec![
+            ("DYN_SYSTEM_PORT", port.as_str()),
+            ("DYN_SYSTEM_HOST", "127.0.0.1"),
+        ];
+        all_env.extend_from_slice(env);
+        let proc = self.spawn(name, &workspace_bin("worker")?, &all_args, &all_env)?;
+        Ok((proc, system))
+    }
+
+    /// Starts the `frontend` on a free 127.0.0.1 port, which is returned.
+    pub fn spawn_frontend(
+        &self,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(Proc, u16)> {
+        let http = free_port()?;
+        let port = http.to_string();
+        let mut all_args = vec!["--http-host", "127.0.0.1", "--http-port", port.as_str()];
+        all_args.extend_from_slice(args);
+        let proc = self.spawn(name, &workspace_bin("frontend")?, &all_args, env)?;
+        Ok((proc, http))
+    }
+}
+
+/// Worker arguments for a fast mocker engine (10× Dynamo's timing, 16-token blocks), then
+/// `extra`.
+pub fn mocker_args(extra: &[&str]) -> Vec<String> {
+    [
+        "--engine",
+        "mocker",
+        "--speedup-ratio",
+        "10",
+        "--block-size",
+        "16",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Reads a child's stdout line by line on a thread, so a test can wait for a line.
@@ -429,25 +483,8 @@ impl Served {
         timeout: Duration,
     ) -> Result<Self> {
         let stack = Stack::start().await?;
-        let system = free_port()?;
-        let model = bundled_model()?;
-        let model = model.to_string_lossy().into_owned();
-        let mut args = vec!["--model-path", model.as_str()];
-        args.extend_from_slice(worker_args);
-        let system_port = system.to_string();
-        let mut env = vec![
-            ("DYN_SYSTEM_PORT", system_port.as_str()),
-            ("DYN_SYSTEM_HOST", "127.0.0.1"),
-        ];
-        env.extend_from_slice(worker_env);
-        let worker = stack.spawn("worker", &workspace_bin("worker")?, &args, &env)?;
-        let http = free_port()?;
-        let frontend = stack.spawn(
-            "frontend",
-            &workspace_bin("frontend")?,
-            &["--http-host", "127.0.0.1", "--http-port", &http.to_string()],
-            frontend_env,
-        )?;
+        let (worker, system) = stack.spawn_worker("worker", worker_args, worker_env)?;
+        let (frontend, http) = stack.spawn_frontend("frontend", &[], frontend_env)?;
         let s = Self {
             stack,
             worker,
@@ -500,32 +537,17 @@ impl Cluster {
         timeout: Duration,
     ) -> Result<Self> {
         let stack = Stack::start().await?;
-        let model = bundled_model()?.to_string_lossy().into_owned();
         let mut workers = Vec::new();
         let mut systems = Vec::new();
         for i in 0..n {
-            let system = free_port()?;
-            let mut args = vec!["--model-path".to_string(), model.clone()];
-            args.extend(worker_args(i));
+            let args = worker_args(i);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let port = system.to_string();
-            workers.push(stack.spawn(
-                &format!("worker{i}"),
-                &workspace_bin("worker")?,
-                &args,
-                &[
-                    ("DYN_SYSTEM_PORT", port.as_str()),
-                    ("DYN_SYSTEM_HOST", "127.0.0.1"),
-                    ("DYN_LEASE_TTL_SECS", "2"),
-                ],
-            )?);
+            let (worker, system) =
+                stack.spawn_worker(&format!("worker{i}"), &args, &[("DYN_LEASE_TTL_SECS", "2")])?;
+            workers.push(worker);
             systems.push(system);
         }
-        let http = free_port()?;
-        let port = http.to_string();
-        let mut args = vec!["--http-host", "127.0.0.1", "--http-port", port.as_str()];
-        args.extend_from_slice(frontend_args);
-        let frontend = stack.spawn("frontend", &workspace_bin("frontend")?, &args, &[])?;
+        let (frontend, http) = stack.spawn_frontend("frontend", frontend_args, &[])?;
         let c = Self {
             stack,
             workers,

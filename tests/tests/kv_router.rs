@@ -8,25 +8,11 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tandem_runtime::{DistributedRuntime, EndpointId, RequestOptions, RouterMode};
-use tandem_tests::{BUNDLED_MODEL_NAME, Cluster, free_port, metric_value, scrape, wait_for};
+use tandem_tests::{
+    BUNDLED_MODEL_NAME, Cluster, free_port, metric_value, mocker_args, scrape, wait_for,
+};
 
 const MODEL: &str = BUNDLED_MODEL_NAME;
-
-fn mocker(extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "--engine",
-        "mocker",
-        "--speedup-ratio",
-        "10",
-        "--block-size",
-        "16",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
 
 /// A prompt of `n` token ids starting at `base` (plain vocabulary ids).
 fn tokens(base: u32, n: u32) -> Vec<u32> {
@@ -117,7 +103,7 @@ async fn kv_routing_follows_the_cache_spreads_load_resyncs_and_forgets_dead_work
 {
     let c = Cluster::start(
         3,
-        |_| mocker(&[]),
+        |_| mocker_args(&[]),
         &["--router-mode", "kv"],
         Duration::from_secs(30),
     )
@@ -223,7 +209,7 @@ async fn kv_routing_follows_the_cache_spreads_load_resyncs_and_forgets_dead_work
 async fn a_new_frontend_learns_the_workers_caches_from_their_state() -> Result<()> {
     let mut c = Cluster::start(
         2,
-        |_| mocker(&[]),
+        |_| mocker_args(&[]),
         &["--router-mode", "kv"],
         Duration::from_secs(30),
     )
@@ -235,20 +221,10 @@ async fn a_new_frontend_learns_the_workers_caches_from_their_state() -> Result<(
 
     // Replace the frontend: the new one has seen none of the events.
     c.frontend.kill();
-    let http = free_port()?;
-    c.frontend = c.stack.spawn(
-        "frontend2",
-        &tandem_tests::workspace_bin("frontend")?,
-        &[
-            "--http-host",
-            "127.0.0.1",
-            "--http-port",
-            &http.to_string(),
-            "--router-mode",
-            "kv",
-        ],
-        &[],
-    )?;
+    let (frontend, http) = c
+        .stack
+        .spawn_frontend("frontend2", &["--router-mode", "kv"], &[])?;
+    c.frontend = frontend;
     c.http = http;
     c.wait_workers(2, Duration::from_secs(30)).await?;
     wait_indexed(&c, b, 10.0).await?;
@@ -275,7 +251,7 @@ async fn a_new_frontend_learns_the_workers_caches_from_their_state() -> Result<(
 async fn approximate_mode_sends_repeats_to_the_same_worker_without_events() -> Result<()> {
     let c = Cluster::start(
         3,
-        |_| mocker(&["--is-decode-worker"]),
+        |_| mocker_args(&["--is-decode-worker"]),
         &["--router-mode", "kv", "--no-kv-events"],
         Duration::from_secs(30),
     )
@@ -307,7 +283,7 @@ async fn zmq_events_reach_a_vllm_style_consumer_and_feed_the_router() -> Result<
                 r#"{{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://127.0.0.1:{}","enable_kv_cache_events":true}}"#,
                 ports[i]
             );
-            mocker(&["--kv-events-config", &cfg])
+            mocker_args(&["--kv-events-config", &cfg])
         },
         &["--router-mode", "kv", "--kv-events-source", "zmq"],
         Duration::from_secs(30),

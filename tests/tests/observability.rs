@@ -8,7 +8,9 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
-use tandem_tests::{BUNDLED_MODEL_NAME, Cluster, Proc, free_port, repo_root, tool, wait_for};
+use tandem_tests::{
+    BUNDLED_MODEL_NAME, Cluster, Proc, free_port, mocker_args, repo_root, tool, wait_for,
+};
 
 /// Panels that cannot have data in this test, with the reason.
 const NO_DATA_YET: &[(&str, &str)] = &[
@@ -183,19 +185,7 @@ async fn every_dashboard_panel_has_data_from_a_real_prometheus() -> Result<()> {
     }
     let c = Cluster::start(
         2,
-        |_| {
-            [
-                "--engine",
-                "mocker",
-                "--speedup-ratio",
-                "10",
-                "--block-size",
-                "16",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-        },
+        |_| mocker_args(&[]),
         &["--router-mode", "kv"],
         Duration::from_secs(30),
     )
