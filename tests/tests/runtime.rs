@@ -163,7 +163,10 @@ async fn oversized_payloads_fail_cleanly() -> Result<()> {
         .round_robin(echo_body(2, 0, max + 10), Default::default())
         .await?;
     match stream.next().await {
-        Some(Err(RuntimeError::Remote(msg))) => assert!(msg.contains("not sent"), "{msg}"),
+        Some(Err(RuntimeError::Remote(e))) => {
+            assert!(e.message.contains("not sent"), "{e}");
+            assert_eq!(e.code, tandem_runtime::ErrorCode::Internal);
+        }
         other => panic!("expected a remote error, got {other:?}"),
     }
     // The instance is still healthy afterwards.

@@ -5,10 +5,11 @@ use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tandem_engine::{CandleArgs, CandleEngine};
+use tandem_engine_api::{BatchingArgs, Engine};
 use tandem_mocker::{MockEngine, MockerArgs};
 use tandem_model::ModelFiles;
 use tandem_runtime::{DistributedRuntime, EndpointId, RuntimeConfig};
-use tandem_worker::{BatchingArgs, ServeConfig};
+use tandem_worker::ServeConfig;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum EngineKind {
@@ -57,8 +58,20 @@ struct Cli {
     #[arg(long = "is-decode-worker")]
     is_decode_worker: bool,
     /// Mocker only: divides every simulated delay; 0 removes them.
-    #[arg(long = "speedup-ratio", default_value_t = 1.0)]
+    #[arg(long = "speedup-ratio", default_value_t = 1.0, value_parser = non_negative)]
     speedup_ratio: f64,
+    /// Mocker only, for testing failure paths: a step fails (as a forward pass can) once a
+    /// sequence in it has generated this many tokens.
+    #[arg(long = "fail-after-tokens")]
+    fail_after_tokens: Option<u32>,
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number >= 0")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[tokio::main]
@@ -79,11 +92,12 @@ async fn main() -> anyhow::Result<()> {
         None => EndpointId::new(&cli.runtime.namespace, "backend", "generate")?,
     };
     let context_length = cli.context_length.unwrap_or(model.context_length);
-    let engine: Arc<dyn tandem_worker::Engine> = match cli.engine {
-        EngineKind::Mocker => MockEngine::start(
-            MockerArgs::new(&cli.batching, cli.speedup_ratio),
-            model.tokenizer.get_vocab_size(true) as u32,
-        ),
+    let engine: Arc<dyn Engine> = match cli.engine {
+        EngineKind::Mocker => {
+            let mut args = MockerArgs::new(&cli.batching, cli.speedup_ratio);
+            args.fail_after_tokens = cli.fail_after_tokens;
+            MockEngine::start(args, model.tokenizer.get_vocab_size(true) as u32)
+        }
         EngineKind::Candle => {
             let (weights, candle, batching) = (
                 model.weights.clone(),

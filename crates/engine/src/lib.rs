@@ -13,11 +13,11 @@ pub mod scheduler;
 
 use candle_core::{DType, Device};
 use std::sync::{Arc, Mutex};
+use tandem_engine_api::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
 use tandem_kv::{BlockEvent, EventTap};
 use tandem_model::WeightsSource;
 use tandem_protocols::card::ModelRuntimeConfig;
 use tandem_protocols::llm::PreprocessedRequest;
-use tandem_worker::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
 use tokio::sync::mpsc;
 
 pub use model::{KvCache, Model, StepSeq, WeightFormat};
@@ -90,7 +90,7 @@ pub fn parse_device(s: &str) -> Result<Device, LoadError> {
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 pub struct CandleEngine {
-    tx: mpsc::UnboundedSender<scheduler::Seq>,
+    tx: mpsc::UnboundedSender<scheduler::CandleSeq>,
     stats: Arc<Mutex<EngineStats>>,
     events: EventTap,
     runtime: ModelRuntimeConfig,
@@ -118,11 +118,11 @@ impl CandleEngine {
             WeightsSource::Gguf(p) => Model::from_gguf(p, format, &device)?,
             WeightsSource::HfDir(d) => Model::from_hf_dir(d, format, &device)?,
         };
-        let block_size = batching.block_size.unwrap_or(DEFAULT_BLOCK_SIZE).max(1);
+        let block_size = batching.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         let max_model_len = max_model_len.min(model.config.max_position).max(1);
         let dtype = format.activation_dtype();
         let per_block = KvCache::block_bytes(&model.config, block_size, dtype);
-        let useful = batching.max_num_seqs.max(1) * max_model_len.div_ceil(block_size);
+        let useful = batching.max_num_seqs * max_model_len.div_ceil(block_size);
         let num_blocks = match batching.num_blocks {
             Some(n) => n,
             None => {
@@ -179,7 +179,7 @@ impl CandleEngine {
         let sched = scheduler::Scheduler::new(
             model,
             cache,
-            batching.clone(),
+            batching,
             max_model_len,
             stats.clone(),
             events.clone(),
@@ -219,12 +219,11 @@ impl Engine for CandleEngine {
                 self.vocab_size
             )));
         }
-        let (out, mut rx) = mpsc::unbounded_channel();
-        for seq in scheduler::Seq::for_request(&request, out) {
+        let (out, stream) = tandem_engine_api::output_channel(request.sampling.n);
+        for seq in scheduler::sequences(&request, &out) {
             self.tx.send(seq).map_err(|_| EngineError::Stopped)?;
         }
-        use futures::StreamExt;
-        Ok(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed())
+        Ok(stream)
     }
 
     fn stats(&self) -> EngineStats {

@@ -10,8 +10,8 @@ use common::*;
 use std::collections::HashMap;
 use tandem_engine::config::ModelConfig;
 use tandem_engine::{CandleArgs, CandleEngine, DtypeArg};
+use tandem_engine_api::BatchingArgs;
 use tandem_model::WeightsSource;
-use tandem_worker::BatchingArgs;
 
 /// llama.cpp interleaves each head's rotary pairs; HF keeps the two halves apart.
 fn unpermute(w: &Tensor, heads: usize) -> Tensor {

@@ -8,9 +8,9 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::path::Path;
 use tandem_engine::{CandleArgs, CandleEngine, DtypeArg};
+use tandem_engine_api::{BatchingArgs, Engine};
 use tandem_model::WeightsSource;
 use tandem_protocols::llm::{PreprocessedRequest, StopConditions};
-use tandem_worker::{BatchingArgs, Engine};
 
 const VOCAB: usize = 300;
 const HIDDEN: usize = 64;
@@ -169,7 +169,7 @@ async fn check(qwen3: bool) {
         let got: Vec<u32> = engine
             .generate(request)
             .unwrap()
-            .flat_map(|o| futures::stream::iter(o.token_ids))
+            .flat_map(|o| futures::stream::iter(o.unwrap().token_ids))
             .collect()
             .await;
         assert_eq!(got, want, "qwen3={qwen3} prompt of {}", prompt.len());

@@ -6,8 +6,8 @@ mod common;
 use common::*;
 use futures::StreamExt;
 use tandem_engine::DtypeArg;
+use tandem_engine_api::Engine;
 use tandem_protocols::llm::FinishReason;
-use tandem_worker::Engine;
 
 fn question(files: &tandem_model::ModelFiles, q: &str) -> Vec<u32> {
     let text = format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
@@ -87,7 +87,12 @@ async fn choices_seeds_stop_tokens_and_cancellation() {
     let run = |req| {
         let engine = engine.clone();
         async move {
-            let outs: Vec<_> = engine.generate(req).unwrap().collect().await;
+            let outs: Vec<_> = engine
+                .generate(req)
+                .unwrap()
+                .map(|o| o.unwrap())
+                .collect()
+                .await;
             let mut by_choice = vec![Vec::new(); 3];
             for o in outs {
                 by_choice[o.index as usize].extend(o.token_ids);
@@ -109,14 +114,19 @@ async fn choices_seeds_stop_tokens_and_cancellation() {
     let (greedy, _) = generate(&engine, &prompt, 6).await;
     let mut req = greedy_request(&prompt, 20);
     req.stop.stop_token_ids = vec![greedy[3]];
-    let outs: Vec<_> = engine.generate(req).unwrap().collect().await;
+    let outs: Vec<_> = engine
+        .generate(req)
+        .unwrap()
+        .map(|o| o.unwrap())
+        .collect()
+        .await;
     let stop_at = greedy.iter().position(|&t| t == greedy[3]).unwrap();
     assert_eq!(outs.len(), stop_at + 1);
     assert_eq!(outs.last().unwrap().finish_reason, Some(FinishReason::Stop));
 
     // Dropping the stream frees the blocks.
     let mut s = engine.generate(greedy_request(&prompt, 10_000)).unwrap();
-    s.next().await.unwrap();
+    s.next().await.unwrap().unwrap();
     // Stats are published after each step; the first token can arrive just before.
     for _ in 0..500 {
         if engine.stats().active_blocks > 0 {

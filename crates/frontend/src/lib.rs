@@ -1,17 +1,23 @@
 //! tandem's OpenAI-compatible frontend.
 //!
-//! - [`models`]: follows worker model cards in etcd; one preprocessor and worker client per
-//!   model name.
-//! - [`service`]: the axum routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//!   `/health`, `/live`, `/metrics`) and the request pipeline.
-//! - [`error`]: the single mapping from failures to HTTP statuses and OpenAI error bodies.
+//! A request crosses it as: [`http`] (routes, body, rendering, error mapping) →
+//! [`pipeline`] (`prepare` → `route` → `execute` over the request plane → `postprocess`) →
+//! [`http`] again as SSE chunks or one JSON body. `docs/architecture.md` draws the whole path.
+//!
+//! - [`models`]: follows worker model cards in etcd; one preprocessor, worker client and
+//!   router per model name.
+//! - [`error`]: the single mapping from failure classes to HTTP statuses, OpenAI error bodies
+//!   and metric labels.
+//! - [`config`]: the frontend's flags, checked at start-up.
 //! - [`metrics`]: `dynamo_frontend_*` with Dynamo's labels and buckets.
 //! - [`trace`]: the `http-request` span each generation request runs in.
 
+pub mod config;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod models;
-pub mod service;
+pub mod pipeline;
 pub mod trace;
 
 use axum::serve::ListenerExt;

@@ -17,11 +17,17 @@ use tandem_protocols::card::{MDC_ROOT, ModelDeploymentCard, ModelEntry};
 use tandem_runtime::{Client, DistributedRuntime, EndpointId, RequestOptions, RouterMode};
 use tokio_util::sync::CancellationToken;
 
-/// How the frontend spreads requests over a model's workers.
+/// How the frontend spreads requests over a model's workers (`--router-mode`).
 #[derive(Clone)]
 pub enum Routing {
     Basic(RouterMode),
     Kv(Arc<KvRouterArgs>),
+}
+
+/// A model's router: the runtime client's own choice, or a KV router.
+pub enum ModelRouter {
+    Basic(RouterMode),
+    Kv(Arc<KvRouter>),
 }
 
 pub struct ServedModel {
@@ -29,9 +35,7 @@ pub struct ServedModel {
     pub card: ModelDeploymentCard,
     pub preprocessor: Preprocessor,
     pub client: Client,
-    /// Used when `kv` is `None`.
-    pub router_mode: RouterMode,
-    pub kv: Option<Arc<KvRouter>>,
+    pub router: ModelRouter,
     /// Stops the KV router's event intake when the model goes.
     kv_stop: CancellationToken,
     pub created: u64,
@@ -235,9 +239,10 @@ async fn load_model(
     let gen_ep = EndpointId::new(&entry.namespace, &entry.component, &entry.endpoint)
         .map_err(|e| e.to_string())?;
     let kv_stop = CancellationToken::new();
-    let (router_mode, kv) = match routing {
-        Routing::Basic(mode) => (*mode, None),
+    let router = match routing {
+        Routing::Basic(mode) => ModelRouter::Basic(*mode),
         Routing::Kv(args) => {
+            // Both are at least 1: the flag is checked when parsed, the card by the worker.
             let block_size = args.block_size.unwrap_or(card.kv_cache_block_size).max(1);
             let metrics = match router_metrics {
                 Some(m) => m.clone(),
@@ -259,14 +264,13 @@ async fn load_model(
                 kv_events = args.config().use_kv_events,
                 "kv router started"
             );
-            (RouterMode::RoundRobin, Some(router))
+            ModelRouter::Kv(router)
         }
     };
     Ok(ServedModel {
         name: card.display_name.clone(),
         client: drt.endpoint(gen_ep).client(),
-        router_mode,
-        kv,
+        router,
         kv_stop,
         preprocessor,
         created: std::time::SystemTime::now()

@@ -7,15 +7,12 @@
 //!   registered under their sequence hash so later prompts with the same prefix reuse them;
 //!   blocks nobody uses stay cached until evicted least-recently-used first. Registrations and
 //!   evictions are recorded as [`pool::BlockEvent`]s for publication.
-//! - [`queue`]: the admission and cancellation policy the engines' schedulers share.
 //! - [`tap`]: the channel an engine's block events leave it through.
 
 pub mod hash;
 pub mod pool;
-pub mod queue;
 pub mod tap;
 
 pub use hash::{BlockHashes, local_block_hash, sequence_hashes};
 pub use pool::{BlockEvent, BlockId, BlockPool, PoolStats, SeqBlocks};
-pub use queue::{AdmitCounters, AdmitLimits, Queued};
 pub use tap::EventTap;

@@ -1,23 +1,25 @@
 //! The mocker: an engine that behaves like vLLM's scheduler without a model (Dynamo §7).
 //!
-//! Requests enter a waiting queue. Each iteration the scheduler admits waiting sequences while
-//! `max_num_seqs`, the `max_num_batched_tokens` budget and the free-block watermark allow,
-//! allocating their blocks from a real [`BlockPool`] (so prefix caching, LRU eviction and
-//! block events are the real thing); then every running sequence gets one token. When a
-//! sequence needs a block and none is left, it is preempted: its blocks are released and it
-//! waits to be recomputed. An iteration lasts what Dynamo's timing model says (prefill time
-//! for newly admitted tokens plus a decode time that grows with KV usage), divided by
-//! `--speedup-ratio`; a ratio of 0 means no delay at all. Tokens are pseudo-random ids that
-//! avoid the low, special ids, so no end-of-sequence ever ends a choice early.
+//! It runs the same step skeleton as the candle engine ([`Batcher`]: admission under
+//! `max_num_seqs`, the `max_num_batched_tokens` budget and the free-block watermark over a
+//! real [`BlockPool`], so prefix caching, LRU eviction and block events are the real thing;
+//! preemption of the newest admitted sequence when blocks run out). Only the compute is
+//! simulated: a step lasts what Dynamo's timing model says (prefill time for newly admitted
+//! tokens plus a decode time that grows with KV usage), divided by `--speedup-ratio` (0: no
+//! delay at all), and each sequence's token is a pseudo-random id that avoids the low,
+//! special ids, so no end-of-sequence ever ends a choice early.
+//!
+//! For testing failure paths, `fail_after_tokens` makes a step fail (as a forward pass can)
+//! as soon as a sequence in it has generated that many tokens.
 
-use futures::StreamExt;
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tandem_kv::{AdmitCounters, AdmitLimits, BlockPool, EventTap, Queued, SeqBlocks};
+use tandem_engine_api::{
+    Batcher, BatchingArgs, Engine, EngineError, EngineStats, EngineStream, Scheduled, Seq,
+};
+use tandem_kv::{BlockPool, EventTap};
 use tandem_protocols::card::ModelRuntimeConfig;
-use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest};
-use tandem_worker::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
+use tandem_protocols::llm::PreprocessedRequest;
 use tokio::sync::mpsc;
 
 /// The mocker's settings: the shared batching flags plus its timing.
@@ -25,13 +27,11 @@ use tokio::sync::mpsc;
 pub struct MockerArgs {
     pub num_blocks: usize,
     pub block_size: usize,
-    pub max_num_seqs: usize,
-    pub max_num_batched_tokens: usize,
-    /// Fraction of blocks kept free when admitting new sequences.
-    pub watermark: f64,
+    pub batching: BatchingArgs,
     /// Divides every simulated delay; 0 removes them.
     pub speedup_ratio: f64,
-    pub enable_prefix_caching: bool,
+    /// Fail a step once a sequence in it has generated this many tokens (fault injection).
+    pub fail_after_tokens: Option<u32>,
 }
 
 /// Dynamo mocker's defaults for what the shared flags leave unset.
@@ -43,11 +43,9 @@ impl MockerArgs {
         Self {
             num_blocks: batching.num_blocks.unwrap_or(DEFAULT_NUM_BLOCKS),
             block_size: batching.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
-            max_num_seqs: batching.max_num_seqs,
-            max_num_batched_tokens: batching.max_num_batched_tokens,
-            watermark: batching.watermark,
+            batching: batching.clone(),
             speedup_ratio,
-            enable_prefix_caching: batching.enable_prefix_caching,
+            fail_after_tokens: None,
         }
     }
 }
@@ -65,22 +63,13 @@ const DEFAULT_MAX_TOKENS: u32 = 16;
 
 pub struct MockEngine {
     args: MockerArgs,
-    tx: mpsc::UnboundedSender<Seq>,
+    tx: mpsc::UnboundedSender<MockSeq>,
     stats: Arc<Mutex<EngineStats>>,
     events: EventTap,
 }
 
-struct Seq {
-    out: mpsc::Sender<EngineOutput>,
-    index: u32,
-    tokens: Vec<u32>,
-    generated: u32,
-    max_tokens: u32,
-    blocks: Option<SeqBlocks>,
-    rng: u64,
-    /// Cached prompt tokens are reported once, with the first output.
-    reported: bool,
-}
+/// A choice as the mocker keeps it: the shared sequence state plus its token generator.
+type MockSeq = Seq<u64>;
 
 impl MockEngine {
     /// Starts the scheduler task; `vocab_size` bounds the emitted token ids.
@@ -91,16 +80,22 @@ impl MockEngine {
             ..Default::default()
         }));
         let events = EventTap::new();
+        let pool = BlockPool::new(
+            args.num_blocks,
+            args.block_size,
+            args.batching.enable_prefix_caching,
+        );
         let scheduler = Scheduler {
-            events: events.clone(),
-            pool: BlockPool::new(args.num_blocks, args.block_size, args.enable_prefix_caching),
-            args: args.clone(),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            stats: stats.clone(),
+            batcher: Batcher::new(
+                pool,
+                args.batching.limits(),
+                usize::MAX,
+                events.clone(),
+                stats.clone(),
+            ),
+            speedup_ratio: args.speedup_ratio,
+            fail_after_tokens: args.fail_after_tokens,
             vocab: vocab_size.max(FIRST_PLAIN_TOKEN + 1),
-            counters: AdmitCounters::default(),
-            preemptions: 0,
         };
         tokio::spawn(scheduler.run(rx));
         Arc::new(Self {
@@ -113,32 +108,25 @@ impl MockEngine {
 }
 
 impl Engine for MockEngine {
-    fn generate(&self, request: PreprocessedRequest) -> Result<EngineStream, EngineError> {
+    fn generate(&self, mut request: PreprocessedRequest) -> Result<EngineStream, EngineError> {
         if request.token_ids.is_empty() {
             return Err(EngineError::Invalid("empty prompt".into()));
         }
-        let n = request.sampling.n.max(1);
-        let (out, rx) = mpsc::channel(64);
+        request.stop.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
         let seed = request.sampling.seed.unwrap_or_else(|| {
             request
                 .token_ids
                 .iter()
                 .fold(0x9e37_79b9, |h, t| h ^ (*t as u64 + h.rotate_left(5)))
         });
-        for index in 0..n {
-            let seq = Seq {
-                out: out.clone(),
-                index,
-                tokens: request.token_ids.clone(),
-                generated: 0,
-                max_tokens: request.stop.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-                blocks: None,
-                rng: seed ^ (index as u64).wrapping_mul(0xa076_1d64_78bd_642f),
-                reported: false,
-            };
+        let (out, stream) = tandem_engine_api::output_channel(request.sampling.n);
+        let seqs = Seq::for_request(&request, &out, |index| {
+            seed ^ (index as u64).wrapping_mul(0xa076_1d64_78bd_642f)
+        });
+        for seq in seqs {
             self.tx.send(seq).map_err(|_| EngineError::Stopped)?;
         }
-        Ok(tokio_stream(rx))
+        Ok(stream)
     }
 
     fn stats(&self) -> EngineStats {
@@ -148,8 +136,8 @@ impl Engine for MockEngine {
     fn runtime_config(&self) -> ModelRuntimeConfig {
         ModelRuntimeConfig {
             total_kv_blocks: self.args.num_blocks as u64,
-            max_num_seqs: self.args.max_num_seqs as u64,
-            max_num_batched_tokens: self.args.max_num_batched_tokens as u64,
+            max_num_seqs: self.args.batching.max_num_seqs as u64,
+            max_num_batched_tokens: self.args.batching.max_num_batched_tokens as u64,
             data_parallel_size: 1,
             kv_events_zmq: None,
         }
@@ -164,36 +152,11 @@ impl Engine for MockEngine {
     }
 }
 
-fn tokio_stream(mut rx: mpsc::Receiver<EngineOutput>) -> EngineStream {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
-}
-
-impl Queued for Seq {
-    fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-    fn blocks_mut(&mut self) -> &mut Option<SeqBlocks> {
-        &mut self.blocks
-    }
-    fn is_cancelled(&self) -> bool {
-        self.out.is_closed()
-    }
-    fn is_fresh(&self) -> bool {
-        self.generated == 0
-    }
-}
-
 struct Scheduler {
-    args: MockerArgs,
-    events: EventTap,
-    pool: BlockPool,
-    waiting: VecDeque<Seq>,
-    running: Vec<Seq>,
-    stats: Arc<Mutex<EngineStats>>,
+    batcher: Batcher<u64>,
+    speedup_ratio: f64,
+    fail_after_tokens: Option<u32>,
     vocab: u32,
-    /// Cumulative counters reported in [`EngineStats`].
-    counters: AdmitCounters,
-    preemptions: u64,
 }
 
 /// Dynamo mocker's prefill cost in ms for `t` newly computed tokens.
@@ -218,152 +181,80 @@ fn next_token(rng: &mut u64, vocab: u32) -> u32 {
 }
 
 impl Scheduler {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Seq>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<MockSeq>) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
-                self.publish_stats();
+            if self.batcher.is_idle() {
+                self.batcher.publish();
                 match rx.recv().await {
-                    Some(s) => self.waiting.push_back(s),
+                    Some(s) => self.batcher.enqueue(s),
                     None => return,
                 }
             }
             while let Ok(s) = rx.try_recv() {
-                self.waiting.push_back(s);
+                self.batcher.enqueue(s);
             }
-            self.drop_cancelled();
-            let prefill = self.admit();
-            let work_ms = if self.running.is_empty() {
-                0.0
-            } else {
-                let s = self.pool.stats();
-                prefill + decode_ms(s.active_blocks as f64 / s.total_blocks.max(1) as f64)
-            };
-            if self.args.speedup_ratio > 0.0 && work_ms > 0.0 {
+            let scheduled = self.batcher.schedule();
+            let work_ms = self.simulated_ms(scheduled);
+            if self.speedup_ratio > 0.0 && work_ms > 0.0 {
                 tokio::time::sleep(Duration::from_secs_f64(
-                    work_ms / 1000.0 / self.args.speedup_ratio,
+                    work_ms / 1000.0 / self.speedup_ratio,
                 ))
                 .await;
             } else {
                 tokio::task::yield_now().await;
             }
-            self.step().await;
-            self.publish_stats();
+            self.step();
+            self.batcher.publish();
         }
     }
 
-    fn release(&mut self, seq: &mut Seq) {
-        if let Some(b) = seq.blocks.take() {
-            self.pool.release(b);
+    /// How long the step would take on a real engine: prefill of the admitted sequences'
+    /// uncached tokens plus one decode iteration at the current KV usage.
+    fn simulated_ms(&self, scheduled: Scheduled) -> f64 {
+        let running = &self.batcher.running;
+        if running.is_empty() {
+            return 0.0;
         }
-    }
-
-    fn drop_cancelled(&mut self) {
-        tandem_kv::queue::drop_cancelled(&mut self.pool, &mut self.running, &mut self.waiting);
-    }
-
-    /// Admits waiting sequences; returns the simulated prefill time in ms.
-    fn admit(&mut self) -> f64 {
-        let before = self.running.len();
-        let limits = AdmitLimits {
-            max_num_seqs: self.args.max_num_seqs,
-            max_num_batched_tokens: self.args.max_num_batched_tokens,
-            watermark: self.args.watermark,
-        };
-        for s in tandem_kv::queue::admit(
-            &mut self.pool,
-            &mut self.running,
-            &mut self.waiting,
-            limits,
-            &mut self.counters,
-        ) {
-            // Can never fit: end it rather than block the queue forever.
-            let _ = s.out.try_send(EngineOutput {
-                index: s.index,
-                token_ids: vec![],
-                finish_reason: Some(FinishReason::Length),
-                cached_tokens: None,
-            });
-        }
-        self.running[before..]
+        let prefill: f64 = running[scheduled.decodes..]
             .iter()
-            .map(|s| prefill_ms(s.tokens.len() - s.blocks.as_ref().map_or(0, |b| b.cached_tokens)))
-            .sum()
+            .map(|s| prefill_ms(s.tokens.len() - s.computed))
+            .sum();
+        let s = self.batcher.pool().stats();
+        prefill + decode_ms(s.active_blocks as f64 / s.total_blocks.max(1) as f64)
     }
 
-    async fn step(&mut self) {
-        let mut i = 0;
-        while i < self.running.len() {
-            let vocab = self.vocab;
-            let seq = &mut self.running[i];
-            let token = next_token(&mut seq.rng, vocab);
-            seq.tokens.push(token);
-            let len = seq.tokens.len();
-            let grown = match seq.blocks.as_mut() {
-                Some(b) => self.pool.grow(b, len),
-                None => false,
-            };
-            if !grown {
-                // Preempt: release everything, recompute later from the tokens so far.
-                let mut s = self.running.swap_remove(i);
-                s.tokens.pop();
-                self.release(&mut s);
-                self.preemptions += 1;
-                tracing::debug!(
-                    index = s.index,
-                    "mocker preempted a sequence: out of KV blocks"
-                );
-                self.waiting.push_front(s);
-                continue;
-            }
-            let seq = &mut self.running[i];
-            if let Some(b) = seq.blocks.as_mut() {
-                self.pool.commit(b, &seq.tokens);
-            }
-            seq.generated += 1;
-            let done = seq.generated >= seq.max_tokens;
-            let cached = (!seq.reported).then(|| {
-                seq.blocks
-                    .as_ref()
-                    .map(|b| b.cached_tokens as u32)
-                    .unwrap_or(0)
-            });
-            seq.reported = true;
-            let out = EngineOutput {
-                index: seq.index,
-                token_ids: vec![token],
-                finish_reason: done.then_some(FinishReason::Length),
-                cached_tokens: cached,
-            };
-            let sent = seq.out.send(out).await.is_ok();
-            if done || !sent {
-                let mut s = self.running.swap_remove(i);
-                self.release(&mut s);
-                continue;
-            }
-            i += 1;
+    fn step(&mut self) {
+        let running = &mut self.batcher.running;
+        if running.is_empty() {
+            return;
         }
-        self.events.send_all(self.pool.drain_events());
-    }
-
-    fn publish_stats(&self) {
-        let s = self.pool.stats();
-        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = EngineStats {
-            total_blocks: s.total_blocks as u64,
-            active_blocks: s.active_blocks as u64,
-            prefix_hit_rate: s.prefix_hit_rate,
-            running: self.running.len() as u64,
-            waiting: self.waiting.len() as u64,
-            prefill_tokens: self.counters.prefill_tokens,
-            cached_prompt_tokens: self.counters.cached_prompt_tokens,
-            preemptions: self.preemptions,
-        };
+        if let Some(limit) = self.fail_after_tokens
+            && running.iter().any(|s| s.generated >= limit)
+        {
+            tracing::warn!(limit, "mocker: injected step failure");
+            self.batcher.fail(EngineError::StepFailed(format!(
+                "injected failure after {limit} tokens"
+            )));
+            return;
+        }
+        let vocab = self.vocab;
+        let tokens: Vec<u32> = running
+            .iter_mut()
+            .map(|s| next_token(&mut s.ext, vocab))
+            .collect();
+        self.batcher.complete(&tokens);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_protocols::llm::{SamplingOptions, StopConditions};
+    use futures::StreamExt;
+    use tandem_protocols::llm::{EngineOutput, FinishReason, SamplingOptions, StopConditions};
+
+    async fn outputs(s: EngineStream) -> Vec<EngineOutput> {
+        s.map(|o| o.unwrap()).collect().await
+    }
 
     fn request(prompt: Vec<u32>, max_tokens: u32, n: u32) -> PreprocessedRequest {
         PreprocessedRequest {
@@ -393,11 +284,7 @@ mod tests {
     #[tokio::test]
     async fn generates_max_tokens_per_choice_and_frees_blocks() {
         let engine = MockEngine::start(args(64), 1000);
-        let outs: Vec<EngineOutput> = engine
-            .generate(request((0..10).collect(), 5, 2))
-            .unwrap()
-            .collect()
-            .await;
+        let outs = outputs(engine.generate(request((0..10).collect(), 5, 2)).unwrap()).await;
         for index in 0..2 {
             let mine: Vec<_> = outs.iter().filter(|o| o.index == index).collect();
             assert_eq!(mine.len(), 5);
@@ -408,11 +295,7 @@ mod tests {
         let s = engine.stats();
         assert_eq!(s.active_blocks, 0);
         // Same seed, same prompt: same tokens.
-        let again: Vec<EngineOutput> = engine
-            .generate(request((0..10).collect(), 5, 1))
-            .unwrap()
-            .collect()
-            .await;
+        let again = outputs(engine.generate(request((0..10).collect(), 5, 1)).unwrap()).await;
         let first: Vec<u32> = outs
             .iter()
             .filter(|o| o.index == 0)
@@ -445,7 +328,7 @@ mod tests {
             );
         }
         for s in streams {
-            let outs: Vec<_> = s.collect().await;
+            let outs = outputs(s).await;
             assert_eq!(outs.len(), 12);
         }
         tokio::task::yield_now().await;
@@ -471,5 +354,28 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("blocks not freed: {:?}", engine.stats());
+    }
+
+    #[tokio::test]
+    async fn an_injected_step_failure_reaches_every_sequence_of_the_step_and_frees_blocks() {
+        let mut a = args(64);
+        a.fail_after_tokens = Some(3);
+        let engine = MockEngine::start(a, 1000);
+        let items: Vec<_> = engine
+            .generate(request((0..10).collect(), 50, 2))
+            .unwrap()
+            .collect()
+            .await;
+        let tokens = items.iter().filter(|i| i.is_ok()).count();
+        assert_eq!(
+            tokens,
+            2 * 3,
+            "three tokens per choice before the failing step"
+        );
+        let errors: Vec<_> = items.iter().filter_map(|i| i.as_ref().err()).collect();
+        assert_eq!(errors.len(), 2, "one error per choice: {items:?}");
+        assert!(matches!(errors[0], EngineError::StepFailed(_)));
+        tokio::task::yield_now().await;
+        assert_eq!(engine.stats().active_blocks, 0);
     }
 }

@@ -64,16 +64,23 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length ended it.
     Length,
-    Cancelled,
 }
 
 impl FinishReason {
     pub fn as_openai(self) -> &'static str {
         match self {
-            Self::Stop | Self::Cancelled => "stop",
+            Self::Stop => "stop",
             Self::Length => "length",
         }
     }
+}
+
+/// What a caller can tell a running generate request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GenerateControl {
+    /// End choice `index` now: the caller has all it wants of it (a stop string matched).
+    StopChoice { index: u32 },
 }
 
 /// One step of one choice: new tokens, and the reason when the choice has ended.

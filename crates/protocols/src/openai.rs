@@ -1,8 +1,15 @@
-//! OpenAI API shapes the frontend accepts and returns. Unknown request fields are ignored,
-//! as OpenAI does; known fields must have the right type.
+//! OpenAI API shapes the frontend accepts and returns.
+//!
+//! Request types hold every field tandem reads, each with the type OpenAI documents, so a
+//! value of the wrong type fails to decode *at its path* (`temperature`, `messages[1].role`).
+//! A chat or completions body decodes twice from the same JSON: once as the shared
+//! [`CommonParams`], once as the endpoint's own fields ([`ChatFields`], [`CompletionFields`]);
+//! unknown fields are left for the frontend to log. Ranges, and which fields are not
+//! implemented yet, are the frontend's `prepare` stage's to check.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// `stop`: one string or a list of strings.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -23,13 +30,41 @@ impl StopSequences {
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
+    pub include_usage: Option<bool>,
+    pub include_obfuscation: Option<bool>,
 }
 
-/// Sampling and length fields shared by chat and completions requests.
+/// `response_format`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ResponseFormat {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, Value>,
+}
+
+/// Dynamo's request extension, `nvext`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+pub struct NvExt {
+    pub ignore_eos: Option<bool>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// Greedy sampling whatever the temperature.
+    pub greed_sampling: Option<bool>,
+    /// Route to this worker instance.
+    pub backend_instance_id: Option<u64>,
+    /// Everything else `nvext` may carry (rejected by name until implemented).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// Sampling, length and output fields shared by chat and completions requests, with the
+/// extensions vLLM and Dynamo users send (`top_k`, `min_p`, `repetition_penalty`,
+/// `ignore_eos`, `min_tokens`, `nvext`).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 pub struct CommonParams {
+    pub model: String,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
     pub temperature: Option<f32>,
@@ -37,55 +72,77 @@ pub struct CommonParams {
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub n: Option<u32>,
-    pub seed: Option<u64>,
+    pub seed: Option<i64>,
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub repetition_penalty: Option<f32>,
     pub stop: Option<StopSequences>,
-    #[serde(default)]
-    pub stream: bool,
+    pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub ignore_eos: bool,
+    pub ignore_eos: Option<bool>,
     pub min_tokens: Option<u32>,
+    pub logit_bias: Option<BTreeMap<String, f64>>,
+    pub user: Option<String>,
+    pub response_format: Option<ResponseFormat>,
+    pub nvext: Option<NvExt>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct ChatCompletionRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
-    #[serde(flatten)]
-    pub params: CommonParams,
-    /// Passed to the chat template as `tools` when present.
-    pub tools: Option<Value>,
+/// Roles OpenAI defines for chat messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+    Function,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::Developer => "developer",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+            Self::Function => "function",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct ChatMessage {
-    pub role: String,
+    pub role: Role,
     /// A string, a list of content parts, or null (assistant messages with tool calls).
     #[serde(default)]
     pub content: Option<Value>,
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, Value>,
+    pub name: Option<String>,
+    pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
 }
 
+/// The fields of `POST /v1/chat/completions` beyond [`CommonParams`].
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum Prompt {
-    Text(String),
-    Texts(Vec<String>),
-    Tokens(Vec<u32>),
+pub struct ChatFields {
+    pub messages: Vec<ChatMessage>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u32>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
+/// The fields of `POST /v1/completions` beyond [`CommonParams`]. `prompt` is read by the
+/// frontend itself, to say exactly what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-pub struct CompletionRequest {
-    pub model: String,
-    pub prompt: Prompt,
-    #[serde(flatten)]
-    pub params: CommonParams,
-    #[serde(default)]
-    pub echo: bool,
+pub struct CompletionFields {
+    pub prompt: Value,
+    pub logprobs: Option<u32>,
+    pub best_of: Option<u32>,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

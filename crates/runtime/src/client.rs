@@ -7,7 +7,7 @@
 
 use crate::discovery::{Instance, KvSnapshot};
 use crate::endpoint::{EndpointId, request_headers};
-use crate::error::RuntimeError;
+use crate::error::{RemoteError, RuntimeError};
 use crate::transport::{self, FrameKind};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -269,9 +269,7 @@ impl Client {
                 }
             })?;
         if transport::header(ack.headers.as_ref(), transport::HDR_KIND) == Some("error") {
-            return Err(RuntimeError::Rejected(
-                String::from_utf8_lossy(&ack.payload).into_owned(),
-            ));
+            return Err(RuntimeError::Rejected(RemoteError::decode(&ack.payload)));
         }
 
         let (tx, rx) = mpsc::channel(64);
@@ -343,9 +341,7 @@ async fn read_frames(
                 }
             }
             FrameKind::Error => {
-                break Err(RuntimeError::Remote(
-                    String::from_utf8_lossy(&frame.payload).into_owned(),
-                ));
+                break Err(RuntimeError::Remote(RemoteError::decode(&frame.payload)));
             }
             FrameKind::Data | FrameKind::Final => {
                 let seq = frame.seq.unwrap_or(u64::MAX);
@@ -389,6 +385,21 @@ impl ResponseStream {
     /// The instance serving this request.
     pub fn instance_id(&self) -> u64 {
         self.instance_id
+    }
+
+    /// Sends a control message to the request's handler (see [`crate::transport`]); false when
+    /// the request has already ended. Delivery is best effort, like cancellation.
+    pub async fn control(&self, payload: Bytes) -> bool {
+        if self.finished.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(transport::HDR_REQUEST_ID, self.request_id.as_str());
+        h.insert(transport::HDR_KIND, transport::CONTROL);
+        self.nats
+            .publish_with_headers(transport::cancel_subject(self.instance_id), h, payload)
+            .await
+            .is_ok()
     }
 
     /// Stops the request on the instance and ends this stream.

@@ -1,5 +1,7 @@
 //! Runtime settings with Dynamo's flag and environment names; binaries `#[command(flatten)]`
-//! [`RuntimeConfig`] into their own CLI.
+//! [`RuntimeConfig`] into their own CLI. Every value is checked when it is parsed, so a bad
+//! flag or environment value stops the process at start-up with an error naming the flag,
+//! instead of turning into a default somewhere later.
 
 use std::time::Duration;
 
@@ -30,7 +32,8 @@ pub struct RuntimeConfig {
     #[arg(
         long = "lease-ttl-secs",
         env = "DYN_LEASE_TTL_SECS",
-        default_value_t = 10
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(2..=3600)
     )]
     pub lease_ttl_secs: u64,
 
@@ -39,7 +42,8 @@ pub struct RuntimeConfig {
     #[arg(
         long = "system-port",
         env = "DYN_SYSTEM_PORT",
-        allow_hyphen_values = true
+        allow_hyphen_values = true,
+        value_parser = parse_system_port
     )]
     pub system_port: Option<i32>,
 
@@ -55,9 +59,10 @@ pub struct RuntimeConfig {
     /// (default: every endpoint this process serves).
     #[arg(
         long = "system-use-endpoint-health-status",
-        env = "DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS"
+        env = "DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS",
+        value_parser = parse_endpoint_names
     )]
-    pub use_endpoint_health_status: Option<String>,
+    pub use_endpoint_health_status: Option<EndpointNames>,
 
     /// Seconds without any frame or liveness ping after which a response stream is declared
     /// stalled.
@@ -65,6 +70,8 @@ pub struct RuntimeConfig {
         long = "stream-stall-timeout-secs",
         env = "DYN_STREAM_STALL_TIMEOUT_SECS",
         default_value_t = 15.0
+    ,
+        value_parser = positive_secs
     )]
     pub stream_stall_timeout_secs: f64,
 
@@ -74,6 +81,8 @@ pub struct RuntimeConfig {
         long = "caller-probe-interval-secs",
         env = "DYN_CALLER_PROBE_INTERVAL_SECS",
         default_value_t = 1.0
+    ,
+        value_parser = positive_secs
     )]
     pub caller_probe_interval_secs: f64,
 
@@ -82,6 +91,8 @@ pub struct RuntimeConfig {
         long = "request-ack-timeout-secs",
         env = "DYN_REQUEST_ACK_TIMEOUT_SECS",
         default_value_t = 5.0
+    ,
+        value_parser = positive_secs
     )]
     pub request_ack_timeout_secs: f64,
 }
@@ -112,41 +123,101 @@ impl RuntimeConfig {
     }
 
     pub fn stall_timeout(&self) -> Duration {
-        secs(self.stream_stall_timeout_secs, 15.0)
+        Duration::from_secs_f64(self.stream_stall_timeout_secs)
     }
 
     pub fn probe_interval(&self) -> Duration {
-        secs(self.caller_probe_interval_secs, 1.0)
+        Duration::from_secs_f64(self.caller_probe_interval_secs)
     }
 
     pub fn ack_timeout(&self) -> Duration {
-        secs(self.request_ack_timeout_secs, 5.0)
+        Duration::from_secs_f64(self.request_ack_timeout_secs)
     }
 
     pub fn lease_ttl(&self) -> i64 {
-        self.lease_ttl_secs.clamp(2, 3600) as i64
+        self.lease_ttl_secs as i64
     }
 
     /// Endpoint names that gate readiness, from `DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS`.
     pub fn required_endpoints(&self) -> Option<Vec<String>> {
-        let raw = self.use_endpoint_health_status.as_deref()?;
-        match serde_json::from_str::<Vec<String>>(raw) {
-            Ok(v) if !v.is_empty() => Some(v),
-            _ => {
-                tracing::warn!(
-                    value = raw,
-                    "ignoring DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS: not a JSON list of names"
-                );
-                None
-            }
-        }
+        self.use_endpoint_health_status.clone().map(|n| n.0)
     }
 }
 
-fn secs(v: f64, default: f64) -> Duration {
-    if v.is_finite() && v > 0.0 {
-        Duration::from_secs_f64(v)
-    } else {
-        Duration::from_secs_f64(default)
+/// A non-empty JSON list of endpoint names, as `DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS` takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointNames(pub Vec<String>);
+
+fn parse_endpoint_names(s: &str) -> Result<EndpointNames, String> {
+    match serde_json::from_str::<Vec<String>>(s) {
+        Ok(v) if !v.is_empty() => Ok(EndpointNames(v)),
+        Ok(_) => Err("the list is empty".into()),
+        Err(e) => Err(format!("expected a JSON list of endpoint names: {e}")),
+    }
+}
+
+/// -1 (off, Dynamo's convention) or a port; 0 picks a free one.
+fn parse_system_port(s: &str) -> Result<i32, String> {
+    match s.trim().parse::<i32>() {
+        Ok(p) if p == -1 || (0..=u16::MAX as i32).contains(&p) => Ok(p),
+        Ok(p) => Err(format!("{p} is neither -1 nor a port (0-65535)")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Seconds: finite and above zero.
+pub fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a positive number of seconds")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        rt: RuntimeConfig,
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_flag() {
+        let ok = Cli::try_parse_from([
+            "x",
+            "--system-port",
+            "-1",
+            "--stream-stall-timeout-secs",
+            "0.5",
+            "--system-use-endpoint-health-status",
+            r#"["generate"]"#,
+        ])
+        .unwrap();
+        assert_eq!(ok.rt.system_port(), None);
+        assert_eq!(ok.rt.stall_timeout(), Duration::from_millis(500));
+        assert_eq!(
+            ok.rt.required_endpoints(),
+            Some(vec!["generate".to_string()])
+        );
+        for (flag, value) in [
+            ("--system-port", "70000"),
+            ("--system-port", "-2"),
+            ("--stream-stall-timeout-secs", "abc"),
+            ("--caller-probe-interval-secs", "0"),
+            ("--request-ack-timeout-secs", "inf"),
+            ("--lease-ttl-secs", "1"),
+            ("--system-use-endpoint-health-status", "generate"),
+            ("--system-use-endpoint-health-status", "[]"),
+        ] {
+            let err = Cli::try_parse_from(["x", flag, value])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(flag), "{flag}={value}: {err}");
+        }
     }
 }

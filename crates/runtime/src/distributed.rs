@@ -68,8 +68,13 @@ impl DistributedRuntime {
                     _ = stop.cancelled() => return,
                     m = cancels.next() => match m { Some(m) => m, None => return },
                 };
-                if let Some(id) = transport::header(msg.headers.as_ref(), transport::HDR_REQUEST_ID)
-                {
+                let headers = msg.headers.as_ref();
+                let Some(id) = transport::header(headers, transport::HDR_REQUEST_ID) else {
+                    continue;
+                };
+                if transport::header(headers, transport::HDR_KIND) == Some(transport::CONTROL) {
+                    registry.control(id, msg.payload);
+                } else {
                     registry.cancel(id);
                 }
             }

@@ -5,9 +5,15 @@
 //! handler streams as numbered frames to the caller's reply subject. The request's
 //! [`RequestContext`] is cancelled when the caller cancels, or when a liveness probe finds the
 //! caller gone (NATS answers "no responders" once its connection has closed); the response
-//! stream is then dropped, which is how a handler stops.
+//! stream is then dropped, which is how a handler stops. A caller can also send *control*
+//! messages to its request while it runs (e.g. "stop choice 1"); the handler reads them from
+//! [`RequestContext::take_controls`].
+//!
+//! Handlers fail with a [`RemoteError`] (a class and a message), which travels to the caller
+//! in the error frame. [`crate::typed`] puts serde on both ends so handlers and callers deal
+//! in request and response types, not bytes.
 
-use crate::error::RuntimeError;
+use crate::error::{ErrorCode, RemoteError, RuntimeError};
 use crate::lock;
 use crate::metrics::EndpointMetrics;
 use crate::transport::{self, FrameKind};
@@ -107,21 +113,39 @@ impl FromStr for EndpointId {
     }
 }
 
+type ControlReceiver = tokio::sync::mpsc::UnboundedReceiver<Bytes>;
+
 /// What a handler gets besides the request body.
 #[derive(Clone)]
 pub struct RequestContext {
     id: String,
     headers: Arc<Vec<(String, String)>>,
     cancel: CancellationToken,
+    controls: Arc<Mutex<Option<ControlReceiver>>>,
 }
 
 impl RequestContext {
     pub fn new(id: String, headers: Vec<(String, String)>) -> Self {
+        Self::with_controls(id, headers, None)
+    }
+
+    fn with_controls(
+        id: String,
+        headers: Vec<(String, String)>,
+        controls: Option<ControlReceiver>,
+    ) -> Self {
         Self {
             id,
             headers: Arc::new(headers),
             cancel: CancellationToken::new(),
+            controls: Arc::new(Mutex::new(controls)),
         }
+    }
+
+    /// The caller's control messages for this request, in order; `None` after the first call.
+    /// The receiver ends when the request does.
+    pub fn take_controls(&self) -> Option<ControlReceiver> {
+        lock(&self.controls).take()
     }
 
     pub fn id(&self) -> &str {
@@ -157,41 +181,49 @@ impl RequestContext {
 
 /// The stream of response payloads a handler produces; an `Err` item ends it with an error
 /// frame.
-pub type HandlerStream = BoxStream<'static, Result<Bytes, String>>;
+pub type HandlerStream = BoxStream<'static, Result<Bytes, RemoteError>>;
 
 /// Serves requests of one endpoint. Implemented for any
-/// `Fn(Bytes, RequestContext) -> Future<Output = Result<HandlerStream, String>>`.
+/// `Fn(Bytes, RequestContext) -> Future<Output = Result<HandlerStream, RemoteError>>`.
 pub trait Handler: Send + Sync + 'static {
     fn handle(
         &self,
         request: Bytes,
         ctx: RequestContext,
-    ) -> BoxFuture<'static, Result<HandlerStream, String>>;
+    ) -> BoxFuture<'static, Result<HandlerStream, RemoteError>>;
 }
 
 impl<F, Fut> Handler for F
 where
     F: Fn(Bytes, RequestContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<HandlerStream, String>> + Send + 'static,
+    Fut: Future<Output = Result<HandlerStream, RemoteError>> + Send + 'static,
 {
     fn handle(
         &self,
         request: Bytes,
         ctx: RequestContext,
-    ) -> BoxFuture<'static, Result<HandlerStream, String>> {
+    ) -> BoxFuture<'static, Result<HandlerStream, RemoteError>> {
         Box::pin(self(request, ctx))
     }
 }
 
-/// In-flight requests of this process by request id, so cancellations can find them.
+struct Inflight {
+    cancel: CancellationToken,
+    controls: tokio::sync::mpsc::UnboundedSender<Bytes>,
+}
+
+/// In-flight requests of this process by request id, so cancellations and control messages
+/// can find them.
 #[derive(Default)]
 pub struct InflightRegistry {
-    map: Mutex<HashMap<String, CancellationToken>>,
+    map: Mutex<HashMap<String, Inflight>>,
 }
 
 impl InflightRegistry {
-    fn insert(&self, id: &str, token: CancellationToken) {
-        lock(&self.map).insert(id.to_string(), token);
+    fn insert(&self, id: &str, cancel: CancellationToken) -> ControlReceiver {
+        let (controls, rx) = tokio::sync::mpsc::unbounded_channel();
+        lock(&self.map).insert(id.to_string(), Inflight { cancel, controls });
+        rx
     }
     fn remove(&self, id: &str) {
         lock(&self.map).remove(id);
@@ -199,10 +231,17 @@ impl InflightRegistry {
     /// Cancels the request if it is still running here.
     pub fn cancel(&self, id: &str) -> bool {
         match lock(&self.map).get(id) {
-            Some(t) => {
-                t.cancel();
+            Some(r) => {
+                r.cancel.cancel();
                 true
             }
+            None => false,
+        }
+    }
+    /// Hands a control message to the request if it is still running here.
+    pub fn control(&self, id: &str, payload: Bytes) -> bool {
+        match lock(&self.map).get(id) {
+            Some(r) => r.controls.send(payload).is_ok(),
             None => false,
         }
     }
@@ -302,7 +341,11 @@ impl Ingress {
                     .publish_with_headers(
                         reply,
                         transport::frame_headers(FrameKind::Error, None),
-                        Bytes::from_static(b"request lacks tandem-request-id or tandem-reply-to"),
+                        RemoteError::new(
+                            ErrorCode::InvalidRequest,
+                            "request lacks tandem-request-id or tandem-reply-to",
+                        )
+                        .encode(),
                     )
                     .await;
             }
@@ -321,8 +364,10 @@ impl Ingress {
             let _ = self.nats.publish(ack, Bytes::new()).await;
         }
 
-        let ctx = RequestContext::new(id.clone(), passthrough);
-        self.inflight.insert(&id, ctx.cancel.clone());
+        let cancel = CancellationToken::new();
+        let controls = self.inflight.insert(&id, cancel.clone());
+        let mut ctx = RequestContext::with_controls(id.clone(), passthrough, Some(controls));
+        ctx.cancel = cancel;
         let _registered = scopeguard(|| self.inflight.remove(&id));
         let probe = tokio::spawn(
             probe_caller(
@@ -381,8 +426,8 @@ impl Ingress {
                         Ok(()) => m.response_bytes.inc_by(len as u64),
                         Err(e) => {
                             m.errors.publish_response.inc();
-                            self.publish_error(reply_to, &format!("response frame not sent: {e}"))
-                                .await;
+                            let e = RemoteError::internal(format!("response frame not sent: {e}"));
+                            self.publish_error(reply_to, &e).await;
                             return Outcome::Failed;
                         }
                     }
@@ -409,9 +454,9 @@ impl Ingress {
         Outcome::Done
     }
 
-    async fn publish_error(&self, reply_to: &str, message: &str) {
+    async fn publish_error(&self, reply_to: &str, error: &RemoteError) {
         let headers = transport::frame_headers(FrameKind::Error, None);
-        let payload = Bytes::copy_from_slice(message.as_bytes());
+        let payload = error.encode();
         if self
             .nats
             .publish_with_headers(reply_to.to_string(), headers, payload)

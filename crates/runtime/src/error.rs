@@ -1,8 +1,91 @@
-//! The runtime's error type. Each failure a caller can react to differently has its own
-//! variant: "no responders" and a stalled stream mean another instance may succeed, a remote
-//! error means the handler itself refused.
+//! The runtime's errors, and the one error-code space of the request plane.
+//!
+//! [`RuntimeError`] has a variant for each failure a caller can react to differently: "no
+//! responders" and a stalled stream mean another instance may succeed, a remote error means
+//! the handler itself refused or failed. What a handler reports crosses NATS as a
+//! [`RemoteError`] — an [`ErrorCode`] plus a message — so the caller learns the class of the
+//! failure, not just its text; [`RuntimeError::code`] gives every failure, local or remote,
+//! its class, which is all a caller needs to map it (to an HTTP status, a metric label).
 
+use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::time::Duration;
+
+/// The class of a failure, the same on both ends of the request plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or asks for something impossible.
+    InvalidRequest,
+    /// The prompt (plus what is to be generated) does not fit the model's context.
+    ContextLength,
+    /// What the request names does not exist here.
+    NotFound,
+    /// The handler is alive but will not take more work now.
+    Overloaded,
+    /// Nobody can serve the request now (no instance, instance gone, shutting down).
+    Unavailable,
+    /// The request was cancelled before it ended.
+    Cancelled,
+    /// The handler failed.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::ContextLength => "context_length",
+            Self::NotFound => "not_found",
+            Self::Overloaded => "overloaded",
+            Self::Unavailable => "unavailable",
+            Self::Cancelled => "cancelled",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error as it crosses the wire: JSON `{"code":"…","message":"…"}` in an error frame or a
+/// rejected acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct RemoteError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RemoteError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+
+    pub fn encode(&self) -> bytes::Bytes {
+        // Two plain fields: serialisation cannot fail, but never panic on the wire path.
+        serde_json::to_vec(self)
+            .map(bytes::Bytes::from)
+            .unwrap_or_else(|_| bytes::Bytes::copy_from_slice(self.message.as_bytes()))
+    }
+
+    /// Reads an error payload; a peer that sent plain text (an older or foreign handler) gets
+    /// its text kept as an internal error.
+    pub fn decode(payload: &[u8]) -> Self {
+        serde_json::from_slice(payload)
+            .unwrap_or_else(|_| Self::internal(String::from_utf8_lossy(payload).into_owned()))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -27,13 +110,15 @@ pub enum RuntimeError {
     #[error("instance did not acknowledge the request within {0:?}")]
     AckTimeout(Duration),
     #[error("instance rejected the request: {0}")]
-    Rejected(String),
+    Rejected(RemoteError),
     #[error("response stream gap: expected frame {expected}, got {got}")]
     StreamGap { expected: u64, got: u64 },
     #[error("response stream stalled: nothing received for {0:?}")]
     StreamStalled(Duration),
     #[error("handler error: {0}")]
-    Remote(String),
+    Remote(RemoteError),
+    #[error("cannot decode a response: {0}")]
+    Decode(String),
     #[error("response stream ended before its final frame")]
     Disconnected,
     #[error("key {0} already exists in etcd")]
@@ -47,6 +132,23 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// The class of this failure: a handler's own code, or what a local failure means to the
+    /// caller (an instance that vanished or never answered is `Unavailable`).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Remote(e) | Self::Rejected(e) => e.code,
+            Self::NoInstances(_)
+            | Self::InstanceNotFound(_)
+            | Self::NoResponders(_)
+            | Self::AckTimeout(_)
+            | Self::StreamStalled(_)
+            | Self::Disconnected
+            | Self::Shutdown => ErrorCode::Unavailable,
+            Self::PayloadTooLarge { .. } => ErrorCode::InvalidRequest,
+            _ => ErrorCode::Internal,
+        }
+    }
+
     /// True when the same request may succeed on another instance: nothing reached a handler
     /// that answered, or the one that did vanished mid-stream.
     pub fn is_retryable(&self) -> bool {
@@ -58,5 +160,27 @@ impl RuntimeError {
                 | Self::Disconnected
                 | Self::InstanceNotFound(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_errors_round_trip_and_plain_text_is_internal() {
+        let e = RemoteError::new(ErrorCode::ContextLength, "prompt of 9 tokens");
+        assert_eq!(
+            e.encode(),
+            r#"{"code":"context_length","message":"prompt of 9 tokens"}"#
+        );
+        assert_eq!(RemoteError::decode(&e.encode()), e);
+        assert_eq!(
+            RemoteError::decode(b"something broke"),
+            RemoteError::internal("something broke")
+        );
+        assert_eq!(RuntimeError::Remote(e).code(), ErrorCode::ContextLength);
+        assert_eq!(RuntimeError::Disconnected.code(), ErrorCode::Unavailable);
+        assert_eq!(RuntimeError::Decode("x".into()).code(), ErrorCode::Internal);
     }
 }

@@ -10,7 +10,8 @@
 //!   `instances/{ns}/{component}/{endpoint}:{instance_hex}` under the lease ([`discovery`]).
 //! - Callers watch that prefix ([`Client`]), pick an instance (round-robin, random, direct) and
 //!   send the request over NATS; the handler's responses come back as an ordered stream of
-//!   numbered frames ([`transport`]) ending in a final or error frame.
+//!   numbered frames ([`transport`]) ending in a final or error frame. [`typed`] puts request
+//!   and response types on both ends; errors cross as a class plus message ([`RemoteError`]).
 //! - Cancellation flows back from the caller; a vanished caller is noticed by the handler's
 //!   liveness probes.
 //! - Every process with `DYN_SYSTEM_PORT` set serves `/health`, `/live` and `/metrics`
@@ -25,13 +26,15 @@ pub mod error;
 pub mod metrics;
 pub mod system_status;
 pub mod transport;
+pub mod typed;
 
 pub use client::{Client, RequestOptions, ResponseStream, RouterMode};
 pub use config::RuntimeConfig;
 pub use discovery::{Discovery, Instance, Transport};
 pub use distributed::{Component, DistributedRuntime, Endpoint, Namespace};
 pub use endpoint::{EndpointId, Handler, HandlerStream, RequestContext};
-pub use error::RuntimeError;
+pub use error::{ErrorCode, RemoteError, RuntimeError};
+pub use typed::{TypedHandlerStream, TypedStream};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: every lock in this
 /// crate guards plain bookkeeping that stays consistent between statements.

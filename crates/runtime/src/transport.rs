@@ -7,9 +7,12 @@
 //! a caller learns within milliseconds whether anyone took the request, and "no responders"
 //! from NATS means the instance is gone.
 //!
+//! While a request runs, the caller may publish to the instance's cancel subject: without a
+//! kind, the request is cancelled; with kind `control`, the payload goes to the handler.
+//!
 //! Responses are messages on the reply subject, each with a frame kind and, for data and
 //! final frames, a sequence number starting at 0. `final` ends a successful stream; `error`
-//! ends a failed one with the message as payload. `ping` frames are the handler's liveness
+//! ends a failed one with a [`crate::RemoteError`] (JSON code and message) as payload. `ping` frames are the handler's liveness
 //! probes: the caller answers them, and their arrival also tells the caller that a slow
 //! handler is still alive.
 
@@ -32,7 +35,13 @@ pub const PASSTHROUGH_HEADERS: [&str; 4] = [
 /// Queue group every endpoint subscribes in, so one instance gets each request.
 pub const QUEUE_GROUP: &str = "q";
 
-/// Subject where an instance listens for cancellations of its in-flight requests.
+/// `tandem-kind` of a message on the cancel subject that is a control message for the
+/// request, not its cancellation.
+pub const CONTROL: &str = "control";
+
+/// Subject where an instance listens for cancellations of its in-flight requests (no
+/// `tandem-kind`) and control messages to them (`tandem-kind: control`, payload for the
+/// handler).
 pub fn cancel_subject(instance_id: u64) -> String {
     format!("_tandem.cancel.{instance_id:x}")
 }

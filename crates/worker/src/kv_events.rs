@@ -7,12 +7,13 @@
 //! the blocks it announced; the `kv_dump` endpoint serves that mirror with the id of the last
 //! event it reflects, which is how a router that missed events resynchronises.
 
-use crate::{Engine, WorkerError};
+use crate::WorkerError;
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use tandem_engine_api::Engine;
 use tandem_kv::BlockEvent;
 use tandem_protocols::card::ZmqEventsEndpoint;
 use tandem_protocols::kv_events::vllm::{self, VllmEvent};
@@ -238,7 +239,8 @@ pub async fn start(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .dump(worker_id);
-            let json = serde_json::to_vec(&dump).map_err(|e| e.to_string())?;
+            let json = serde_json::to_vec(&dump)
+                .map_err(|e| tandem_runtime::RemoteError::internal(e.to_string()))?;
             Ok(futures::stream::iter([Ok(Bytes::from(json))]).boxed())
         }
     })

@@ -2,13 +2,14 @@
 //! or `call` one and print each frame. The integration tests run it as a real process to kill
 //! it, restart the servers under it, and scrape its system status server.
 
-use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::time::Duration;
-use tandem_runtime::{DistributedRuntime, EndpointId, RequestContext, RuntimeConfig};
+use tandem_runtime::{
+    DistributedRuntime, EndpointId, RemoteError, RequestContext, RuntimeConfig, TypedHandlerStream,
+};
 
 #[derive(Parser)]
 struct Cli {
@@ -56,12 +57,10 @@ struct EchoFrame {
 }
 
 async fn echo(
-    body: Bytes,
+    req: EchoRequest,
     _ctx: RequestContext,
     instance: String,
-) -> Result<tandem_runtime::HandlerStream, String> {
-    let req: EchoRequest =
-        serde_json::from_slice(&body).map_err(|e| format!("bad echo request: {e}"))?;
+) -> Result<TypedHandlerStream<EchoFrame>, RemoteError> {
     let pad = "x".repeat(req.pad);
     let stream = futures::stream::iter(0..req.count).then(move |i| {
         let (instance, pad) = (instance.clone(), pad.clone());
@@ -69,9 +68,7 @@ async fn echo(
             if req.delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(req.delay_ms)).await;
             }
-            serde_json::to_vec(&EchoFrame { i, instance, pad })
-                .map(Bytes::from)
-                .map_err(|e| e.to_string())
+            Ok(EchoFrame { i, instance, pad })
         }
     });
     Ok(stream.boxed())
@@ -90,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let instance = format!("{:x}", drt.instance_id());
             drt.endpoint(id)
-                .serve(move |body, ctx| echo(body, ctx, instance.clone()))
+                .serve_typed(move |req, ctx| echo(req, ctx, instance.clone()))
                 .await?;
             tandem_runtime::shutdown_signal().await;
             drt.shutdown().await;

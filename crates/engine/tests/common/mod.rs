@@ -8,9 +8,9 @@ use futures::StreamExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tandem_engine::{CandleArgs, CandleEngine, DtypeArg};
+use tandem_engine_api::{BatchingArgs, Engine};
 use tandem_model::{ModelFiles, WeightsSource};
 use tandem_protocols::llm::{PreprocessedRequest, SamplingOptions, StopConditions};
-use tandem_worker::{BatchingArgs, Engine};
 
 pub fn model_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -175,6 +175,7 @@ pub async fn generate(engine: &CandleEngine, prompt: &[u32], n: u32) -> (Vec<u32
     let outs: Vec<_> = engine
         .generate(greedy_request(prompt, n))
         .unwrap()
+        .map(|o| o.unwrap())
         .collect()
         .await;
     let cached = outs.iter().find_map(|o| o.cached_tokens).unwrap_or(0);

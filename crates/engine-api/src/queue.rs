@@ -1,10 +1,11 @@
-//! The queue policy every engine's scheduler applies to its [`BlockPool`]: dropping cancelled
-//! sequences (their blocks go back at once) and admitting waiting sequences into the running
-//! batch while `max_num_seqs`, the `max_num_batched_tokens` budget and a free-block watermark
-//! allow. What a step then does with the batch (compute it, or simulate it) is the engine's.
+//! The queue policy every engine's scheduler applies to its [`BlockPool`] (through
+//! [`crate::Batcher`]): dropping cancelled sequences (their blocks go back at once) and
+//! admitting waiting sequences into the running batch while `max_num_seqs`, the
+//! `max_num_batched_tokens` budget and a free-block watermark allow. `running` is kept in
+//! admission order, which is what preemption relies on: the newest admitted gives way first.
 
-use crate::pool::{BlockPool, SeqBlocks};
 use std::collections::VecDeque;
+use tandem_kv::{BlockPool, SeqBlocks};
 
 /// What the policy needs to know about a sequence.
 pub trait Queued {

@@ -1,0 +1,449 @@
+//! The step skeleton both engines run: continuous batching over a [`BlockPool`].
+//!
+//! An engine's loop, each step:
+//! 1. [`Batcher::enqueue`] new sequences (one per choice of a request).
+//! 2. [`Batcher::schedule`]: drop cancelled sequences (blocks back at once); give every running
+//!    sequence room for the token it computes next, **preempting the most recently admitted
+//!    sequence** (blocks released, requeued at the front to be recomputed later, reusing its
+//!    own cached blocks) while the pool is short — the one preemption rule, so that the oldest
+//!    requests keep making progress; then, if nothing was preempted, admit waiting sequences
+//!    behind the decodes ([`crate::queue::admit`]). Running sequences are in admission order.
+//! 3. The engine computes one token for every running sequence (a forward pass, or the
+//!    mocker's simulation) reading `tokens[computed..]` and the block table.
+//! 4. [`Batcher::complete`] with those tokens: blocks now full are registered in the prefix
+//!    cache, outputs go out with finish reasons, finished sequences free their blocks and the
+//!    pool's block events are published. Or [`Batcher::fail`] when the step failed: every
+//!    sequence in it gets the error and frees its blocks; the engine carries on.
+//! 5. [`Batcher::publish`] the stats.
+
+use crate::queue::{self, AdmitCounters, AdmitLimits, Queued};
+use crate::stream::OutputSender;
+use crate::{EngineError, EngineStats};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use tandem_kv::{BlockPool, EventTap, SeqBlocks};
+use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, StopConditions};
+
+/// One choice of one request; `X` is what the engine keeps besides (a sampler, an RNG).
+pub struct Seq<X> {
+    out: OutputSender,
+    pub index: u32,
+    pub prompt_len: usize,
+    /// Prompt and generated tokens.
+    pub tokens: Vec<u32>,
+    /// Leading tokens whose keys and values are in the cache.
+    pub computed: usize,
+    pub blocks: Option<SeqBlocks>,
+    stop: StopConditions,
+    pub generated: u32,
+    /// Prompt tokens found in the cache at first admission, sent with the first output.
+    cached_tokens: Option<u32>,
+    pub ext: X,
+}
+
+impl<X> Seq<X> {
+    /// One sequence per choice of `request`, all sending on `out`; `ext(index)` makes each
+    /// choice's engine state.
+    pub fn for_request(
+        request: &PreprocessedRequest,
+        out: &OutputSender,
+        mut ext: impl FnMut(u32) -> X,
+    ) -> Vec<Self> {
+        (0..request.sampling.n.max(1))
+            .map(|index| Seq {
+                out: out.clone(),
+                index,
+                prompt_len: request.token_ids.len(),
+                tokens: request.token_ids.clone(),
+                computed: 0,
+                blocks: None,
+                stop: request.stop.clone(),
+                generated: 0,
+                cached_tokens: None,
+                ext: ext(index),
+            })
+            .collect()
+    }
+
+    fn finish_reason(&self, token: u32, max_model_len: usize) -> Option<FinishReason> {
+        let stop = &self.stop;
+        // `min_tokens` tokens come before any stop token can end the choice (vLLM's meaning).
+        let min_ok = self.generated > stop.min_tokens.unwrap_or(0);
+        // The frontend leaves end-of-sequence ids out of the list when the request ignores EOS.
+        if min_ok && stop.stop_token_ids.contains(&token) {
+            return Some(FinishReason::Stop);
+        }
+        if stop.max_tokens.is_some_and(|m| self.generated >= m)
+            || self.tokens.len() >= max_model_len
+        {
+            return Some(FinishReason::Length);
+        }
+        None
+    }
+}
+
+impl<X> Queued for Seq<X> {
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+    fn blocks_mut(&mut self) -> &mut Option<SeqBlocks> {
+        &mut self.blocks
+    }
+    fn is_cancelled(&self) -> bool {
+        self.out.is_cancelled(self.index)
+    }
+    fn is_fresh(&self) -> bool {
+        self.generated == 0
+    }
+}
+
+/// What [`Batcher::schedule`] decided: `running[..decodes]` generate their next token,
+/// `running[decodes..]` were admitted this step and compute their prompts first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduled {
+    pub decodes: usize,
+    pub preempted: bool,
+}
+
+pub struct Batcher<X> {
+    pool: BlockPool,
+    waiting: VecDeque<Seq<X>>,
+    /// In admission order.
+    pub running: Vec<Seq<X>>,
+    limits: AdmitLimits,
+    max_model_len: usize,
+    counters: AdmitCounters,
+    preemptions: u64,
+    generated: u64,
+    events: EventTap,
+    stats: Arc<Mutex<EngineStats>>,
+}
+
+impl<X> Batcher<X> {
+    /// `max_model_len` caps prompt plus output of every sequence; `stats` is where
+    /// [`Self::publish`] leaves its snapshot.
+    pub fn new(
+        pool: BlockPool,
+        limits: AdmitLimits,
+        max_model_len: usize,
+        events: EventTap,
+        stats: Arc<Mutex<EngineStats>>,
+    ) -> Self {
+        Self {
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            limits,
+            max_model_len: max_model_len.max(1),
+            counters: AdmitCounters::default(),
+            preemptions: 0,
+            generated: 0,
+            events,
+            stats,
+        }
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    pub fn enqueue(&mut self, seq: Seq<X>) {
+        self.waiting.push_back(seq);
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    fn release(&mut self, seq: &mut Seq<X>) {
+        if let Some(b) = seq.blocks.take() {
+            self.pool.release(b);
+        }
+        seq.computed = 0;
+    }
+
+    /// Ends a sequence that can never run.
+    fn reject(&mut self, mut seq: Seq<X>) {
+        self.release(&mut seq);
+        seq.out.send(EngineOutput {
+            index: seq.index,
+            token_ids: vec![],
+            finish_reason: Some(FinishReason::Length),
+            cached_tokens: None,
+        });
+    }
+
+    /// Steps 2 of the module docs: cancellations, room for the running sequences (preempting
+    /// the newest), admission.
+    pub fn schedule(&mut self) -> Scheduled {
+        queue::drop_cancelled(&mut self.pool, &mut self.running, &mut self.waiting);
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() {
+            let len = self.running[i].tokens.len();
+            let grown = match self.running[i].blocks.as_mut() {
+                Some(b) => self.pool.grow(b, len),
+                None => false,
+            };
+            if grown {
+                i += 1;
+                continue;
+            }
+            let Some(mut victim) = self.running.pop() else {
+                break;
+            };
+            self.release(&mut victim);
+            self.preemptions += 1;
+            tracing::debug!(
+                index = victim.index,
+                "preempted a sequence: out of KV blocks"
+            );
+            self.waiting.push_front(victim);
+            preempted = true;
+        }
+        let decodes = self.running.len();
+        if !preempted {
+            self.admit();
+        }
+        Scheduled { decodes, preempted }
+    }
+
+    fn admit(&mut self) {
+        let before = self.running.len();
+        let rejected = queue::admit(
+            &mut self.pool,
+            &mut self.running,
+            &mut self.waiting,
+            self.limits,
+            &mut self.counters,
+        );
+        for s in rejected {
+            self.reject(s);
+        }
+        for seq in &mut self.running[before..] {
+            let cached = seq.blocks.as_ref().map_or(0, |b| b.cached_tokens);
+            seq.computed = cached;
+            if seq.is_fresh() {
+                seq.cached_tokens = Some(cached as u32);
+            }
+        }
+    }
+
+    /// Step 4: `tokens[i]` is the token computed for `running[i]`.
+    pub fn complete(&mut self, tokens: &[u32]) {
+        debug_assert_eq!(tokens.len(), self.running.len());
+        let mut finished = Vec::new();
+        for (i, &token) in tokens.iter().enumerate() {
+            let Some(seq) = self.running.get_mut(i) else {
+                break;
+            };
+            seq.computed = seq.tokens.len();
+            if let Some(b) = seq.blocks.as_mut() {
+                self.pool.commit(b, &seq.tokens[..seq.computed]);
+            }
+            seq.tokens.push(token);
+            seq.generated += 1;
+            self.generated += 1;
+            let finish = seq.finish_reason(token, self.max_model_len);
+            let sent = seq.out.send(EngineOutput {
+                index: seq.index,
+                token_ids: vec![token],
+                finish_reason: finish,
+                cached_tokens: seq.cached_tokens.take(),
+            });
+            if finish.is_some() || !sent {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            self.release(&mut s);
+        }
+        self.events.send_all(self.pool.drain_events());
+    }
+
+    /// The step failed: every running sequence ends with `error` and frees its blocks. Waiting
+    /// sequences stay queued: the failure was this batch's, not the engine's.
+    pub fn fail(&mut self, error: EngineError) {
+        for mut s in std::mem::take(&mut self.running) {
+            s.out.fail(error.clone());
+            self.release(&mut s);
+        }
+        self.events.send_all(self.pool.drain_events());
+    }
+
+    pub fn publish(&self) {
+        let s = self.pool.stats();
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = EngineStats {
+            total_blocks: s.total_blocks as u64,
+            active_blocks: s.active_blocks as u64,
+            prefix_hit_rate: s.prefix_hit_rate,
+            running: self.running.len() as u64,
+            waiting: self.waiting.len() as u64,
+            prefill_tokens: self.counters.prefill_tokens,
+            cached_prompt_tokens: self.counters.cached_prompt_tokens,
+            generated_tokens: self.generated,
+            preemptions: self.preemptions,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::output_channel;
+    use futures::StreamExt;
+    use tandem_protocols::llm::SamplingOptions;
+
+    fn request(prompt: std::ops::Range<u32>, max_tokens: u32, n: u32) -> PreprocessedRequest {
+        PreprocessedRequest {
+            model: "m".into(),
+            token_ids: prompt.collect(),
+            sampling: SamplingOptions {
+                n,
+                ..Default::default()
+            },
+            stop: StopConditions {
+                max_tokens: Some(max_tokens),
+                stop_token_ids: vec![9999],
+                ..Default::default()
+            },
+        }
+    }
+
+    fn batcher(blocks: usize) -> Batcher<()> {
+        let limits = AdmitLimits {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 1000,
+            watermark: 0.0,
+        };
+        Batcher::new(
+            BlockPool::new(blocks, 4, true),
+            limits,
+            1000,
+            EventTap::new(),
+            Arc::default(),
+        )
+    }
+
+    /// Runs steps, each computing token `100 + step` for everyone, until idle.
+    fn run(b: &mut Batcher<()>) -> Vec<Scheduled> {
+        let mut log = Vec::new();
+        let mut step = 0;
+        while !b.is_idle() {
+            let s = b.schedule();
+            log.push(s);
+            let tokens = vec![100 + step; b.running.len()];
+            b.complete(&tokens);
+            step += 1;
+            assert!(step < 100, "no progress");
+        }
+        log
+    }
+
+    #[tokio::test]
+    async fn the_newest_admitted_sequence_is_preempted_and_everything_completes() {
+        // 5 blocks of 4 tokens; two 6-token prompts growing to 14 tokens need 4 blocks each.
+        let mut b = batcher(5);
+        let (out_a, rx_a) = output_channel(1);
+        let (out_b, rx_b) = output_channel(1);
+        for s in Seq::for_request(&request(0..6, 8, 1), &out_a, |_| ()) {
+            b.enqueue(s);
+        }
+        for s in Seq::for_request(&request(50..56, 8, 1), &out_b, |_| ()) {
+            b.enqueue(s);
+        }
+        drop((out_a, out_b));
+        let first = b.schedule();
+        assert_eq!(first.decodes, 0);
+        assert_eq!(b.running.len(), 2);
+        b.complete(&[1, 2]);
+        let log = run(&mut b);
+        assert!(log.iter().any(|s| s.preempted));
+        b.publish();
+        let stats = *b.stats.lock().unwrap();
+        assert!(stats.preemptions > 0);
+        assert_eq!(stats.active_blocks, 0);
+        assert_eq!(
+            stats.generated_tokens, 16,
+            "preempted tokens are not generated again"
+        );
+        // The older request ran straight through: its outputs are one per step from the start.
+        let a: Vec<_> = rx_a.collect().await;
+        let b_out: Vec<_> = rx_b.collect().await;
+        assert_eq!(a.len(), 8);
+        assert_eq!(b_out.len(), 8);
+        let a_tokens: Vec<u32> = a.iter().map(|o| o.as_ref().unwrap().token_ids[0]).collect();
+        assert_eq!(a_tokens[..3], [1, 100, 101], "A was never preempted");
+        assert_eq!(
+            a.last().unwrap().as_ref().unwrap().finish_reason,
+            Some(FinishReason::Length)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_choice_frees_its_blocks_and_the_other_goes_on() {
+        let mut b = batcher(32);
+        let (out, rx) = output_channel(2);
+        for s in Seq::for_request(&request(0..6, 20, 2), &out, |_| ()) {
+            b.enqueue(s);
+        }
+        drop(out);
+        b.schedule();
+        b.complete(&[7, 7]);
+        rx.stopper().stop(0);
+        b.schedule();
+        assert_eq!(b.running.len(), 1);
+        assert_eq!(b.running[0].index, 1);
+        run(&mut b);
+        b.publish();
+        let stats = *b.stats.lock().unwrap();
+        assert_eq!(stats.generated_tokens, 1 + 20);
+        assert_eq!(stats.active_blocks, 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_sends_the_error_and_frees_the_blocks() {
+        let mut b = batcher(32);
+        let (out, mut rx) = output_channel(1);
+        for s in Seq::for_request(&request(0..6, 20, 1), &out, |_| ()) {
+            b.enqueue(s);
+        }
+        b.schedule();
+        b.fail(EngineError::StepFailed("nan in logits".into()));
+        b.publish();
+        assert!(b.is_idle());
+        assert_eq!(b.stats.lock().unwrap().active_blocks, 0);
+        assert_eq!(
+            rx.next().await,
+            Some(Err(EngineError::StepFailed("nan in logits".into())))
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_tokens_end_a_choice_after_min_tokens() {
+        let mut b = batcher(32);
+        let mut req = request(0..6, 20, 1);
+        req.stop.min_tokens = Some(2);
+        let (out, rx) = output_channel(1);
+        for s in Seq::for_request(&req, &out, |_| ()) {
+            b.enqueue(s);
+        }
+        drop(out);
+        for _ in 0..3 {
+            b.schedule();
+            let n = b.running.len();
+            b.complete(&vec![9999; n]);
+        }
+        let outs: Vec<_> = rx.collect().await;
+        assert_eq!(
+            outs.len(),
+            3,
+            "the stop token counts only from the third token on"
+        );
+        assert_eq!(
+            outs[2].as_ref().unwrap().finish_reason,
+            Some(FinishReason::Stop)
+        );
+    }
+}

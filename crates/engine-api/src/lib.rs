@@ -1,0 +1,163 @@
+//! What an engine is to the worker that serves it.
+//!
+//! An [`Engine`] takes a tokenized [`PreprocessedRequest`] and answers with an [`EngineStream`]:
+//! one [`EngineOutput`] per step and choice, ending when every choice has a finish reason, or
+//! with one [`EngineError`] when a step fails. Dropping the stream cancels the request;
+//! [`ChoiceStopper::stop`] ends a single choice (the frontend's stop strings end choices the
+//! engine cannot see). The engine's blocks and queues are summarised in [`EngineStats`].
+//!
+//! Both engines — the candle engine and the mocker — schedule the same way, so the policy
+//! lives here once: [`queue`] (cancellation sweep and admission) and [`batcher`] (the step
+//! skeleton: intake, room for every running sequence with one preemption rule, admission,
+//! outputs and finish reasons). An engine only says how a step's tokens are computed.
+//!
+//! This crate knows nothing of NATS, etcd or HTTP: the worker (`tandem-worker`) puts an engine
+//! on the request plane and maps [`EngineError`]s to the wire's error classes.
+
+pub mod batcher;
+pub mod queue;
+pub mod stream;
+
+pub use batcher::{Batcher, Scheduled, Seq};
+pub use queue::{AdmitCounters, AdmitLimits, Queued};
+pub use stream::{ChoiceStopper, EngineStream, OutputSender, output_channel};
+
+use tandem_protocols::card::ModelRuntimeConfig;
+use tandem_protocols::llm::PreprocessedRequest;
+pub use tandem_protocols::llm::{EngineOutput, FinishReason};
+
+/// Why an engine refused or failed a request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// The prompt leaves no room to generate within the context.
+    #[error("prompt of {prompt} tokens does not fit the context of {context} tokens")]
+    PromptTooLong { prompt: usize, context: usize },
+    /// The request itself is wrong (empty prompt, token ids outside the vocabulary, …).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The engine has shut down.
+    #[error("engine stopped")]
+    Stopped,
+    /// A step the request was part of failed (a forward pass error); its blocks were freed.
+    #[error("engine step failed: {0}")]
+    StepFailed(String),
+}
+
+/// Block and queue statistics an engine reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineStats {
+    pub total_blocks: u64,
+    pub active_blocks: u64,
+    pub prefix_hit_rate: f64,
+    pub running: u64,
+    pub waiting: u64,
+    /// Prompt tokens computed so far (cache hits excluded).
+    pub prefill_tokens: u64,
+    /// Prompt tokens served from the prefix cache so far.
+    pub cached_prompt_tokens: u64,
+    /// Tokens generated so far, over every choice of every request.
+    pub generated_tokens: u64,
+    /// Sequences preempted (blocks released, to be recomputed) so far.
+    pub preemptions: u64,
+}
+
+fn positive_usize(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..1.0).contains(&f) => Ok(f),
+        Ok(f) => Err(format!("{f} is not in [0, 1)")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Batching flags every engine shares (vLLM's and Dynamo's names), checked when parsed.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BatchingArgs {
+    /// Tokens per KV block (default 16 for the candle engine, 64 for the mocker, as Dynamo).
+    #[arg(long = "block-size", value_parser = positive_usize)]
+    pub block_size: Option<usize>,
+    /// KV blocks in the cache (default: the candle engine sizes it from free memory, the
+    /// mocker uses 16384).
+    #[arg(long = "kv-cache-blocks", alias = "num-gpu-blocks-override", value_parser = positive_usize)]
+    pub num_blocks: Option<usize>,
+    #[arg(long = "max-num-seqs", default_value_t = 256, value_parser = positive_usize)]
+    pub max_num_seqs: usize,
+    #[arg(long = "max-num-batched-tokens", default_value_t = 8192, value_parser = positive_usize)]
+    pub max_num_batched_tokens: usize,
+    /// Fraction of blocks kept free when admitting new sequences.
+    #[arg(long, default_value_t = 0.01, value_parser = fraction)]
+    pub watermark: f64,
+    #[arg(long = "enable-prefix-caching", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_prefix_caching: bool,
+}
+
+impl Default for BatchingArgs {
+    fn default() -> Self {
+        Self {
+            block_size: None,
+            num_blocks: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            watermark: 0.01,
+            enable_prefix_caching: true,
+        }
+    }
+}
+
+impl BatchingArgs {
+    pub fn limits(&self) -> AdmitLimits {
+        AdmitLimits {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            watermark: self.watermark,
+        }
+    }
+}
+
+/// A token generator. Implemented by the mocker and the candle engine.
+pub trait Engine: Send + Sync + 'static {
+    /// Starts generating; the stream ends after every choice's output carrying a finish
+    /// reason, or after one error. Dropping the stream stops the request and frees its blocks.
+    fn generate(&self, request: PreprocessedRequest) -> Result<EngineStream, EngineError>;
+    fn stats(&self) -> EngineStats;
+    fn runtime_config(&self) -> ModelRuntimeConfig;
+    fn block_size(&self) -> u32;
+    /// The engine's KV block events from now on, in order (one subscriber; a later call
+    /// replaces it). Nothing is kept while nobody subscribes.
+    fn subscribe_kv_events(&self) -> tokio::sync::mpsc::UnboundedReceiver<tandem_kv::BlockEvent>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        b: BatchingArgs,
+    }
+
+    #[test]
+    fn batching_flags_are_checked_when_parsed() {
+        let ok = Cli::try_parse_from(["x", "--block-size", "32", "--watermark", "0.05"]).unwrap();
+        assert_eq!(ok.b.block_size, Some(32));
+        for bad in [
+            &["x", "--block-size", "0"][..],
+            &["x", "--max-num-seqs", "0"],
+            &["x", "--watermark", "1.5"],
+            &["x", "--watermark", "nan"],
+            &["x", "--kv-cache-blocks", "many"],
+        ] {
+            let err = Cli::try_parse_from(bad).err().unwrap().to_string();
+            assert!(err.contains(bad[1]), "{err}");
+        }
+    }
+}

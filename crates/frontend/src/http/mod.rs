@@ -1,0 +1,165 @@
+//! The HTTP layer: routes, extractors, response rendering and error mapping.
+//!
+//! `POST /v1/chat/completions` and `POST /v1/completions` read the body ([`body`]), run the
+//! request [`crate::pipeline`] and render its events ([`render`]); `GET /v1/models`, `/health`,
+//! `/live` and `/metrics` answer from the model list and the registries. Every error leaves
+//! as OpenAI's envelope through [`ApiError`], including 404 for unknown routes and 405 for a
+//! method a route does not serve; a refused request is counted in
+//! `dynamo_frontend_requests_total` with its `error_type`.
+
+pub mod body;
+pub mod render;
+
+use crate::error::ApiError;
+use crate::metrics::FrontendMetrics;
+use crate::models::ModelManager;
+use crate::pipeline::{self, Endpoint};
+use crate::trace::{RequestIds, http_request_span};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Extension, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+pub use body::BODY_LIMIT;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tandem_protocols::openai::{ModelList, ModelObject};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub models: ModelManager,
+    pub metrics: Arc<FrontendMetrics>,
+    pub runtime_registry: Option<prometheus::Registry>,
+}
+
+pub fn router(state: AppState) -> Router {
+    // Only generation requests get an `http-request` span: scrapes and health probes would
+    // bury them in the trace store.
+    let traced = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route_layer(axum::middleware::from_fn(http_request_span));
+    Router::new()
+        .merge(traced)
+        .route("/v1/models", get(list_models))
+        .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::route_not_found() })
+        // Last, so that it reaches every route above.
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+async fn chat(
+    State(s): State<AppState>,
+    Extension(ids): Extension<RequestIds>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generation(&s, Endpoint::Chat, ids, &headers, body).await
+}
+
+async fn completions(
+    State(s): State<AppState>,
+    Extension(ids): Extension<RequestIds>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generation(&s, Endpoint::Completions, ids, &headers, body).await
+}
+
+async fn generation(
+    s: &AppState,
+    endpoint: Endpoint,
+    ids: RequestIds,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let started = body::json_body(headers, body)
+        .and_then(|body| pipeline::start(&s.models, s.metrics.clone(), endpoint, &body, ids));
+    let result = match started {
+        // Failures after this point were counted by the request's own guard.
+        Ok(g) => render::respond(endpoint, g).await,
+        Err(e) => return rejected(s, e, endpoint),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Counts a request refused before generation and renders its error.
+fn rejected(s: &AppState, e: ApiError, endpoint: Endpoint) -> Response {
+    s.metrics
+        .requests
+        .with_label_values(&[
+            "",
+            endpoint.label(),
+            "unary",
+            "error",
+            e.metric_error_type(),
+        ])
+        .inc();
+    e.into_response()
+}
+
+async fn list_models(State(s): State<AppState>) -> Response {
+    let data = s
+        .models
+        .list()
+        .iter()
+        .map(|m| ModelObject {
+            id: m.name.clone(),
+            object: "model".into(),
+            created: m.created,
+            owned_by: "tandem".into(),
+        })
+        .collect();
+    axum::Json(ModelList {
+        object: "list".into(),
+        data,
+    })
+    .into_response()
+}
+
+async fn live() -> Response {
+    axum::Json(json!({"status": "live", "message": "Service is live"})).into_response()
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    let models = s.models.list();
+    let mut endpoints: Vec<String> = models
+        .iter()
+        .map(|m| m.client.endpoint().to_string())
+        .collect();
+    endpoints.sort();
+    endpoints.dedup();
+    let instances: Vec<Value> = models
+        .iter()
+        .flat_map(|m| m.client.instances())
+        .filter_map(|i| serde_json::to_value(i).ok())
+        .collect();
+    let (status, message) = if instances.is_empty() {
+        ("unhealthy", "No endpoints available")
+    } else {
+        ("healthy", "Service is healthy")
+    };
+    axum::Json(json!({"status": status, "message": message, "endpoints": endpoints, "instances": instances}))
+        .into_response()
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let mut text = tandem_runtime::metrics::encode(&s.metrics.registry);
+    if let Some(r) = &s.runtime_registry {
+        text.push_str(&tandem_runtime::metrics::encode(r));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

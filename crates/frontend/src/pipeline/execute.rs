@@ -1,0 +1,136 @@
+//! Stage 3, the request plane: the prepared request goes to the routed worker and its outputs
+//! come back through `postprocess` as [`GenEvent`]s.
+//!
+//! The stream runs inside the request's `http-request` span (the worker call joins the trace)
+//! and keeps the request's metrics ([`RequestGuard`]): every way it can end — all choices
+//! finished, a worker error (with its class), the client gone — is counted once. A choice that
+//! a stop string ended is stopped on the worker at once with a `stop_choice` control message.
+
+use super::postprocess::{GenEvent, Postprocessor};
+use super::prepare::Prepared;
+use super::route::route;
+use crate::error::ApiError;
+use crate::metrics::{FrontendMetrics, RequestGuard};
+use crate::models::ServedModel;
+use crate::trace::RequestIds;
+use async_stream::stream;
+use futures::{Stream, StreamExt};
+use std::sync::Arc;
+use tandem_protocols::llm::{EngineOutput, GenerateControl};
+use tandem_runtime::{RequestOptions, TypedStream};
+use tracing::Instrument;
+
+/// Counts a client that went away before its response was complete.
+struct DisconnectGuard<'a> {
+    metrics: &'a FrontendMetrics,
+    done: bool,
+}
+
+impl Drop for DisconnectGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.disconnected.inc();
+        }
+    }
+}
+
+/// One request to one worker. Call it inside the request's `http-request` span; the per-token
+/// loop does not enter the span (entering costs time on every token and the loop logs nothing).
+pub fn generate(
+    metrics: Arc<FrontendMetrics>,
+    model: Arc<ServedModel>,
+    p: Prepared,
+    endpoint: &'static str,
+    ids: RequestIds,
+    request_id: String,
+) -> impl Stream<Item = Result<GenEvent, ApiError>> + Send + 'static {
+    let span = tracing::Span::current();
+    span.record("request_id", request_id.as_str());
+    span.record("model", model.name.as_str());
+    stream! {
+        let mut guard = RequestGuard::new(&metrics, &model.name, endpoint, p.stream, span.clone());
+        let prompt_tokens = p.request.token_ids.len();
+        guard.input_tokens(prompt_tokens);
+        let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
+        let mut post = Postprocessor::new(&model.preprocessor, p.n(), &p.stops, prompt_tokens);
+        let upstream = match route(&model, &p, &span) {
+            Ok(route) => {
+                let opts = RequestOptions { id: Some(request_id), headers: ids.headers() };
+                let call = model.client.call(route.mode(), &p.request, opts);
+                call.instrument(span.clone()).await.map(|s| (s, route)).map_err(ApiError::from)
+            }
+            Err(e) => Err(e),
+        };
+        let (mut upstream, mut route): (TypedStream<EngineOutput>, _) = match upstream {
+            Ok(u) => u,
+            Err(e) => {
+                guard.fail(e.metric_error_type());
+                disconnect.done = true;
+                yield Err(e);
+                return;
+            }
+        };
+        while let Some(item) = upstream.next().await {
+            let out = match item {
+                Ok(out) => out,
+                Err(e) => {
+                    let e = ApiError::from(e);
+                    guard.fail(e.metric_error_type());
+                    disconnect.done = true;
+                    yield Err(e);
+                    return;
+                }
+            };
+            route.prefill_done();
+            let step = post.push(out);
+            guard.tokens(step.tokens, prompt_tokens);
+            if let Some(index) = step.stop_choice
+                && !upstream.control(&GenerateControl::StopChoice { index }).await
+            {
+                tracing::debug!(index, "stop_choice not sent: the request has ended");
+            }
+            for ev in step.events {
+                yield Ok(ev);
+            }
+            if post.all_finished() {
+                break;
+            }
+        }
+        if !post.all_finished() {
+            let e = ApiError::internal("worker stream ended before every choice finished");
+            guard.fail(e.metric_error_type());
+            disconnect.done = true;
+            yield Err(e);
+            return;
+        }
+        guard.ok();
+        disconnect.done = true;
+        yield Ok(GenEvent::Usage(post.usage()));
+    }
+}
+
+/// Gathers a whole generation for a unary response: text and finish reason per choice, usage.
+pub async fn collect(
+    events: impl Stream<Item = Result<GenEvent, ApiError>>,
+    n: u32,
+) -> Result<
+    (
+        Vec<String>,
+        Vec<Option<String>>,
+        tandem_protocols::openai::Usage,
+    ),
+    ApiError,
+> {
+    let mut texts = vec![String::new(); n as usize];
+    let mut reasons: Vec<Option<String>> = vec![None; n as usize];
+    let mut usage = Default::default();
+    let mut events = std::pin::pin!(events);
+    while let Some(ev) = events.next().await {
+        match ev? {
+            GenEvent::Text { index, text } => texts[index as usize].push_str(&text),
+            GenEvent::Finish { index, reason } => reasons[index as usize] = Some(reason.into()),
+            GenEvent::Usage(u) => usage = u,
+        }
+    }
+    Ok((texts, reasons, usage))
+}

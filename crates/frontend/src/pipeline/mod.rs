@@ -1,0 +1,100 @@
+//! The request pipeline, one stage per file, between the HTTP layer and the request plane:
+//!
+//! ```text
+//! JSON body ─▶ prepare ─▶ route ─▶ execute (request plane ⇄ worker) ─▶ postprocess ─▶ GenEvents
+//! ```
+//!
+//! - [`prepare`]: OpenAI request → validated engine request (fields, ranges, template,
+//!   tokens, context length). Pure.
+//! - [`route`]: the worker: the client's pick, the KV router's, or round-robin / random.
+//! - [`execute`]: the typed call to the worker and the request's metrics; errors keep their
+//!   class from the worker to here.
+//! - [`postprocess`]: per-choice detokenization and stop strings; a choice a stop string ends
+//!   is stopped on the worker. Pure.
+//!
+//! The HTTP layer (`crate::http`) renders the [`GenEvent`]s as SSE chunks or one JSON body.
+
+pub mod execute;
+pub mod postprocess;
+pub mod prepare;
+pub mod route;
+#[cfg(test)]
+pub(crate) mod test_model;
+
+use crate::error::ApiError;
+use crate::metrics::FrontendMetrics;
+use crate::models::{Lookup, ModelManager, ServedModel};
+use crate::trace::RequestIds;
+use futures::Stream;
+pub use postprocess::GenEvent;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// The two generation endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    /// Dynamo's `endpoint` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Chat => "chat_completions",
+            Self::Completions => "completions",
+        }
+    }
+}
+
+/// A request under way: how to answer, and the events to answer with.
+pub struct Generation<S> {
+    pub request_id: String,
+    /// The model as the client named it.
+    pub model: String,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub n: u32,
+    pub events: S,
+}
+
+fn find_model(models: &ModelManager, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+    match models.lookup(name) {
+        Lookup::Ready(m) => Ok(m),
+        Lookup::Gone => Err(ApiError::unavailable(format!(
+            "no worker is serving model `{name}` right now"
+        ))),
+        Lookup::Unknown => Err(ApiError::model_not_found(name)),
+    }
+}
+
+/// Runs `prepare` and starts the rest; an error here is the client's answer and nothing
+/// reached a worker.
+pub fn start(
+    models: &ModelManager,
+    metrics: Arc<FrontendMetrics>,
+    endpoint: Endpoint,
+    body: &Value,
+    ids: RequestIds,
+) -> Result<Generation<impl Stream<Item = Result<GenEvent, ApiError>> + Send + use<>>, ApiError> {
+    let common = prepare::common(body)?;
+    let model = find_model(models, &common.model)?;
+    let view = prepare::ModelView {
+        name: &model.name,
+        preprocessor: &model.preprocessor,
+        context_length: model.card.context_length,
+    };
+    let p = match endpoint {
+        Endpoint::Chat => prepare::chat(&view, body, &common)?,
+        Endpoint::Completions => prepare::completion(&view, body, &common)?,
+    };
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    Ok(Generation {
+        request_id: request_id.clone(),
+        model: common.model,
+        stream: p.stream,
+        include_usage: p.include_usage,
+        n: p.n(),
+        events: execute::generate(metrics, model, p, endpoint.label(), ids, request_id),
+    })
+}
