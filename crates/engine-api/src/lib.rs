@@ -61,6 +61,20 @@ pub struct EngineStats {
     pub preemptions: u64,
 }
 
+/// What every engine checks of a prompt before queueing it: not empty, every id inside the
+/// vocabulary (an id outside it would index past the embedding table).
+pub fn check_prompt(token_ids: &[u32], vocab_size: usize) -> Result<(), EngineError> {
+    if token_ids.is_empty() {
+        return Err(EngineError::Invalid("empty prompt".into()));
+    }
+    match token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+        Some(t) => Err(EngineError::Invalid(format!(
+            "token id {t} is outside the vocabulary of {vocab_size}"
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn positive_usize(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),

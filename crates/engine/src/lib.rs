@@ -206,19 +206,7 @@ impl CandleEngine {
 
 impl Engine for CandleEngine {
     fn generate(&self, request: PreprocessedRequest) -> Result<EngineStream, EngineError> {
-        if request.token_ids.is_empty() {
-            return Err(EngineError::Invalid("empty prompt".into()));
-        }
-        if let Some(&t) = request
-            .token_ids
-            .iter()
-            .find(|&&t| t as usize >= self.vocab_size)
-        {
-            return Err(EngineError::Invalid(format!(
-                "token id {t} is outside the vocabulary of {}",
-                self.vocab_size
-            )));
-        }
+        tandem_engine_api::check_prompt(&request.token_ids, self.vocab_size)?;
         let (out, stream) = tandem_engine_api::output_channel(request.sampling.n);
         for seq in scheduler::sequences(&request, &out) {
             self.tx.send(seq).map_err(|_| EngineError::Stopped)?;

@@ -63,6 +63,7 @@ const DEFAULT_MAX_TOKENS: u32 = 16;
 
 pub struct MockEngine {
     args: MockerArgs,
+    vocab: u32,
     tx: mpsc::UnboundedSender<MockSeq>,
     stats: Arc<Mutex<EngineStats>>,
     events: EventTap,
@@ -100,6 +101,7 @@ impl MockEngine {
         tokio::spawn(scheduler.run(rx));
         Arc::new(Self {
             args,
+            vocab: vocab_size,
             tx,
             stats,
             events,
@@ -109,9 +111,7 @@ impl MockEngine {
 
 impl Engine for MockEngine {
     fn generate(&self, mut request: PreprocessedRequest) -> Result<EngineStream, EngineError> {
-        if request.token_ids.is_empty() {
-            return Err(EngineError::Invalid("empty prompt".into()));
-        }
+        tandem_engine_api::check_prompt(&request.token_ids, self.vocab as usize)?;
         request.stop.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
         let seed = request.sampling.seed.unwrap_or_else(|| {
             request
