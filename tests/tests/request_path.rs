@@ -423,7 +423,8 @@ async fn bad_configuration_stops_the_process_naming_the_flag() -> Result<()> {
     let model = tandem_tests::bundled_model()?;
     let model = model.to_str().unwrap();
     // (program, args, environment, what the error must name)
-    let cases: [(&str, Vec<&str>, Vec<(&str, &str)>, &str); 6] = [
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 6] = [
         (
             "frontend",
             vec![],

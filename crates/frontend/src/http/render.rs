@@ -73,8 +73,8 @@ pub async fn respond(
         started: vec![false; g.n as usize],
     };
     let body = async_stream::stream! {
-        if let Some(ev) = head {
-            if let Some(b) = chunks.render(ev) { yield b }
+        if let Some(b) = head.and_then(|ev| chunks.render(ev)) {
+            yield b
         }
         while let Some(ev) = events.next().await {
             match ev {

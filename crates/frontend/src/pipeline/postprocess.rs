@@ -200,8 +200,8 @@ mod tests {
         ];
         for (text, stops, want, want_reason, told) in table {
             let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-            let mut p = Postprocessor::new(&pre, 1, &stops, 5);
-            let (sent, reason, stop) = feed(&mut p, &pre, 0, text);
+            let mut p = Postprocessor::new(pre, 1, &stops, 5);
+            let (sent, reason, stop) = feed(&mut p, pre, 0, text);
             assert_eq!(&sent, want, "{text:?} / {stops:?}");
             assert_eq!(reason, Some(*want_reason), "{text:?} / {stops:?}");
             assert_eq!(stop.is_some(), *told, "{text:?} / {stops:?}");
@@ -213,7 +213,7 @@ mod tests {
     fn n_choices_end_on_their_own_and_late_tokens_are_dropped() {
         let pre = preprocessor();
         let stops = vec!["STOP".to_string()];
-        let mut p = Postprocessor::new(&pre, 2, &stops, 7);
+        let mut p = Postprocessor::new(pre, 2, &stops, 7);
         let a = pre.encode("alpha STOP beta").unwrap();
         let b = pre.encode("gamma delta").unwrap();
         let mut told = Vec::new();
