@@ -37,7 +37,7 @@ struct Cli {
     #[arg(long, value_enum, default_value = "candle")]
     engine: EngineKind,
     /// Override the model's context length.
-    #[arg(long = "context-length")]
+    #[arg(long = "context-length", value_parser = clap::value_parser!(u32).range(2..))]
     context_length: Option<u32>,
     #[arg(long = "migration-limit", default_value_t = 0)]
     migration_limit: u32,

@@ -49,13 +49,13 @@ pub enum DtypeArg {
 #[derive(clap::Args, Debug, Clone)]
 pub struct CandleArgs {
     /// `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value = "cpu", value_parser = device_name)]
     pub device: String,
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: DtypeArg,
     /// Fraction of free memory (RAM on CPU, device memory on CUDA, measured after the weights
     /// are loaded) given to the KV cache when `--kv-cache-blocks` is not set.
-    #[arg(long = "kv-cache-memory-fraction")]
+    #[arg(long = "kv-cache-memory-fraction", value_parser = memory_fraction)]
     pub kv_cache_memory_fraction: Option<f64>,
 }
 
@@ -66,6 +66,25 @@ impl Default for CandleArgs {
             dtype: DtypeArg::Auto,
             kv_cache_memory_fraction: None,
         }
+    }
+}
+
+fn device_name(s: &str) -> Result<String, String> {
+    let cuda_n = s
+        .strip_prefix("cuda:")
+        .is_some_and(|n| n.parse::<usize>().is_ok());
+    if s == "cpu" || s == "cuda" || cuda_n {
+        Ok(s.to_string())
+    } else {
+        Err("expected cpu, cuda or cuda:N".into())
+    }
+}
+
+fn memory_fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        Ok(f) => Err(format!("{f} is not in (0, 1]")),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -179,6 +179,20 @@ impl Chunks {
     }
 }
 
+/// One value per choice from its text and finish reason, in choice order.
+fn per_choice<T>(
+    texts: Vec<String>,
+    reasons: Vec<Option<String>>,
+    make: impl Fn(u32, String, Option<String>) -> T,
+) -> Vec<T> {
+    texts
+        .into_iter()
+        .zip(reasons)
+        .enumerate()
+        .map(|(i, (text, reason))| make(i as u32, text, reason))
+        .collect()
+}
+
 fn chat_unary(
     request_id: &str,
     model: &str,
@@ -187,20 +201,15 @@ fn chat_unary(
     reasons: Vec<Option<String>>,
     usage: Usage,
 ) -> Response {
-    let choices = texts
-        .into_iter()
-        .zip(reasons)
-        .enumerate()
-        .map(|(i, (content, finish_reason))| ChatChoice {
-            index: i as u32,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                content,
-            },
-            finish_reason,
-            logprobs: None,
-        })
-        .collect();
+    let choices = per_choice(texts, reasons, |index, content, finish_reason| ChatChoice {
+        index,
+        message: AssistantMessage {
+            role: "assistant".into(),
+            content,
+        },
+        finish_reason,
+        logprobs: None,
+    });
     axum::Json(ChatCompletionResponse {
         id: format!("chatcmpl-{request_id}"),
         object: "chat.completion".into(),
@@ -221,17 +230,14 @@ fn completion_unary(
     reasons: Vec<Option<String>>,
     usage: Usage,
 ) -> Response {
-    let choices = texts
-        .into_iter()
-        .zip(reasons)
-        .enumerate()
-        .map(|(i, (text, finish_reason))| CompletionChoice {
-            index: i as u32,
+    let choices = per_choice(texts, reasons, |index, text, finish_reason| {
+        CompletionChoice {
+            index,
             text,
             finish_reason,
             logprobs: None,
-        })
-        .collect();
+        }
+    });
     axum::Json(CompletionResponse {
         id: format!("cmpl-{request_id}"),
         object: "text_completion".into(),
