@@ -265,8 +265,14 @@ impl<X> Batcher<X> {
     /// The step failed: every running sequence ends with `error` and frees its blocks. Waiting
     /// sequences stay queued: the failure was this batch's, not the engine's.
     pub fn fail(&mut self, error: EngineError) {
+        let block_size = self.pool.block_size();
         for mut s in std::mem::take(&mut self.running) {
             s.out.fail(error.clone());
+            // Blocks past what earlier steps computed were registered at admission but never
+            // written: no later prompt may find them in the cache.
+            if let Some(b) = &s.blocks {
+                self.pool.forget_from(b, s.computed / block_size);
+            }
             self.release(&mut s);
         }
         self.events.send_all(self.pool.drain_events());
@@ -418,6 +424,17 @@ mod tests {
             rx.next().await,
             Some(Err(EngineError::StepFailed("nan in logits".into())))
         );
+        // The prompt's blocks were never computed: the same prompt finds nothing cached.
+        let (out, rx) = output_channel(1);
+        for s in Seq::for_request(&request(0..6, 1, 1), &out, |_| ()) {
+            b.enqueue(s);
+        }
+        drop(out);
+        b.schedule();
+        assert_eq!(b.running[0].computed, 0);
+        b.complete(&[5]);
+        let outs: Vec<_> = rx.collect().await;
+        assert_eq!(outs[0].as_ref().unwrap().cached_tokens, Some(0));
     }
 
     #[tokio::test]

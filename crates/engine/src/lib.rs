@@ -126,6 +126,12 @@ impl CandleEngine {
         batching: &BatchingArgs,
         max_model_len: usize,
     ) -> Result<Arc<Self>, LoadError> {
+        // The CLI checks these when parsing; arguments built in code are checked here.
+        if batching.block_size == Some(0) || batching.max_num_seqs == 0 {
+            return Err(LoadError::Load(
+                "block size and max-num-seqs must be at least 1".into(),
+            ));
+        }
         let device = parse_device(&args.device)?;
         let format = match (args.dtype, device.is_cpu()) {
             (DtypeArg::Auto, true) | (DtypeArg::F32, _) => WeightFormat::Dense(DType::F32),

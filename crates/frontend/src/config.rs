@@ -9,6 +9,7 @@ use tandem_runtime::RouterMode;
 /// `--router-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RouterModeArg {
+    #[value(alias = "round_robin")]
     RoundRobin,
     Random,
     /// To the worker with the most of the prompt cached, weighed against its load.

@@ -63,11 +63,11 @@ impl KvRouterArgs {
     }
 }
 
-/// A finite number ≥ 0.
+/// A number in [0, 1e9] (weights, temperatures and seconds; `Duration` cannot hold 1e300 s).
 fn non_negative(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        Ok(v) => Err(format!("{v} is not a finite number >= 0")),
+        Ok(v) if (0.0..=1e9).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("{v} is not in [0, 1e9]")),
         Err(e) => Err(e.to_string()),
     }
 }

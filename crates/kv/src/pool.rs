@@ -247,6 +247,26 @@ impl BlockPool {
         }
     }
 
+    /// Unregisters the sequence's blocks from `first_block` on (their contents were never
+    /// computed: the step that was to compute them failed), so that no later prompt reuses
+    /// them; records `Removed` for each. The blocks stay the sequence's until released.
+    pub fn forget_from(&mut self, seq: &SeqBlocks, first_block: usize) {
+        let mut removed = Vec::new();
+        for &b in seq.blocks.iter().skip(first_block) {
+            let block = &mut self.blocks[b.0 as usize];
+            if let Some(h) = block.hash
+                && self.by_hash.get(&h.sequence) == Some(&b)
+            {
+                self.by_hash.remove(&h.sequence);
+                block.hash = None;
+                removed.push(h.sequence);
+            }
+        }
+        if !removed.is_empty() {
+            self.events.push(BlockEvent::Removed { hashes: removed });
+        }
+    }
+
     /// Forgets every cached block (active ones stay registered).
     pub fn clear_cache(&mut self) {
         let cached = std::mem::take(&mut self.cached);

@@ -113,6 +113,9 @@ impl Engine for MockEngine {
     fn generate(&self, mut request: PreprocessedRequest) -> Result<EngineStream, EngineError> {
         tandem_engine_api::check_prompt(&request.token_ids, self.vocab as usize)?;
         request.stop.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
+        // Its tokens are random: an end-of-sequence id among them would end choices at random
+        // lengths. Like Dynamo's mocker, it generates until the length limit.
+        request.stop.stop_token_ids.clear();
         let seed = request.sampling.seed.unwrap_or_else(|| {
             request
                 .token_ids

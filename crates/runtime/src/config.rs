@@ -165,11 +165,14 @@ fn parse_system_port(s: &str) -> Result<i32, String> {
     }
 }
 
-/// Seconds: finite and above zero.
+/// A year: far beyond any sensible timeout, far below what `Duration` can hold.
+const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Seconds: above zero, at most [`MAX_SECS`].
 pub fn positive_secs(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
-        Ok(v) => Err(format!("{v} is not a positive number of seconds")),
+        Ok(v) if v > 0.0 && v <= MAX_SECS => Ok(v),
+        Ok(v) => Err(format!("{v} is not a number of seconds in (0, {MAX_SECS}]")),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -209,6 +212,7 @@ mod tests {
             ("--stream-stall-timeout-secs", "abc"),
             ("--caller-probe-interval-secs", "0"),
             ("--request-ack-timeout-secs", "inf"),
+            ("--request-ack-timeout-secs", "1e300"),
             ("--lease-ttl-secs", "1"),
             ("--system-use-endpoint-health-status", "generate"),
             ("--system-use-endpoint-health-status", "[]"),

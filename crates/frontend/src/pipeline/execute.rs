@@ -84,7 +84,8 @@ pub fn generate(
             route.prefill_done();
             let step = post.push(out);
             guard.tokens(step.tokens, prompt_tokens);
-            if let Some(index) = step.stop_choice
+            // When it was the last open choice, ending the stream below cancels the request.
+            if let Some(index) = step.stop_choice.filter(|_| !post.all_finished())
                 && !upstream.control(&GenerateControl::StopChoice { index }).await
             {
                 tracing::debug!(index, "stop_choice not sent: the request has ended");

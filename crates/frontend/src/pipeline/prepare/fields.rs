@@ -48,7 +48,7 @@ pub const CHAT: &[&str] = &[
 /// Completions-only fields tandem reads.
 pub const COMPLETION: &[&str] = &["prompt", "logprobs", "best_of", "echo", "suffix"];
 
-/// Known fields that change nothing tandem computes: accepted when their type is right.
+/// Known fields that change nothing tandem computes: accepted and not read.
 const ACCEPTED: &[&str] = &[
     "metadata",
     "service_tier",
@@ -69,6 +69,20 @@ const UNIMPLEMENTED: &[(&str, &[&str])] = &[
     ("reasoning_effort", &[]),
     ("verbosity", &[]),
     ("store", &["false"]),
+    // vLLM's extensions tandem does not have yet.
+    ("guided_json", &[]),
+    ("guided_regex", &[]),
+    ("guided_choice", &[]),
+    ("guided_grammar", &[]),
+    ("structured_outputs", &[]),
+    ("use_beam_search", &["false"]),
+    ("include_stop_str_in_output", &["false"]),
+    ("skip_special_tokens", &["true"]),
+    ("chat_template_kwargs", &["{}"]),
+    ("prompt_logprobs", &[]),
+    ("allowed_token_ids", &[]),
+    ("bad_words", &["[]"]),
+    ("stop_token_ids", &["[]"]),
 ];
 
 /// Refuses known-but-unimplemented fields in use and logs unknown ones. `endpoint_fields` is

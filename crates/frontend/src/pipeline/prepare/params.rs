@@ -57,7 +57,7 @@ fn repetition_penalty(r: Option<f32>, name: &str) -> Result<(), ApiError> {
 
 /// `nvext` fields tandem honours; any other is refused by name.
 fn nvext(ext: &NvExt) -> Result<(), ApiError> {
-    if let Some(key) = ext.other.keys().next() {
+    if let Some((key, _)) = ext.other.iter().find(|(_, v)| !v.is_null()) {
         return Err(ApiError::unsupported(
             &format!("nvext.{key}"),
             "is set, but",
