@@ -208,6 +208,7 @@ async fn worker_errors_keep_their_class_across_the_request_plane() -> Result<()>
             max_tokens: Some(2),
             ..Default::default()
         },
+        prefill_result: None,
     };
     let cases = [
         (

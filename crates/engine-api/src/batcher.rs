@@ -15,14 +15,31 @@
 //!    pool's block events are published. Or [`Batcher::fail`] when the step failed: every
 //!    sequence in it gets the error and frees its blocks; the engine carries on.
 //! 5. [`Batcher::publish`] the stats.
+//!
+//! Disaggregation ([`crate::transfer`]) adds two things to the skeleton. A prefill leg's
+//! sequence, when it ends, keeps its blocks *held* under its transfer id (named in its last
+//! output) until [`Intake::Release`]. A decode leg's sequence carries the prompt's KV: at
+//! admission the blocks it did not find in the cache are queued as writes
+//! ([`Batcher::take_writes`], which the engine applies before its forward pass), the first
+//! token leaves at once, and it joins the batch as a decode. When the cache no longer holds
+//! the prefix the import was fetched against, the sequence computes what it lacks instead.
 
 use crate::queue::{self, AdmitCounters, AdmitLimits, Queued};
 use crate::stream::OutputSender;
-use crate::{EngineError, EngineStats};
-use std::collections::VecDeque;
+use crate::transfer::{CacheIndex, Disagg, KvImport};
+use crate::{EngineError, EngineStats, StepHistogram};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tandem_kv::{BlockPool, EventTap, SeqBlocks};
+use tandem_protocols::disagg::DisaggregatedParams;
 use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, StopConditions};
+
+/// What reaches an engine's scheduler.
+pub enum Intake<X> {
+    Seq(Seq<X>),
+    /// Free the blocks held for a transfer.
+    Release(u64),
+}
 
 /// One choice of one request; `X` is what the engine keeps besides (a sampler, an RNG).
 pub struct Seq<X> {
@@ -38,6 +55,10 @@ pub struct Seq<X> {
     pub generated: u32,
     /// Prompt tokens found in the cache at first admission, sent with the first output.
     cached_tokens: Option<u32>,
+    /// Prefill leg: when the choice ends, its blocks are held under this transfer id.
+    hold: Option<u64>,
+    /// Decode leg: the prompt's KV from the prefill worker, applied at admission.
+    import: Option<KvImport>,
     pub ext: X,
 }
 
@@ -60,9 +81,44 @@ impl<X> Seq<X> {
                 stop: request.stop.clone(),
                 generated: 0,
                 cached_tokens: None,
+                hold: None,
+                import: None,
                 ext: ext(index),
             })
             .collect()
+    }
+
+    /// The sequences of one leg of a request: [`Self::for_request`] for an aggregated one; a
+    /// prefill or decode leg has one choice (the frontend sends `n > 1` aggregated).
+    pub fn for_leg(
+        request: &PreprocessedRequest,
+        disagg: Disagg,
+        out: &OutputSender,
+        ext: impl FnMut(u32) -> X,
+    ) -> Result<Vec<Self>, EngineError> {
+        if !matches!(disagg, Disagg::Aggregated) && request.sampling.n > 1 {
+            return Err(EngineError::Invalid(
+                "a disaggregated leg has one choice (n = 1)".into(),
+            ));
+        }
+        let mut seqs = Self::for_request(request, out, ext);
+        for seq in &mut seqs {
+            match &disagg {
+                Disagg::Aggregated => {}
+                Disagg::Prefill { transfer_id } => {
+                    seq.hold = Some(*transfer_id);
+                    seq.stop.max_tokens = Some(1);
+                }
+                Disagg::Decode(import) => {
+                    seq.tokens.push(import.first_token);
+                    seq.generated = 1;
+                }
+            }
+        }
+        if let (Disagg::Decode(import), Some(seq)) = (disagg, seqs.first_mut()) {
+            seq.import = Some(import);
+        }
+        Ok(seqs)
     }
 
     fn finish_reason(&self, token: u32, max_model_len: usize) -> Option<FinishReason> {
@@ -116,7 +172,15 @@ pub struct Batcher<X> {
     preemptions: u64,
     generated: u64,
     events: EventTap,
+    index: CacheIndex,
     stats: Arc<Mutex<EngineStats>>,
+    /// Prefill legs' blocks waiting to be fetched, by transfer id.
+    held: HashMap<u64, SeqBlocks>,
+    /// Imported blocks to write before the next forward pass: (block id, contents).
+    writes: Vec<(u32, Vec<u8>)>,
+    imported_blocks: u64,
+    import_misses: u64,
+    steps: StepHistogram,
 }
 
 impl<X> Batcher<X> {
@@ -139,8 +203,42 @@ impl<X> Batcher<X> {
             preemptions: 0,
             generated: 0,
             events,
+            index: CacheIndex::default(),
             stats,
+            held: HashMap::new(),
+            writes: Vec::new(),
+            imported_blocks: 0,
+            import_misses: 0,
+            steps: StepHistogram::default(),
         }
+    }
+
+    /// The hashes this batcher's pool has cached, kept current after every step.
+    pub fn cache_index(&self) -> CacheIndex {
+        self.index.clone()
+    }
+
+    pub fn intake(&mut self, item: Intake<X>) {
+        match item {
+            Intake::Seq(s) => self.enqueue(s),
+            Intake::Release(id) => {
+                if let Some(b) = self.held.remove(&id) {
+                    self.pool.release(b);
+                    self.flush_events();
+                }
+            }
+        }
+    }
+
+    /// Imported blocks to write into the cache before this step's forward pass.
+    pub fn take_writes(&mut self) -> Vec<(u32, Vec<u8>)> {
+        std::mem::take(&mut self.writes)
+    }
+
+    fn flush_events(&mut self) {
+        let events = self.pool.drain_events();
+        self.index.apply(&events);
+        self.events.send_all(events);
     }
 
     pub fn pool(&self) -> &BlockPool {
@@ -169,7 +267,7 @@ impl<X> Batcher<X> {
             index: seq.index,
             token_ids: vec![],
             finish_reason: Some(FinishReason::Length),
-            cached_tokens: None,
+            ..Default::default()
         });
     }
 
@@ -220,18 +318,80 @@ impl<X> Batcher<X> {
         for s in rejected {
             self.reject(s);
         }
-        for seq in &mut self.running[before..] {
+        let mut ended = Vec::new();
+        for i in before..self.running.len() {
+            let seq = &mut self.running[i];
             let cached = seq.blocks.as_ref().map_or(0, |b| b.cached_tokens);
             seq.computed = cached;
             if seq.is_fresh() {
                 seq.cached_tokens = Some(cached as u32);
             }
+            if let Some(import) = seq.import.take()
+                && !self.apply_import(i, import)
+            {
+                ended.push(i);
+            }
         }
+        for i in ended.into_iter().rev() {
+            let mut s = self.running.remove(i);
+            self.release(&mut s);
+        }
+    }
+
+    /// A decode leg was admitted as `running[i]`: queue the writes of the prompt blocks it did
+    /// not find cached and send the first token. False when the sequence has already ended
+    /// (its first token finished it, or its caller is gone).
+    fn apply_import(&mut self, i: usize, mut import: KvImport) -> bool {
+        let bs = self.pool.block_size();
+        let seq = &mut self.running[i];
+        let cached = seq.computed;
+        let matched = cached / bs;
+        let prompt_blocks = seq.prompt_len.div_ceil(bs);
+        // `queue::admit` counted every uncached token as computed here.
+        let counted = (seq.tokens.len() - cached) as u64;
+        self.counters.prefill_tokens = self.counters.prefill_tokens.saturating_sub(counted);
+        self.counters.cached_prompt_tokens += cached as u64;
+        self.counters.queried_prompt_tokens += seq.prompt_len as u64;
+        let covers = matched >= import.first_block
+            && import.first_block + import.blocks.len() == prompt_blocks;
+        match seq.blocks.as_ref() {
+            Some(blocks) if covers => {
+                for b in matched..prompt_blocks {
+                    let data = std::mem::take(&mut import.blocks[b - import.first_block]);
+                    self.writes.push((blocks.blocks[b].0, data));
+                }
+                self.imported_blocks += (prompt_blocks - matched) as u64;
+                seq.computed = seq.prompt_len;
+            }
+            _ => {
+                // Evicted since the fetch (or a malformed import): compute what is missing.
+                self.import_misses += 1;
+                self.counters.prefill_tokens += (seq.prompt_len - cached) as u64;
+                tracing::debug!(
+                    cached,
+                    first_block = import.first_block,
+                    "imported KV no longer applies; computing the prompt here"
+                );
+            }
+        }
+        let first = import.first_token;
+        let finish = seq.finish_reason(first, self.max_model_len);
+        let sent = seq.out.send(EngineOutput {
+            index: seq.index,
+            token_ids: vec![first],
+            finish_reason: finish,
+            cached_tokens: import.cached_tokens,
+            ..Default::default()
+        });
+        self.generated += 1;
+        finish.is_none() && sent
     }
 
     /// Step 4: `tokens[i]` is the token computed for `running[i]`.
     pub fn complete(&mut self, tokens: &[u32]) {
         debug_assert_eq!(tokens.len(), self.running.len());
+        let step_tokens: usize = self.running.iter().map(|s| s.tokens.len() - s.computed).sum();
+        self.steps.observe(step_tokens as u64);
         let mut finished = Vec::new();
         for (i, &token) in tokens.iter().enumerate() {
             let Some(seq) = self.running.get_mut(i) else {
@@ -245,21 +405,32 @@ impl<X> Batcher<X> {
             seq.generated += 1;
             self.generated += 1;
             let finish = seq.finish_reason(token, self.max_model_len);
+            let params = seq.hold.filter(|_| finish.is_some()).map(|id| held_params(seq, id));
             let sent = seq.out.send(EngineOutput {
                 index: seq.index,
                 token_ids: vec![token],
                 finish_reason: finish,
                 cached_tokens: seq.cached_tokens.take(),
+                disaggregated_params: params,
             });
             if finish.is_some() || !sent {
-                finished.push(i);
+                finished.push((i, sent));
             }
         }
-        for i in finished.into_iter().rev() {
+        for (i, sent) in finished.into_iter().rev() {
             let mut s = self.running.remove(i);
-            self.release(&mut s);
+            match (s.hold, s.blocks.take()) {
+                // Its caller has the block list: keep them until fetched or released.
+                (Some(id), Some(blocks)) if sent => {
+                    self.held.insert(id, blocks);
+                }
+                (_, blocks) => {
+                    s.blocks = blocks;
+                    self.release(&mut s);
+                }
+            }
         }
-        self.events.send_all(self.pool.drain_events());
+        self.flush_events();
     }
 
     /// The step failed: every running sequence ends with `error` and frees its blocks. Waiting
@@ -275,7 +446,7 @@ impl<X> Batcher<X> {
             }
             self.release(&mut s);
         }
-        self.events.send_all(self.pool.drain_events());
+        self.flush_events();
     }
 
     pub fn publish(&self) {
@@ -290,7 +461,25 @@ impl<X> Batcher<X> {
             cached_prompt_tokens: self.counters.cached_prompt_tokens,
             generated_tokens: self.generated,
             preemptions: self.preemptions,
+            queried_prompt_tokens: self.counters.queried_prompt_tokens,
+            held_blocks: self.held.values().map(|b| b.blocks.len() as u64).sum(),
+            imported_blocks: self.imported_blocks,
+            import_misses: self.import_misses,
+            step_tokens: self.steps,
         };
+    }
+}
+
+/// The blocks a finished prefill leg holds, for its last output (the worker adds where and
+/// how to fetch them).
+fn held_params<X>(seq: &Seq<X>, transfer_id: u64) -> DisaggregatedParams {
+    let blocks = seq.blocks.as_ref();
+    DisaggregatedParams {
+        transfer_id,
+        block_ids: blocks.map_or_else(Vec::new, |b| b.blocks.iter().map(|id| id.0).collect()),
+        block_hashes: blocks.map_or_else(Vec::new, |b| b.full.iter().map(|h| h.sequence).collect()),
+        num_tokens: seq.prompt_len as u32,
+        ..Default::default()
     }
 }
 
@@ -314,6 +503,7 @@ mod tests {
                 stop_token_ids: vec![9999],
                 ..Default::default()
             },
+            prefill_result: None,
         }
     }
 
@@ -462,5 +652,137 @@ mod tests {
             outs[2].as_ref().unwrap().finish_reason,
             Some(FinishReason::Stop)
         );
+    }
+
+    #[tokio::test]
+    async fn a_prefill_leg_holds_its_blocks_until_released() {
+        let mut b = batcher(32);
+        let (out, rx) = output_channel(1);
+        let req = request(0..10, 20, 1);
+        let seqs = Seq::for_leg(&req, Disagg::Prefill { transfer_id: 7 }, &out, |_| ()).unwrap();
+        for s in seqs {
+            b.enqueue(s);
+        }
+        drop(out);
+        run(&mut b);
+        let outs: Vec<_> = rx.collect().await;
+        assert_eq!(outs.len(), 1, "a prefill leg makes one token");
+        let last = outs[0].as_ref().unwrap();
+        assert_eq!(last.finish_reason, Some(FinishReason::Length));
+        let params = last.disaggregated_params.clone().unwrap();
+        assert_eq!(params.transfer_id, 7);
+        assert_eq!(params.block_ids.len(), 3, "10 tokens in blocks of 4");
+        assert_eq!(params.block_hashes.len(), 2, "two full blocks");
+        assert_eq!(params.num_tokens, 10);
+        b.publish();
+        assert_eq!(b.stats.lock().unwrap().held_blocks, 3);
+        assert_eq!(b.stats.lock().unwrap().active_blocks, 3);
+        b.intake(Intake::Release(99));
+        assert_eq!(b.pool.stats().active_blocks, 3, "another id frees nothing");
+        b.intake(Intake::Release(7));
+        b.publish();
+        let stats = *b.stats.lock().unwrap();
+        assert_eq!((stats.held_blocks, stats.active_blocks), (0, 0));
+        // The prompt's full blocks stay in the prefix cache, and the index knows them.
+        assert_eq!(b.cache_index().cached_prefix(&params.block_hashes), 2);
+    }
+
+    #[tokio::test]
+    async fn a_prefill_leg_whose_caller_left_frees_its_blocks() {
+        let mut b = batcher(32);
+        let (out, rx) = output_channel(1);
+        let req = request(0..10, 20, 1);
+        for s in Seq::for_leg(&req, Disagg::Prefill { transfer_id: 1 }, &out, |_| ()).unwrap() {
+            b.enqueue(s);
+        }
+        b.schedule();
+        drop(rx);
+        b.complete(&[5]);
+        b.publish();
+        assert_eq!(b.stats.lock().unwrap().active_blocks, 0);
+    }
+
+    fn import(first_block: usize, blocks: usize) -> KvImport {
+        KvImport {
+            first_token: 42,
+            cached_tokens: Some(4),
+            first_block,
+            blocks: (0..blocks).map(|i| vec![i as u8; 3]).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_decode_leg_writes_only_uncached_blocks_and_starts_from_the_first_token() {
+        let mut b = batcher(32);
+        // Cache the first two blocks of the prompt (8 of its 10 tokens) with an earlier request.
+        let (out, rx) = output_channel(1);
+        for s in Seq::for_request(&request(0..9, 1, 1), &out, |_| ()) {
+            b.enqueue(s);
+        }
+        drop(out);
+        run(&mut b);
+        drop(rx);
+        b.take_writes();
+        let (out, rx) = output_channel(1);
+        let req = request(0..10, 3, 1);
+        let seqs = Seq::for_leg(&req, Disagg::Decode(import(0, 3)), &out, |_| ()).unwrap();
+        for s in seqs {
+            b.enqueue(s);
+        }
+        drop(out);
+        let s = b.schedule();
+        assert_eq!(s.decodes, 0);
+        let writes = b.take_writes();
+        assert_eq!(writes.len(), 1, "blocks 0 and 1 were cached: only block 2 is written");
+        assert_eq!(writes[0].1, vec![2u8; 3]);
+        assert_eq!(b.running[0].computed, 10, "nothing of the prompt left to compute");
+        assert_eq!(b.running[0].tokens.len(), 11);
+        b.complete(&[43]);
+        run(&mut b);
+        let toks: Vec<u32> = rx
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .flat_map(|o| o.unwrap().token_ids)
+            .collect();
+        assert_eq!(&toks[..2], &[42, 43]);
+        assert_eq!(toks.len(), 3);
+        b.publish();
+        let stats = *b.stats.lock().unwrap();
+        assert_eq!(stats.imported_blocks, 1);
+        assert_eq!(stats.import_misses, 0);
+        assert_eq!(stats.prefill_tokens, 9, "only the earlier request's prompt was computed");
+        assert_eq!(stats.active_blocks, 0);
+    }
+
+    #[tokio::test]
+    async fn an_import_the_cache_no_longer_matches_is_computed_here() {
+        let mut b = batcher(32);
+        let (out, rx) = output_channel(1);
+        let req = request(0..10, 2, 1);
+        // Fetched as if blocks 0-1 were cached here; they are not.
+        let seqs = Seq::for_leg(&req, Disagg::Decode(import(2, 1)), &out, |_| ()).unwrap();
+        for s in seqs {
+            b.enqueue(s);
+        }
+        drop(out);
+        b.schedule();
+        assert!(b.take_writes().is_empty());
+        assert_eq!(b.running[0].computed, 0, "the whole prompt and first token are computed");
+        run(&mut b);
+        let outs: Vec<_> = rx.collect().await;
+        assert_eq!(outs[0].as_ref().unwrap().token_ids, vec![42]);
+        assert_eq!(outs.len(), 2);
+        b.publish();
+        let stats = *b.stats.lock().unwrap();
+        assert_eq!((stats.import_misses, stats.prefill_tokens), (1, 10));
+    }
+
+    #[test]
+    fn disaggregated_legs_have_one_choice() {
+        let (out, _rx) = output_channel(2);
+        let req = request(0..4, 2, 2);
+        assert!(Seq::<()>::for_leg(&req, Disagg::Prefill { transfer_id: 1 }, &out, |_| ()).is_err());
+        assert!(Seq::<()>::for_leg(&req, Disagg::Aggregated, &out, |_| ()).is_ok());
     }
 }

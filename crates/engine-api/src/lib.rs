@@ -11,17 +11,24 @@
 //! skeleton: intake, room for every running sequence with one preemption rule, admission,
 //! outputs and finish reasons). An engine only says how a step's tokens are computed.
 //!
+//! Disaggregated serving ([`transfer`]): a request can be a prefill leg (blocks held for a
+//! decode worker to fetch) or a decode leg (blocks imported from a prefill worker); the
+//! block contents move through the engine's [`KvTransfer`].
+//!
 //! This crate knows nothing of NATS, etcd or HTTP: the worker (`tandem-worker`) puts an engine
 //! on the request plane and maps [`EngineError`]s to the wire's error classes.
 
 pub mod batcher;
 pub mod queue;
 pub mod stream;
+pub mod transfer;
 
-pub use batcher::{Batcher, Scheduled, Seq};
+pub use batcher::{Batcher, Intake, Scheduled, Seq};
+pub use transfer::{CacheIndex, Disagg, KvImport, KvTransfer};
 pub use queue::{AdmitCounters, AdmitLimits, Queued};
 pub use stream::{ChoiceStopper, EngineStream, OutputSender, output_channel};
 
+use std::sync::Arc;
 use tandem_protocols::card::ModelRuntimeConfig;
 use tandem_protocols::llm::PreprocessedRequest;
 pub use tandem_protocols::llm::{EngineOutput, FinishReason};
@@ -43,6 +50,32 @@ pub enum EngineError {
     StepFailed(String),
 }
 
+/// Upper bounds of [`StepHistogram`]'s buckets: tokens computed in one engine step.
+pub const STEP_TOKEN_BUCKETS: [u64; 14] = [
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
+];
+
+/// Tokens computed per engine step, as cumulative bucket counts (Prometheus' shape).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepHistogram {
+    /// `buckets[i]`: steps with at most `STEP_TOKEN_BUCKETS[i]` tokens.
+    pub buckets: [u64; 14],
+    pub count: u64,
+    pub sum: u64,
+}
+
+impl StepHistogram {
+    pub fn observe(&mut self, tokens: u64) {
+        for (b, &le) in self.buckets.iter_mut().zip(&STEP_TOKEN_BUCKETS) {
+            if tokens <= le {
+                *b += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += tokens;
+    }
+}
+
 /// Block and queue statistics an engine reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct EngineStats {
@@ -59,6 +92,15 @@ pub struct EngineStats {
     pub generated_tokens: u64,
     /// Sequences preempted (blocks released, to be recomputed) so far.
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache so far (`cached_prompt_tokens` of them hit).
+    pub queried_prompt_tokens: u64,
+    /// Blocks held for transfers to decode workers now (counted in `active_blocks` too).
+    pub held_blocks: u64,
+    /// Prompt blocks written from other workers' transfers so far.
+    pub imported_blocks: u64,
+    /// Decode legs whose fetched blocks no longer applied at admission (computed here instead).
+    pub import_misses: u64,
+    pub step_tokens: StepHistogram,
 }
 
 /// What every engine checks of a prompt before queueing it: not empty, every id inside the
@@ -139,7 +181,17 @@ impl BatchingArgs {
 pub trait Engine: Send + Sync + 'static {
     /// Starts generating; the stream ends after every choice's output carrying a finish
     /// reason, or after one error. Dropping the stream stops the request and frees its blocks.
-    fn generate(&self, request: PreprocessedRequest) -> Result<EngineStream, EngineError>;
+    fn generate(&self, request: PreprocessedRequest) -> Result<EngineStream, EngineError> {
+        self.generate_leg(request, Disagg::Aggregated)
+    }
+    /// [`Self::generate`] as one leg of a disaggregated request.
+    fn generate_leg(
+        &self,
+        request: PreprocessedRequest,
+        disagg: Disagg,
+    ) -> Result<EngineStream, EngineError>;
+    /// How this engine's blocks leave and enter it.
+    fn kv_transfer(&self) -> Arc<dyn KvTransfer>;
     fn stats(&self) -> EngineStats;
     fn runtime_config(&self) -> ModelRuntimeConfig;
     fn block_size(&self) -> u32;

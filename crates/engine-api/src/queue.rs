@@ -26,6 +26,8 @@ pub struct AdmitCounters {
     pub prefill_tokens: u64,
     /// Prompt tokens served from the prefix cache at sequences' first admission.
     pub cached_prompt_tokens: u64,
+    /// Prompt tokens looked up in the prefix cache at sequences' first admission.
+    pub queried_prompt_tokens: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +103,7 @@ pub fn admit<S: Queued>(
         counters.prefill_tokens += computed as u64;
         if seq.is_fresh() {
             counters.cached_prompt_tokens += blocks.cached_tokens as u64;
+            counters.queried_prompt_tokens += seq.tokens().len() as u64;
         }
         *seq.blocks_mut() = Some(blocks);
         running.push(seq);

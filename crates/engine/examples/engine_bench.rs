@@ -67,6 +67,7 @@ async fn tandem(
                 ignore_eos: true,
                 ..Default::default()
             },
+            prefill_result: None,
         })
         .collect();
     let streams: Vec<_> = requests

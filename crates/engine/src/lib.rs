@@ -6,6 +6,10 @@
 //! batches their prefills and decodes step by step, samples, and streams tokens back through
 //! each request's channel. Dropping that stream is the cancellation signal: the scheduler
 //! notices the closed channel before its next step and frees the sequence's blocks.
+//!
+//! For disaggregated serving the engine's [`KvTransfer`] reads held blocks straight from the
+//! cache tensors (the worker's data plane sends them) and the scheduler writes imported
+//! blocks at admission; on CUDA both go through host memory today.
 
 pub mod config;
 pub mod model;
@@ -13,7 +17,11 @@ pub mod scheduler;
 
 use candle_core::{DType, Device};
 use std::sync::{Arc, Mutex};
-use tandem_engine_api::{BatchingArgs, Engine, EngineError, EngineStats, EngineStream};
+use tandem_engine_api::{
+    BatchingArgs, CacheIndex, Disagg, Engine, EngineError, EngineStats, EngineStream, Intake,
+    KvTransfer,
+};
+use tandem_protocols::disagg::KvLayout;
 use tandem_kv::{BlockEvent, EventTap};
 use tandem_model::WeightsSource;
 use tandem_protocols::card::ModelRuntimeConfig;
@@ -109,7 +117,8 @@ pub fn parse_device(s: &str) -> Result<Device, LoadError> {
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 pub struct CandleEngine {
-    tx: mpsc::UnboundedSender<scheduler::CandleSeq>,
+    tx: mpsc::UnboundedSender<Intake<tandem_sampling::Sampler>>,
+    transfer: Arc<CandleTransfer>,
     stats: Arc<Mutex<EngineStats>>,
     events: EventTap,
     runtime: ModelRuntimeConfig,
@@ -193,7 +202,7 @@ impl CandleEngine {
             max_num_seqs: batching.max_num_seqs as u64,
             max_num_batched_tokens: batching.max_num_batched_tokens as u64,
             data_parallel_size: 1,
-            kv_events_zmq: None,
+            ..Default::default()
         };
         let stats = Arc::new(Mutex::new(EngineStats {
             total_blocks: num_blocks as u64,
@@ -201,20 +210,39 @@ impl CandleEngine {
         }));
         let events = EventTap::new();
         let (tx, rx) = mpsc::unbounded_channel();
+        let layout = KvLayout {
+            num_layers: model.config.num_layers as u32,
+            num_kv_heads: model.config.num_kv_heads as u32,
+            head_dim: model.config.head_dim as u32,
+            block_size: block_size as u32,
+            dtype: match dtype {
+                DType::F16 => "f16",
+                DType::BF16 => "bf16",
+                _ => "f32",
+            }
+            .into(),
+        };
         let sched = scheduler::Scheduler::new(
             model,
-            cache,
+            cache.clone(),
             batching,
             max_model_len,
             stats.clone(),
             events.clone(),
         );
+        let transfer = Arc::new(CandleTransfer {
+            cache,
+            tx: tx.clone(),
+            index: sched.cache_index(),
+            layout,
+        });
         std::thread::Builder::new()
             .name("candle-engine".into())
             .spawn(move || sched.run(rx))
             .map_err(|e| LoadError::Load(format!("starting the engine thread: {e}")))?;
         Ok(Arc::new(Self {
             tx,
+            transfer,
             stats,
             events,
             runtime,
@@ -230,13 +258,23 @@ impl CandleEngine {
 }
 
 impl Engine for CandleEngine {
-    fn generate(&self, request: PreprocessedRequest) -> Result<EngineStream, EngineError> {
+    fn generate_leg(
+        &self,
+        request: PreprocessedRequest,
+        disagg: Disagg,
+    ) -> Result<EngineStream, EngineError> {
         tandem_engine_api::check_prompt(&request.token_ids, self.vocab_size)?;
         let (out, stream) = tandem_engine_api::output_channel(request.sampling.n);
-        for seq in scheduler::sequences(&request, &out) {
-            self.tx.send(seq).map_err(|_| EngineError::Stopped)?;
+        for seq in scheduler::sequences(&request, disagg, &out)? {
+            self.tx
+                .send(Intake::Seq(seq))
+                .map_err(|_| EngineError::Stopped)?;
         }
         Ok(stream)
+    }
+
+    fn kv_transfer(&self) -> Arc<dyn KvTransfer> {
+        self.transfer.clone()
     }
 
     fn stats(&self) -> EngineStats {
@@ -253,6 +291,39 @@ impl Engine for CandleEngine {
 
     fn subscribe_kv_events(&self) -> mpsc::UnboundedReceiver<BlockEvent> {
         self.events.subscribe()
+    }
+}
+
+/// Block transfers of the candle engine: held blocks are read from the cache tensors on the
+/// caller's thread (they are the transfer's until released, so nothing writes them).
+struct CandleTransfer {
+    cache: KvCache,
+    tx: mpsc::UnboundedSender<Intake<tandem_sampling::Sampler>>,
+    index: CacheIndex,
+    layout: KvLayout,
+}
+
+impl KvTransfer for CandleTransfer {
+    fn layout(&self) -> KvLayout {
+        self.layout.clone()
+    }
+
+    fn read_block(&self, id: u32, out: &mut Vec<u8>) -> Result<(), EngineError> {
+        if id as usize >= self.cache.num_blocks {
+            return Err(EngineError::Invalid(format!("no block {id}")));
+        }
+        self.cache
+            .read_block(id, out)
+            .map_err(|e| EngineError::StepFailed(format!("reading block {id}: {e}")))
+    }
+
+    fn cached_prefix(&self, hashes: &[u64]) -> usize {
+        self.index.cached_prefix(hashes)
+    }
+
+    fn release(&self, transfer_id: u64) {
+        // A stopped engine has freed everything already.
+        let _ = self.tx.send(Intake::Release(transfer_id));
     }
 }
 

@@ -112,7 +112,9 @@ struct Layer {
     down: Linear,
 }
 
-/// Per-layer key and value tensors of `[slots, kv_heads × head_dim]`.
+/// Per-layer key and value tensors of `[slots, kv_heads × head_dim]`. Clones share the
+/// tensors (the KV transfer reads held blocks while the scheduler runs).
+#[derive(Clone)]
 pub struct KvCache {
     pub k: Vec<Tensor>,
     pub v: Vec<Tensor>,
@@ -144,6 +146,45 @@ impl KvCache {
             block_size,
             num_blocks,
         })
+    }
+
+    /// Appends block `id` in the transfer wire format: for every layer its keys, then its
+    /// values, `block_size` rows each, in the cache's dtype.
+    pub fn read_block(&self, id: u32, out: &mut Vec<u8>) -> candle_core::Result<()> {
+        let start = id as usize * self.block_size;
+        for (k, v) in self.k.iter().zip(&self.v) {
+            for t in [k, v] {
+                append_raw(&t.narrow(0, start, self.block_size)?.flatten_all()?, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes block `id` from the transfer wire format ([`Self::read_block`]'s).
+    pub fn write_block(&self, id: u32, data: &[u8]) -> candle_core::Result<()> {
+        let Some(first) = self.k.first() else {
+            return Ok(());
+        };
+        let (dtype, device) = (first.dtype(), first.device());
+        let kv_dim = first.dim(1)?;
+        let part = self.block_size * kv_dim * dtype.size_in_bytes();
+        if data.len() != 2 * self.k.len() * part {
+            candle_core::bail!(
+                "block of {} bytes, expected {}",
+                data.len(),
+                2 * self.k.len() * part
+            );
+        }
+        let start = id as usize * self.block_size;
+        let mut parts = data.chunks_exact(part);
+        for (k, v) in self.k.iter().zip(&self.v) {
+            for t in [k, v] {
+                let bytes = parts.next().unwrap_or_default();
+                let src = Tensor::from_raw_buffer(bytes, dtype, &[self.block_size, kv_dim], device)?;
+                t.slice_set(&src, 0, start)?;
+            }
+        }
+        Ok(())
     }
 
     /// Bytes one block takes across all layers, keys and values.
@@ -695,4 +736,18 @@ fn rope_table(config: &ModelConfig, ld: &mut Loader) -> Result<(Tensor, Tensor),
         Ok((idx.cos()?.to_dtype(act)?, idx.sin()?.to_dtype(act)?))
     };
     build().map_err(load_err)
+}
+
+// The transfer wire format is little-endian; tensors are copied in native order.
+const _: () = assert!(cfg!(target_endian = "little"));
+
+/// Appends a 1-D tensor's elements as raw bytes.
+fn append_raw(t: &Tensor, out: &mut Vec<u8>) -> candle_core::Result<()> {
+    match t.dtype() {
+        DType::F32 => out.extend_from_slice(bytemuck::cast_slice(&t.to_vec1::<f32>()?)),
+        DType::F16 => out.extend_from_slice(bytemuck::cast_slice(&t.to_vec1::<half::f16>()?)),
+        DType::BF16 => out.extend_from_slice(bytemuck::cast_slice(&t.to_vec1::<half::bf16>()?)),
+        other => candle_core::bail!("no transfer format for {other:?} KV"),
+    }
+    Ok(())
 }

@@ -6,13 +6,17 @@
 //! sequence samples its token with its choice's sampler. A failed forward pass fails the
 //! sequences of that step with [`EngineError::StepFailed`] and the engine goes on.
 //!
+//! Blocks a decode leg imported are written into the cache at the start of the step that
+//! admitted it, before the forward pass.
+//!
 //! Prefills are not chunked: a prompt runs whole in the step that admits it, so a block a
 //! sequence finds in the cache has been computed (or is computed in the same step, before
 //! any attention reads it).
 
 use std::sync::{Arc, Mutex};
 use tandem_engine_api::{
-    Batcher, BatchingArgs, EngineError, EngineStats, OutputSender, Scheduled, Seq,
+    Batcher, BatchingArgs, CacheIndex, Disagg, EngineError, EngineStats, Intake, OutputSender,
+    Scheduled, Seq,
 };
 use tandem_kv::{BlockPool, EventTap};
 use tandem_protocols::llm::PreprocessedRequest;
@@ -25,9 +29,13 @@ use crate::model::{KvCache, Model, StepSeq};
 /// choice's sampler.
 pub type CandleSeq = Seq<Sampler>;
 
-/// The sequences of one request, one per choice.
-pub fn sequences(request: &PreprocessedRequest, out: &OutputSender) -> Vec<CandleSeq> {
-    Seq::for_request(request, out, |index| {
+/// The sequences of one request (or one leg of it), one per choice.
+pub fn sequences(
+    request: &PreprocessedRequest,
+    disagg: Disagg,
+    out: &OutputSender,
+) -> Result<Vec<CandleSeq>, EngineError> {
+    Seq::for_leg(request, disagg, out, |index| {
         Sampler::new(request.sampling.clone(), index as u64)
     })
 }
@@ -59,18 +67,23 @@ impl Scheduler {
         }
     }
 
+    pub fn cache_index(&self) -> CacheIndex {
+        self.batcher.cache_index()
+    }
+
     /// Runs until every engine handle is gone.
-    pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<CandleSeq>) {
+    pub fn run(mut self, mut rx: mpsc::UnboundedReceiver<Intake<Sampler>>) {
         loop {
+            while let Ok(item) = rx.try_recv() {
+                self.batcher.intake(item);
+            }
             if self.batcher.is_idle() {
                 self.batcher.publish();
                 match rx.blocking_recv() {
-                    Some(s) => self.batcher.enqueue(s),
+                    Some(item) => self.batcher.intake(item),
                     None => return,
                 }
-            }
-            while let Ok(s) = rx.try_recv() {
-                self.batcher.enqueue(s);
+                continue;
             }
             let scheduled = self.batcher.schedule();
             self.step(scheduled);
@@ -78,8 +91,19 @@ impl Scheduler {
         }
     }
 
-    /// Computes one token for every running sequence in one forward pass.
+    /// Writes imported blocks, then computes one token for every running sequence in one
+    /// forward pass.
     fn step(&mut self, scheduled: Scheduled) {
+        // Registered at admission: written now, whether or not their sequence still runs.
+        for (id, data) in self.batcher.take_writes() {
+            if let Err(e) = self.cache.write_block(id, &data) {
+                tracing::error!(error = %e, block = id, "writing an imported block failed");
+                self.batcher.fail(EngineError::StepFailed(format!(
+                    "writing imported KV block {id}: {e}"
+                )));
+                return;
+            }
+        }
         let running = &mut self.batcher.running;
         if running.is_empty() {
             return;

@@ -9,14 +9,22 @@
 //! delay at all), and each sequence's token is a pseudo-random id that avoids the low,
 //! special ids, so no end-of-sequence ever ends a choice early.
 //!
+//! Disaggregation: the mocker plays both roles with the same block accounting as the candle
+//! engine (a prefill leg holds its blocks until fetched or released; a decode leg's import
+//! skips the prompt's cost). Its blocks carry no data (layout dtype `mock`, zero bytes on the
+//! wire); instead a transfer is made to last `blocks × block_size × kv_bytes_per_token /
+//! kv_transfer_bandwidth` ([`KvTransfer::simulated_delay`], divided by the speedup ratio).
+//!
 //! For testing failure paths, `fail_after_tokens` makes a step fail (as a forward pass can)
 //! as soon as a sequence in it has generated that many tokens.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_engine_api::{
-    Batcher, BatchingArgs, Engine, EngineError, EngineStats, EngineStream, Scheduled, Seq,
+    Batcher, BatchingArgs, CacheIndex, Disagg, Engine, EngineError, EngineStats, EngineStream,
+    Intake, KvTransfer, Scheduled, Seq,
 };
+use tandem_protocols::disagg::KvLayout;
 use tandem_kv::{BlockPool, EventTap};
 use tandem_protocols::card::ModelRuntimeConfig;
 use tandem_protocols::llm::PreprocessedRequest;
@@ -32,7 +40,16 @@ pub struct MockerArgs {
     pub speedup_ratio: f64,
     /// Fail a step once a sequence in it has generated this many tokens (fault injection).
     pub fail_after_tokens: Option<u32>,
+    /// KV bytes one token would take on the simulated model (sizes simulated transfers).
+    pub kv_bytes_per_token: u64,
+    /// Simulated KV transfer bandwidth in bytes per second.
+    pub kv_transfer_bandwidth: f64,
 }
+
+/// Llama-3-8B in bf16: 32 layers × 8 KV heads × 128 × 2 (K, V) × 2 bytes.
+pub const DEFAULT_KV_BYTES_PER_TOKEN: u64 = 131_072;
+/// 25 GB/s, an RDMA NIC's order of magnitude.
+pub const DEFAULT_KV_TRANSFER_BANDWIDTH: f64 = 25e9;
 
 /// Dynamo mocker's defaults for what the shared flags leave unset.
 pub const DEFAULT_NUM_BLOCKS: usize = 16384;
@@ -46,6 +63,8 @@ impl MockerArgs {
             batching: batching.clone(),
             speedup_ratio,
             fail_after_tokens: None,
+            kv_bytes_per_token: DEFAULT_KV_BYTES_PER_TOKEN,
+            kv_transfer_bandwidth: DEFAULT_KV_TRANSFER_BANDWIDTH,
         }
     }
 }
@@ -64,13 +83,12 @@ const DEFAULT_MAX_TOKENS: u32 = 16;
 pub struct MockEngine {
     args: MockerArgs,
     vocab: u32,
-    tx: mpsc::UnboundedSender<MockSeq>,
+    tx: mpsc::UnboundedSender<Intake<u64>>,
+    transfer: Arc<MockTransfer>,
     stats: Arc<Mutex<EngineStats>>,
     events: EventTap,
 }
 
-/// A choice as the mocker keeps it: the shared sequence state plus its token generator.
-type MockSeq = Seq<u64>;
 
 impl MockEngine {
     /// Starts the scheduler task; `vocab_size` bounds the emitted token ids.
@@ -86,14 +104,23 @@ impl MockEngine {
             args.block_size,
             args.batching.enable_prefix_caching,
         );
+        let batcher = Batcher::new(
+            pool,
+            args.batching.limits(),
+            usize::MAX,
+            events.clone(),
+            stats.clone(),
+        );
+        let transfer = Arc::new(MockTransfer {
+            tx: tx.clone(),
+            index: batcher.cache_index(),
+            block_size: args.block_size,
+            bytes_per_block: args.kv_bytes_per_token as f64 * args.block_size as f64,
+            bandwidth: args.kv_transfer_bandwidth,
+            speedup_ratio: args.speedup_ratio,
+        });
         let scheduler = Scheduler {
-            batcher: Batcher::new(
-                pool,
-                args.batching.limits(),
-                usize::MAX,
-                events.clone(),
-                stats.clone(),
-            ),
+            batcher,
             speedup_ratio: args.speedup_ratio,
             fail_after_tokens: args.fail_after_tokens,
             vocab: vocab_size.max(FIRST_PLAIN_TOKEN + 1),
@@ -103,6 +130,7 @@ impl MockEngine {
             args,
             vocab: vocab_size,
             tx,
+            transfer,
             stats,
             events,
         })
@@ -110,7 +138,11 @@ impl MockEngine {
 }
 
 impl Engine for MockEngine {
-    fn generate(&self, mut request: PreprocessedRequest) -> Result<EngineStream, EngineError> {
+    fn generate_leg(
+        &self,
+        mut request: PreprocessedRequest,
+        disagg: Disagg,
+    ) -> Result<EngineStream, EngineError> {
         tandem_engine_api::check_prompt(&request.token_ids, self.vocab as usize)?;
         request.stop.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
         // Its tokens are random: an end-of-sequence id among them would end choices at random
@@ -123,13 +155,25 @@ impl Engine for MockEngine {
                 .fold(0x9e37_79b9, |h, t| h ^ (*t as u64 + h.rotate_left(5)))
         });
         let (out, stream) = tandem_engine_api::output_channel(request.sampling.n);
-        let seqs = Seq::for_request(&request, &out, |index| {
+        let mut seqs = Seq::for_leg(&request, disagg, &out, |index| {
             seed ^ (index as u64).wrapping_mul(0xa076_1d64_78bd_642f)
-        });
-        for seq in seqs {
-            self.tx.send(seq).map_err(|_| EngineError::Stopped)?;
+        })?;
+        let vocab = self.vocab.max(FIRST_PLAIN_TOKEN + 1);
+        for mut seq in seqs.drain(..) {
+            // A decode leg continues the generator where the prefill worker's left it, so
+            // that disaggregated output equals aggregated output.
+            for _ in 0..seq.generated {
+                next_token(&mut seq.ext, vocab);
+            }
+            self.tx
+                .send(Intake::Seq(seq))
+                .map_err(|_| EngineError::Stopped)?;
         }
         Ok(stream)
+    }
+
+    fn kv_transfer(&self) -> Arc<dyn KvTransfer> {
+        self.transfer.clone()
     }
 
     fn stats(&self) -> EngineStats {
@@ -142,7 +186,7 @@ impl Engine for MockEngine {
             max_num_seqs: self.args.batching.max_num_seqs as u64,
             max_num_batched_tokens: self.args.batching.max_num_batched_tokens as u64,
             data_parallel_size: 1,
-            kv_events_zmq: None,
+            ..Default::default()
         }
     }
 
@@ -152,6 +196,46 @@ impl Engine for MockEngine {
 
     fn subscribe_kv_events(&self) -> mpsc::UnboundedReceiver<tandem_kv::BlockEvent> {
         self.events.subscribe()
+    }
+}
+
+/// The mocker's transfers: real block accounting, no data, simulated time.
+struct MockTransfer {
+    tx: mpsc::UnboundedSender<Intake<u64>>,
+    index: CacheIndex,
+    block_size: usize,
+    bytes_per_block: f64,
+    bandwidth: f64,
+    speedup_ratio: f64,
+}
+
+impl KvTransfer for MockTransfer {
+    fn layout(&self) -> KvLayout {
+        KvLayout {
+            block_size: self.block_size as u32,
+            dtype: "mock".into(),
+            ..Default::default()
+        }
+    }
+
+    fn read_block(&self, _id: u32, _out: &mut Vec<u8>) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    fn cached_prefix(&self, hashes: &[u64]) -> usize {
+        self.index.cached_prefix(hashes)
+    }
+
+    fn release(&self, transfer_id: u64) {
+        let _ = self.tx.send(Intake::Release(transfer_id));
+    }
+
+    fn simulated_delay(&self, blocks: usize) -> Duration {
+        if self.speedup_ratio <= 0.0 || self.bandwidth <= 0.0 {
+            return Duration::ZERO;
+        }
+        let secs = blocks as f64 * self.bytes_per_block / self.bandwidth / self.speedup_ratio;
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::ZERO)
     }
 }
 
@@ -184,17 +268,18 @@ fn next_token(rng: &mut u64, vocab: u32) -> u32 {
 }
 
 impl Scheduler {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<MockSeq>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Intake<u64>>) {
         loop {
+            while let Ok(item) = rx.try_recv() {
+                self.batcher.intake(item);
+            }
             if self.batcher.is_idle() {
                 self.batcher.publish();
                 match rx.recv().await {
-                    Some(s) => self.batcher.enqueue(s),
+                    Some(item) => self.batcher.intake(item),
                     None => return,
                 }
-            }
-            while let Ok(s) = rx.try_recv() {
-                self.batcher.enqueue(s);
+                continue;
             }
             let scheduled = self.batcher.schedule();
             let work_ms = self.simulated_ms(scheduled);
@@ -227,6 +312,8 @@ impl Scheduler {
     }
 
     fn step(&mut self) {
+        // Its blocks carry no data: imports have nothing to write.
+        self.batcher.take_writes();
         let running = &mut self.batcher.running;
         if running.is_empty() {
             return;
@@ -272,6 +359,7 @@ mod tests {
                 max_tokens: Some(max_tokens),
                 ..Default::default()
             },
+            prefill_result: None,
         }
     }
 
@@ -380,5 +468,64 @@ mod tests {
         assert!(matches!(errors[0], EngineError::StepFailed(_)));
         tokio::task::yield_now().await;
         assert_eq!(engine.stats().active_blocks, 0);
+    }
+
+    #[tokio::test]
+    async fn prefill_then_decode_legs_equal_one_aggregated_run() {
+        let args = MockerArgs {
+            speedup_ratio: 0.0,
+            block_size: 4,
+            num_blocks: 64,
+            ..Default::default()
+        };
+        let (agg, prefill, decode) = (
+            MockEngine::start(args.clone(), 1000),
+            MockEngine::start(args.clone(), 1000),
+            MockEngine::start(args, 1000),
+        );
+        let req = request((0..10).collect(), 6, 1);
+        let whole: Vec<u32> = outputs(agg.generate(req.clone()).unwrap())
+            .await
+            .into_iter()
+            .flat_map(|o| o.token_ids)
+            .collect();
+        let first = outputs(
+            prefill
+                .generate_leg(req.clone(), Disagg::Prefill { transfer_id: 3 })
+                .unwrap(),
+        )
+        .await;
+        let params = first[0].disaggregated_params.clone().unwrap();
+        assert_eq!(params.block_ids.len(), 3);
+        assert_eq!(prefill.stats().held_blocks, 3);
+        prefill.kv_transfer().release(3);
+        let import = tandem_engine_api::KvImport {
+            first_token: first[0].token_ids[0],
+            cached_tokens: first[0].cached_tokens,
+            first_block: 0,
+            blocks: vec![vec![]; 3],
+        };
+        let rest: Vec<u32> = outputs(decode.generate_leg(req, Disagg::Decode(import)).unwrap())
+            .await
+            .into_iter()
+            .flat_map(|o| o.token_ids)
+            .collect();
+        assert_eq!(rest, whole);
+        // Stats are published after the step that sent the last output.
+        for _ in 0..1000 {
+            if prefill.stats().active_blocks == 0 && decode.stats().active_blocks == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let (p, d) = (prefill.stats(), decode.stats());
+        assert_eq!((p.held_blocks, p.active_blocks), (0, 0));
+        assert_eq!(d.imported_blocks, 3);
+        assert_eq!(d.prefill_tokens, 0, "the decode leg computed no prompt token");
+        assert_eq!(
+            prefill.kv_transfer().simulated_delay(0),
+            Duration::ZERO,
+            "nothing to move, no time"
+        );
     }
 }

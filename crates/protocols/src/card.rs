@@ -17,6 +17,9 @@ pub struct ModelRuntimeConfig {
     /// Where the worker also publishes its KV events over ZMQ (vLLM's format), if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_events_zmq: Option<ZmqEventsEndpoint>,
+    /// A prefill worker's KV data plane, where decode workers fetch blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disaggregated_endpoint: Option<crate::disagg::DataPlaneEndpoint>,
 }
 
 /// A ZMQ PUB endpoint of KV events, as routers should connect to it.
@@ -58,7 +61,8 @@ pub struct ModelDeploymentCard {
     pub kv_cache_block_size: u32,
     #[serde(default)]
     pub migration_limit: u32,
-    /// `chat`, `completions`.
+    /// `chat`, `completions`; a prefill worker's card says `prefill` instead (Dynamo's
+    /// `ModelType.Prefill`): it serves the prefill leg of disaggregated requests only.
     pub model_type: Vec<String>,
     pub runtime_config: ModelRuntimeConfig,
     pub prompt: PromptFormat,
@@ -66,6 +70,13 @@ pub struct ModelDeploymentCard {
     pub tokenizer_endpoint: String,
     /// xxh3-64 of the tokenizer JSON, lowercase hex: all workers of a model must agree.
     pub tokenizer_checksum: String,
+}
+
+impl ModelDeploymentCard {
+    /// The card of a prefill worker.
+    pub fn is_prefill(&self) -> bool {
+        self.model_type.iter().any(|t| t == "prefill")
+    }
 }
 
 /// The etcd record around a card, as Dynamo 1.x writes it.

@@ -47,7 +47,7 @@ pub struct StopConditions {
 }
 
 /// A tokenized request, ready for an engine.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PreprocessedRequest {
     pub model: String,
     pub token_ids: Vec<u32>,
@@ -55,6 +55,10 @@ pub struct PreprocessedRequest {
     pub sampling: SamplingOptions,
     #[serde(default)]
     pub stop: StopConditions,
+    /// Decode leg of a disaggregated request: where the prompt's KV blocks are and the first
+    /// token (Dynamo's `prefill_result`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill_result: Option<crate::disagg::PrefillResult>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,7 +88,7 @@ pub enum GenerateControl {
 }
 
 /// One step of one choice: new tokens, and the reason when the choice has ended.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineOutput {
     /// Which of the request's `n` choices this belongs to.
     #[serde(default)]
@@ -95,4 +99,8 @@ pub struct EngineOutput {
     /// Prompt tokens found in the prefix cache (sent once, with the first output).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u32>,
+    /// A prefill worker's last output: where the prompt's KV blocks wait for the decode
+    /// worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disaggregated_params: Option<crate::disagg::DisaggregatedParams>,
 }

@@ -130,7 +130,7 @@ mod tests {
             index,
             token_ids: ids,
             finish_reason: finish,
-            cached_tokens: None,
+            ..Default::default()
         }
     }
 

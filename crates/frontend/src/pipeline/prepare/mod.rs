@@ -178,6 +178,7 @@ fn finish(
                 ignore_eos: p.ignore_eos,
                 min_tokens: p.min_tokens,
             },
+            prefill_result: None,
         },
         stops: p.stops,
         stream: p.stream,
