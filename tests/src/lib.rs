@@ -559,19 +559,62 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Starts a disaggregated deployment: `decode` decode workers (positions `0..decode`)
+    /// and `prefill` prefill workers after them, each with `worker_args(is_prefill, i)` after
+    /// its role flag, and a frontend with `frontend_args`; returns once the frontend uses
+    /// them all.
+    pub async fn start_disagg(
+        prefill: usize,
+        decode: usize,
+        worker_args: impl Fn(bool, usize) -> Vec<String>,
+        frontend_args: &[&str],
+        timeout: Duration,
+    ) -> Result<Self> {
+        let stack = Stack::start().await?;
+        let mut workers = Vec::new();
+        let mut systems = Vec::new();
+        for (is_prefill, i) in (0..decode)
+            .map(|i| (false, i))
+            .chain((0..prefill).map(|i| (true, i)))
+        {
+            let role = if is_prefill { "prefill" } else { "decode" };
+            let mut args = vec![format!("--is-{role}-worker")];
+            args.extend(worker_args(is_prefill, i));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (worker, system) =
+                stack.spawn_worker(&format!("{role}{i}"), &args, &[("DYN_LEASE_TTL_SECS", "2")])?;
+            workers.push(worker);
+            systems.push(system);
+        }
+        let (frontend, http) = stack.spawn_frontend("frontend", frontend_args, &[])?;
+        let c = Self {
+            stack,
+            workers,
+            systems,
+            frontend,
+            http,
+        };
+        c.wait_workers(decode, timeout).await?;
+        c.wait_gauge("dynamo_frontend_model_prefill_workers", prefill, timeout)
+            .await?;
+        Ok(c)
+    }
+
     /// Waits until the frontend counts `n` workers for the bundled model.
     pub async fn wait_workers(&self, n: usize, timeout: Duration) -> Result<()> {
+        self.wait_gauge("dynamo_frontend_model_workers", n, timeout)
+            .await
+    }
+
+    /// Waits until the frontend's per-model gauge `name` reads `n` for the bundled model.
+    pub async fn wait_gauge(&self, name: &str, n: usize, timeout: Duration) -> Result<()> {
         let url = self.url("/metrics");
-        wait_for(timeout, &format!("{n} workers behind the frontend"), || {
+        wait_for(timeout, &format!("{name} = {n}"), || {
             let url = url.clone();
             async move {
                 let text = scrape(&url).await.ok()?;
-                (metric_value(
-                    &text,
-                    "dynamo_frontend_model_workers",
-                    &[("model", BUNDLED_MODEL_NAME)],
-                ) == Some(n as f64))
-                .then_some(())
+                (metric_value(&text, name, &[("model", BUNDLED_MODEL_NAME)]) == Some(n as f64))
+                    .then_some(())
             }
         })
         .await
@@ -586,6 +629,17 @@ impl Cluster {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.http)
+    }
+
+    /// Worker `i`'s metric `name` (the first series matching `labels`; 0 when absent).
+    pub async fn worker_metric(
+        &self,
+        i: usize,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<f64> {
+        let text = scrape(&format!("http://127.0.0.1:{}/metrics", self.systems[i])).await?;
+        Ok(metric_value(&text, name, labels).unwrap_or(0.0))
     }
 
     /// Generate requests worker `i` has served so far.

@@ -29,7 +29,12 @@ async fn main() -> anyhow::Result<()> {
     }
     let drt = DistributedRuntime::connect(cli.runtime.clone()).await?;
     let metrics = Arc::new(FrontendMetrics::new());
-    let models = ModelManager::watch(&drt, metrics.clone(), cli.frontend.routing());
+    let models = ModelManager::watch(
+        &drt,
+        metrics.clone(),
+        cli.frontend.routing(),
+        cli.frontend.disagg(),
+    );
     let app = router(AppState {
         models,
         metrics,

@@ -9,7 +9,7 @@ use tandem_engine_api::{BatchingArgs, Engine};
 use tandem_mocker::{MockEngine, MockerArgs};
 use tandem_model::ModelFiles;
 use tandem_runtime::{DistributedRuntime, EndpointId, RuntimeConfig};
-use tandem_worker::ServeConfig;
+use tandem_worker::{DisaggregationMode, KvTransferConfig, ServeConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum EngineKind {
@@ -31,7 +31,8 @@ struct Cli {
     /// Name clients use in `model` (default: the model's own name).
     #[arg(long = "model-name", alias = "served-model-name")]
     model_name: Option<String>,
-    /// Endpoint to serve (default dyn://{namespace}.backend.generate).
+    /// Endpoint to serve (default dyn://{namespace}.backend.generate; a prefill worker's
+    /// dyn://{namespace}.prefill.generate).
     #[arg(long)]
     endpoint: Option<String>,
     #[arg(long, value_enum, default_value = "candle")]
@@ -53,10 +54,41 @@ struct Cli {
     /// NATS for the KV router).
     #[arg(long = "kv-events-config")]
     kv_events_config: Option<tandem_worker::kv_events::KvEventsConfig>,
-    /// This worker only decodes: it publishes no KV events. (Disaggregated prefill/decode
-    /// itself is not implemented yet; the flag only affects event publishing.)
-    #[arg(long = "is-decode-worker")]
+    /// Prefill worker: computes prompts and their first token, holds the KV blocks for a
+    /// decode worker to fetch, registers as `prefill` (same as --disaggregation-mode prefill).
+    #[arg(long = "is-prefill-worker", conflicts_with = "disaggregation_mode")]
+    is_prefill_worker: bool,
+    /// Decode worker: fetches prompt KV blocks from prefill workers; publishes no KV events
+    /// (same as --disaggregation-mode decode).
+    #[arg(long = "is-decode-worker", conflicts_with = "disaggregation_mode")]
     is_decode_worker: bool,
+    /// Dynamo 1.x's name for the two flags above; default agg.
+    #[arg(long = "disaggregation-mode", value_enum)]
+    disaggregation_mode: Option<DisaggregationMode>,
+    /// Prefill workers: address the KV data plane binds and advertises to decode workers.
+    #[arg(
+        long = "kv-transfer-host",
+        env = "DYN_KV_TRANSFER_HOST",
+        default_value = "127.0.0.1"
+    )]
+    kv_transfer_host: String,
+    /// Prefill workers: KV data plane port (0: any free port).
+    #[arg(
+        long = "kv-transfer-port",
+        env = "DYN_KV_TRANSFER_PORT",
+        default_value_t = 0
+    )]
+    kv_transfer_port: u16,
+    /// Prefill workers: seconds held KV blocks wait for their decode worker before they are freed.
+    #[arg(long = "kv-transfer-timeout", default_value_t = 30.0, value_parser = positive)]
+    kv_transfer_timeout: f64,
+    /// Mocker only: KV bytes per token of the simulated model (sizes simulated transfers;
+    /// default Llama-3-8B bf16).
+    #[arg(long = "kv-bytes-per-token", default_value_t = tandem_mocker::DEFAULT_KV_BYTES_PER_TOKEN)]
+    kv_bytes_per_token: u64,
+    /// Mocker only: simulated KV transfer bandwidth, bytes per second.
+    #[arg(long = "kv-transfer-bandwidth", default_value_t = tandem_mocker::DEFAULT_KV_TRANSFER_BANDWIDTH, value_parser = positive)]
+    kv_transfer_bandwidth: f64,
     /// Mocker only: divides every simulated delay; 0 removes them.
     #[arg(long = "speedup-ratio", default_value_t = 1.0, value_parser = non_negative)]
     speedup_ratio: f64,
@@ -64,6 +96,34 @@ struct Cli {
     /// sequence in it has generated this many tokens.
     #[arg(long = "fail-after-tokens")]
     fail_after_tokens: Option<u32>,
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number > 0")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Cli {
+    /// The worker's role from whichever flags name it; both legacy flags is an error.
+    fn mode(&self) -> anyhow::Result<DisaggregationMode> {
+        Ok(
+            match (
+                self.is_prefill_worker,
+                self.is_decode_worker,
+                self.disaggregation_mode,
+            ) {
+                (true, true, _) => anyhow::bail!(
+                    "--is-prefill-worker and --is-decode-worker exclude each other; a worker that does both is aggregated (neither flag)"
+                ),
+                (true, false, _) => DisaggregationMode::Prefill,
+                (false, true, _) => DisaggregationMode::Decode,
+                (false, false, m) => m.unwrap_or_default(),
+            },
+        )
+    }
 }
 
 fn non_negative(s: &str) -> Result<f64, String> {
@@ -78,6 +138,7 @@ fn non_negative(s: &str) -> Result<f64, String> {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = tandem_telemetry::init("worker")?;
     let cli = Cli::parse();
+    let mode = cli.mode()?;
     let path = match cli.model_path.to_str() {
         Some(id) if !cli.model_path.exists() && tandem_model::hub::is_hub_id(id) => {
             tandem_model::hub::Hub::from_env()
@@ -89,6 +150,9 @@ async fn main() -> anyhow::Result<()> {
     let model = ModelFiles::load(&path)?;
     let endpoint: EndpointId = match &cli.endpoint {
         Some(e) => e.parse()?,
+        None if mode == DisaggregationMode::Prefill => {
+            EndpointId::new(&cli.runtime.namespace, "prefill", "generate")?
+        }
         None => EndpointId::new(&cli.runtime.namespace, "backend", "generate")?,
     };
     let context_length = cli.context_length.unwrap_or(model.context_length);
@@ -96,6 +160,8 @@ async fn main() -> anyhow::Result<()> {
         EngineKind::Mocker => {
             let mut args = MockerArgs::new(&cli.batching, cli.speedup_ratio);
             args.fail_after_tokens = cli.fail_after_tokens;
+            args.kv_bytes_per_token = cli.kv_bytes_per_token;
+            args.kv_transfer_bandwidth = cli.kv_transfer_bandwidth;
             MockEngine::start(args, model.tokenizer.get_vocab_size(true) as u32)
         }
         EngineKind::Candle => {
@@ -116,8 +182,14 @@ async fn main() -> anyhow::Result<()> {
         model_name: cli.model_name.clone().unwrap_or_else(|| model.name.clone()),
         context_length,
         migration_limit: cli.migration_limit,
-        publish_kv_events: !cli.is_decode_worker,
+        publish_kv_events: mode != DisaggregationMode::Decode,
         kv_events_config: cli.kv_events_config.clone(),
+        mode,
+        kv_transfer: KvTransferConfig {
+            host: cli.kv_transfer_host.clone(),
+            port: cli.kv_transfer_port,
+            hold_timeout: std::time::Duration::from_secs_f64(cli.kv_transfer_timeout),
+        },
     };
     tandem_worker::serve(&drt, engine, &model, config).await?;
     tandem_runtime::shutdown_signal().await;

@@ -36,7 +36,7 @@ use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, Sto
 
 /// What reaches an engine's scheduler.
 pub enum Intake<X> {
-    Seq(Seq<X>),
+    Seq(Box<Seq<X>>),
     /// Free the blocks held for a transfer.
     Release(u64),
 }
@@ -220,7 +220,7 @@ impl<X> Batcher<X> {
 
     pub fn intake(&mut self, item: Intake<X>) {
         match item {
-            Intake::Seq(s) => self.enqueue(s),
+            Intake::Seq(s) => self.enqueue(*s),
             Intake::Release(id) => {
                 if let Some(b) = self.held.remove(&id) {
                     self.pool.release(b);
@@ -390,7 +390,11 @@ impl<X> Batcher<X> {
     /// Step 4: `tokens[i]` is the token computed for `running[i]`.
     pub fn complete(&mut self, tokens: &[u32]) {
         debug_assert_eq!(tokens.len(), self.running.len());
-        let step_tokens: usize = self.running.iter().map(|s| s.tokens.len() - s.computed).sum();
+        let step_tokens: usize = self
+            .running
+            .iter()
+            .map(|s| s.tokens.len() - s.computed)
+            .sum();
         self.steps.observe(step_tokens as u64);
         let mut finished = Vec::new();
         for (i, &token) in tokens.iter().enumerate() {
@@ -405,7 +409,10 @@ impl<X> Batcher<X> {
             seq.generated += 1;
             self.generated += 1;
             let finish = seq.finish_reason(token, self.max_model_len);
-            let params = seq.hold.filter(|_| finish.is_some()).map(|id| held_params(seq, id));
+            let params = seq
+                .hold
+                .filter(|_| finish.is_some())
+                .map(|id| held_params(seq, id));
             let sent = seq.out.send(EngineOutput {
                 index: seq.index,
                 token_ids: vec![token],
@@ -733,9 +740,16 @@ mod tests {
         let s = b.schedule();
         assert_eq!(s.decodes, 0);
         let writes = b.take_writes();
-        assert_eq!(writes.len(), 1, "blocks 0 and 1 were cached: only block 2 is written");
+        assert_eq!(
+            writes.len(),
+            1,
+            "blocks 0 and 1 were cached: only block 2 is written"
+        );
         assert_eq!(writes[0].1, vec![2u8; 3]);
-        assert_eq!(b.running[0].computed, 10, "nothing of the prompt left to compute");
+        assert_eq!(
+            b.running[0].computed, 10,
+            "nothing of the prompt left to compute"
+        );
         assert_eq!(b.running[0].tokens.len(), 11);
         b.complete(&[43]);
         run(&mut b);
@@ -751,7 +765,10 @@ mod tests {
         let stats = *b.stats.lock().unwrap();
         assert_eq!(stats.imported_blocks, 1);
         assert_eq!(stats.import_misses, 0);
-        assert_eq!(stats.prefill_tokens, 9, "only the earlier request's prompt was computed");
+        assert_eq!(
+            stats.prefill_tokens, 9,
+            "only the earlier request's prompt was computed"
+        );
         assert_eq!(stats.active_blocks, 0);
     }
 
@@ -768,7 +785,10 @@ mod tests {
         drop(out);
         b.schedule();
         assert!(b.take_writes().is_empty());
-        assert_eq!(b.running[0].computed, 0, "the whole prompt and first token are computed");
+        assert_eq!(
+            b.running[0].computed, 0,
+            "the whole prompt and first token are computed"
+        );
         run(&mut b);
         let outs: Vec<_> = rx.collect().await;
         assert_eq!(outs[0].as_ref().unwrap().token_ids, vec![42]);
@@ -782,7 +802,9 @@ mod tests {
     fn disaggregated_legs_have_one_choice() {
         let (out, _rx) = output_channel(2);
         let req = request(0..4, 2, 2);
-        assert!(Seq::<()>::for_leg(&req, Disagg::Prefill { transfer_id: 1 }, &out, |_| ()).is_err());
+        assert!(
+            Seq::<()>::for_leg(&req, Disagg::Prefill { transfer_id: 1 }, &out, |_| ()).is_err()
+        );
         assert!(Seq::<()>::for_leg(&req, Disagg::Aggregated, &out, |_| ()).is_ok());
     }
 }

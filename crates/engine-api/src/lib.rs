@@ -24,9 +24,9 @@ pub mod stream;
 pub mod transfer;
 
 pub use batcher::{Batcher, Intake, Scheduled, Seq};
-pub use transfer::{CacheIndex, Disagg, KvImport, KvTransfer};
 pub use queue::{AdmitCounters, AdmitLimits, Queued};
 pub use stream::{ChoiceStopper, EngineStream, OutputSender, output_channel};
+pub use transfer::{CacheIndex, Disagg, KvImport, KvTransfer};
 
 use std::sync::Arc;
 use tandem_protocols::card::ModelRuntimeConfig;

@@ -21,10 +21,10 @@ use tandem_engine_api::{
     BatchingArgs, CacheIndex, Disagg, Engine, EngineError, EngineStats, EngineStream, Intake,
     KvTransfer,
 };
-use tandem_protocols::disagg::KvLayout;
 use tandem_kv::{BlockEvent, EventTap};
 use tandem_model::WeightsSource;
 use tandem_protocols::card::ModelRuntimeConfig;
+use tandem_protocols::disagg::KvLayout;
 use tandem_protocols::llm::PreprocessedRequest;
 use tokio::sync::mpsc;
 
@@ -267,7 +267,7 @@ impl Engine for CandleEngine {
         let (out, stream) = tandem_engine_api::output_channel(request.sampling.n);
         for seq in scheduler::sequences(&request, disagg, &out)? {
             self.tx
-                .send(Intake::Seq(seq))
+                .send(Intake::Seq(Box::new(seq)))
                 .map_err(|_| EngineError::Stopped)?;
         }
         Ok(stream)

@@ -180,7 +180,8 @@ impl KvCache {
         for (k, v) in self.k.iter().zip(&self.v) {
             for t in [k, v] {
                 let bytes = parts.next().unwrap_or_default();
-                let src = Tensor::from_raw_buffer(bytes, dtype, &[self.block_size, kv_dim], device)?;
+                let src =
+                    Tensor::from_raw_buffer(bytes, dtype, &[self.block_size, kv_dim], device)?;
                 t.slice_set(&src, 0, start)?;
             }
         }

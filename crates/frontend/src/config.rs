@@ -32,9 +32,36 @@ pub struct FrontendArgs {
     pub router_mode: RouterModeArg,
     #[command(flatten)]
     pub kv_router: KvRouterArgs,
+    /// With prefill workers registered, a request whose prefill leg fails (or that finds no
+    /// prefill worker) gets 503 instead of being prefilled on its decode worker.
+    #[arg(long = "enforce-disagg", env = "DYN_ENFORCE_DISAGG")]
+    pub enforce_disagg: bool,
+    /// Conditional disaggregation: a prompt whose uncached part (prompt minus the blocks the
+    /// KV router finds on the best prefill worker) has at most this many tokens is prefilled
+    /// on its decode worker. 0 (default): every prompt goes to a prefill worker.
+    #[arg(
+        long = "max-local-prefill-length",
+        env = "DYN_MAX_LOCAL_PREFILL_LENGTH",
+        default_value_t = 0
+    )]
+    pub max_local_prefill_length: u32,
+}
+
+/// How requests use prefill workers when a model has them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DisaggConfig {
+    pub enforce: bool,
+    pub max_local_prefill_length: u32,
 }
 
 impl FrontendArgs {
+    pub fn disagg(&self) -> DisaggConfig {
+        DisaggConfig {
+            enforce: self.enforce_disagg,
+            max_local_prefill_length: self.max_local_prefill_length,
+        }
+    }
+
     pub fn routing(&self) -> Routing {
         match self.router_mode {
             RouterModeArg::RoundRobin => Routing::Basic(RouterMode::RoundRobin),

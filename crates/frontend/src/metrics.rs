@@ -37,6 +37,10 @@ pub struct FrontendMetrics {
     pub output_tokens: IntCounterVec,
     pub ttft: HistogramVec,
     pub itl: HistogramVec,
+    /// Requests by how their prompt was computed: `remote_prefill`, `local_prefill`, `fallback`.
+    pub prefill_path: IntCounterVec,
+    /// The prefill leg, from choosing a prefill worker to its transfer parameters.
+    pub prefill_duration: HistogramVec,
     pub model_gauges: Vec<(&'static str, IntGaugeVec)>,
 }
 
@@ -79,6 +83,7 @@ impl FrontendMetrics {
             "kv_cache_block_size",
             "migration_limit",
             "workers",
+            "prefill_workers",
         ]
         .into_iter()
         .map(|n| {
@@ -147,6 +152,18 @@ impl FrontendMetrics {
                 &format!("{p}_inter_token_latency_seconds"),
                 "Inter-token latency in seconds",
                 log_buckets(0.001, 2.0, 13),
+            ),
+            prefill_path: counter_vec(
+                &r,
+                &format!("{p}_disaggregated_requests_total"),
+                "Requests by prefill path: remote_prefill (on a prefill worker), local_prefill (on the decode worker by choice), fallback (the prefill leg failed)",
+                &["model", "path"],
+            ),
+            prefill_duration: hist(
+                &r,
+                &format!("{p}_prefill_duration_seconds"),
+                "Duration of the remote prefill leg in seconds",
+                log_buckets(0.001, 480.0, 18),
             ),
             disconnected,
             model_gauges,

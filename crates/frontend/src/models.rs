@@ -5,7 +5,13 @@
 //! for the worker's generate endpoint. The last card for a name disappears → the model is
 //! dropped, and requests for it get 503 (it was served here) instead of 404 (never was).
 //! With `--router-mode kv` each model also gets a KV router fed by its workers' events.
+//!
+//! Cards of prefill workers (model type `prefill`) do not make a model servable by
+//! themselves: they attach a [`PrefillTarget`] (client and router of the prefill endpoint) to
+//! the model their decode workers serve, and requests then take the disaggregated path
+//! (`pipeline::prefill`). The last prefill worker leaving detaches it again.
 
+use crate::config::DisaggConfig;
 use crate::metrics::FrontendMetrics;
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -39,9 +45,41 @@ pub struct ServedModel {
     /// Stops the KV router's event intake when the model goes.
     kv_stop: CancellationToken,
     pub created: u64,
+    /// The model's prefill workers, while there are any.
+    prefill: RwLock<Option<Arc<PrefillTarget>>>,
+}
+
+impl ServedModel {
+    pub fn prefill(&self) -> Option<Arc<PrefillTarget>> {
+        self.prefill
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_prefill(&self, target: Option<Arc<PrefillTarget>>) {
+        *self.prefill.write().unwrap_or_else(|p| p.into_inner()) = target;
+    }
 }
 
 impl Drop for ServedModel {
+    fn drop(&mut self) {
+        self.kv_stop.cancel();
+    }
+}
+
+/// Where a model's prefill legs go: the prefill endpoint's client and router (KV-aware under
+/// `--router-mode kv`, fed by the prefill workers' events).
+pub struct PrefillTarget {
+    pub endpoint: EndpointId,
+    /// Blocks per prefill worker, from their card (the KV router's load denominator).
+    pub total_kv_blocks: u64,
+    pub client: Client,
+    pub router: ModelRouter,
+    kv_stop: CancellationToken,
+}
+
+impl Drop for PrefillTarget {
     fn drop(&mut self) {
         self.kv_stop.cancel();
     }
@@ -63,6 +101,7 @@ pub enum Lookup {
 pub struct ModelManager {
     state: Arc<RwLock<State>>,
     pub routing: Routing,
+    pub disagg: DisaggConfig,
     router_metrics: Option<RouterMetrics>,
 }
 
@@ -88,6 +127,7 @@ impl ModelManager {
         drt: &DistributedRuntime,
         metrics: Arc<FrontendMetrics>,
         routing: Routing,
+        disagg: DisaggConfig,
     ) -> Self {
         let router_metrics = match &routing {
             Routing::Kv(_) => match RouterMetrics::new(&metrics.registry) {
@@ -102,6 +142,7 @@ impl ModelManager {
         let mgr = Self {
             state: Arc::default(),
             routing,
+            disagg,
             router_metrics,
         };
         let mut rx = drt.discovery().watch_prefix(&format!("{MDC_ROOT}/"));
@@ -130,12 +171,19 @@ impl ModelManager {
     ) -> bool {
         let mut complete = true;
         let mut by_name: HashMap<String, Vec<ModelEntry>> = HashMap::new();
+        let mut prefill_by_name: HashMap<String, Vec<ModelEntry>> = HashMap::new();
         for (key, raw) in snapshot {
             match serde_json::from_slice::<ModelEntry>(&raw) {
-                Ok(e) => by_name
-                    .entry(e.card_json.display_name.clone())
-                    .or_default()
-                    .push(e),
+                Ok(e) => {
+                    let map = if e.card_json.is_prefill() {
+                        &mut prefill_by_name
+                    } else {
+                        &mut by_name
+                    };
+                    map.entry(e.card_json.display_name.clone())
+                        .or_default()
+                        .push(e)
+                }
                 Err(e) => tracing::warn!(%key, error = %e, "ignoring malformed model card"),
             }
         }
@@ -175,7 +223,77 @@ impl ModelManager {
                 }
             }
         }
+        for model in self.list() {
+            let entries = prefill_by_name.remove(&model.name).unwrap_or_default();
+            complete &= self.sync_prefill(drt, &model, &entries);
+            let attached = if model.prefill().is_some() {
+                entries.len()
+            } else {
+                0
+            };
+            if let Some(g) = metrics.model_gauge("prefill_workers", &model.name) {
+                g.set(attached as i64);
+            }
+        }
         complete
+    }
+
+    /// Attaches or detaches `model`'s prefill target; false when one could not be made yet.
+    fn sync_prefill(
+        &self,
+        drt: &DistributedRuntime,
+        model: &ServedModel,
+        entries: &[ModelEntry],
+    ) -> bool {
+        let Some(first) = entries.first() else {
+            if model.prefill().is_some() {
+                tracing::info!(model = %model.name, "last prefill worker left; prefilling on decode workers");
+                model.set_prefill(None);
+            }
+            return true;
+        };
+        if model.prefill().is_some() {
+            return true;
+        }
+        if first.card_json.tokenizer_checksum != model.card.tokenizer_checksum {
+            tracing::warn!(
+                model = %model.name,
+                "prefill workers serve a different tokenizer; not using them"
+            );
+            return true;
+        }
+        let block_size = first.card_json.kv_cache_block_size;
+        let made = EndpointId::new(&first.namespace, &first.component, &first.endpoint)
+            .map_err(|e| e.to_string())
+            .and_then(|ep| {
+                let kv_stop = CancellationToken::new();
+                let router = make_router(
+                    drt,
+                    &self.routing,
+                    self.router_metrics.as_ref(),
+                    block_size,
+                    &ep,
+                    &kv_stop,
+                )?;
+                Ok(PrefillTarget {
+                    total_kv_blocks: first.card_json.runtime_config.total_kv_blocks,
+                    client: drt.endpoint(ep.clone()).client(),
+                    endpoint: ep,
+                    router,
+                    kv_stop,
+                })
+            });
+        match made {
+            Ok(target) => {
+                tracing::info!(model = %model.name, endpoint = %target.endpoint, "prefill workers found; disaggregated serving");
+                model.set_prefill(Some(Arc::new(target)));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(model = %model.name, error = %e, "cannot use prefill workers yet; retrying");
+                false
+            }
+        }
     }
 }
 
@@ -239,34 +357,14 @@ async fn load_model(
     let gen_ep = EndpointId::new(&entry.namespace, &entry.component, &entry.endpoint)
         .map_err(|e| e.to_string())?;
     let kv_stop = CancellationToken::new();
-    let router = match routing {
-        Routing::Basic(mode) => ModelRouter::Basic(*mode),
-        Routing::Kv(args) => {
-            // Both are at least 1: the flag is checked when parsed, the card by the worker.
-            let block_size = args.block_size.unwrap_or(card.kv_cache_block_size).max(1);
-            let metrics = match router_metrics {
-                Some(m) => m.clone(),
-                None => RouterMetrics::unregistered().map_err(|e| e.to_string())?,
-            };
-            let router = Arc::new(KvRouter::new(args.config(), block_size as usize, metrics));
-            router.publish_loads();
-            tandem_kv_router::intake::spawn(
-                drt,
-                router.clone(),
-                &gen_ep,
-                args.source,
-                kv_stop.clone(),
-            )
-            .map_err(|e| e.to_string())?;
-            tracing::info!(
-                model = %card.display_name,
-                block_size,
-                kv_events = args.config().use_kv_events,
-                "kv router started"
-            );
-            ModelRouter::Kv(router)
-        }
-    };
+    let router = make_router(
+        drt,
+        routing,
+        router_metrics,
+        card.kv_cache_block_size,
+        &gen_ep,
+        &kv_stop,
+    )?;
     Ok(ServedModel {
         name: card.display_name.clone(),
         client: drt.endpoint(gen_ep).client(),
@@ -278,5 +376,38 @@ async fn load_model(
             .map(|d| d.as_secs())
             .unwrap_or(0),
         card,
+        prefill: RwLock::new(None),
     })
+}
+
+/// The router of the workers at `ep`; a KV router's event intake runs until `kv_stop`.
+fn make_router(
+    drt: &DistributedRuntime,
+    routing: &Routing,
+    router_metrics: Option<&RouterMetrics>,
+    card_block_size: u32,
+    ep: &EndpointId,
+    kv_stop: &CancellationToken,
+) -> Result<ModelRouter, String> {
+    let args = match routing {
+        Routing::Basic(mode) => return Ok(ModelRouter::Basic(*mode)),
+        Routing::Kv(args) => args,
+    };
+    // Both are at least 1: the flag is checked when parsed, the card by the worker.
+    let block_size = args.block_size.unwrap_or(card_block_size).max(1);
+    let metrics = match router_metrics {
+        Some(m) => m.clone(),
+        None => RouterMetrics::unregistered().map_err(|e| e.to_string())?,
+    };
+    let router = Arc::new(KvRouter::new(args.config(), block_size as usize, metrics));
+    router.publish_loads();
+    tandem_kv_router::intake::spawn(drt, router.clone(), ep, args.source, kv_stop.clone())
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        endpoint = %ep,
+        block_size,
+        kv_events = args.config().use_kv_events,
+        "kv router started"
+    );
+    Ok(ModelRouter::Kv(router))
 }

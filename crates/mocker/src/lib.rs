@@ -24,9 +24,9 @@ use tandem_engine_api::{
     Batcher, BatchingArgs, CacheIndex, Disagg, Engine, EngineError, EngineStats, EngineStream,
     Intake, KvTransfer, Scheduled, Seq,
 };
-use tandem_protocols::disagg::KvLayout;
 use tandem_kv::{BlockPool, EventTap};
 use tandem_protocols::card::ModelRuntimeConfig;
+use tandem_protocols::disagg::KvLayout;
 use tandem_protocols::llm::PreprocessedRequest;
 use tokio::sync::mpsc;
 
@@ -88,7 +88,6 @@ pub struct MockEngine {
     stats: Arc<Mutex<EngineStats>>,
     events: EventTap,
 }
-
 
 impl MockEngine {
     /// Starts the scheduler task; `vocab_size` bounds the emitted token ids.
@@ -166,7 +165,7 @@ impl Engine for MockEngine {
                 next_token(&mut seq.ext, vocab);
             }
             self.tx
-                .send(Intake::Seq(seq))
+                .send(Intake::Seq(Box::new(seq)))
                 .map_err(|_| EngineError::Stopped)?;
         }
         Ok(stream)
@@ -521,7 +520,10 @@ mod tests {
         let (p, d) = (prefill.stats(), decode.stats());
         assert_eq!((p.held_blocks, p.active_blocks), (0, 0));
         assert_eq!(d.imported_blocks, 3);
-        assert_eq!(d.prefill_tokens, 0, "the decode leg computed no prompt token");
+        assert_eq!(
+            d.prefill_tokens, 0,
+            "the decode leg computed no prompt token"
+        );
         assert_eq!(
             prefill.kv_transfer().simulated_delay(0),
             Duration::ZERO,

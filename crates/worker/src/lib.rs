@@ -13,20 +13,29 @@
 //! It publishes the engine's KV block events for routers ([`kv_events`]), then writes the
 //! model card to etcd under the process's lease and mirrors the engine's statistics into
 //! metrics on the system status server ([`metrics`]).
+//!
+//! Its [`DisaggregationMode`] decides what `generate` does ([`disagg`]): a prefill worker
+//! runs prefill legs and serves the held blocks on its KV data plane (advertised in the
+//! card); decode and aggregated workers run decode legs, fetching a request's prompt blocks
+//! when it carries a prefill result.
 
+pub mod disagg;
 pub mod kv_events;
 mod metrics;
+
+pub use disagg::DisaggregationMode;
+pub use metrics::TransferMetrics;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use std::sync::Arc;
-use tandem_engine_api::{ChoiceStopper, Engine, EngineError};
+use std::time::Duration;
+use tandem_engine_api::{ChoiceStopper, Engine, EngineError, EngineStream};
 use tandem_model::ModelFiles;
 use tandem_protocols::card::{MDC_ROOT, ModelDeploymentCard, ModelEntry, slugify};
 use tandem_protocols::llm::{EngineOutput, GenerateControl, PreprocessedRequest};
 use tandem_runtime::{
     DistributedRuntime, EndpointId, ErrorCode, RemoteError, RequestContext, RuntimeError,
-    TypedHandlerStream,
 };
 
 /// How the worker presents its model.
@@ -41,6 +50,29 @@ pub struct ServeConfig {
     pub publish_kv_events: bool,
     /// vLLM's `--kv-events-config`: also publish over ZMQ.
     pub kv_events_config: Option<kv_events::KvEventsConfig>,
+    pub mode: DisaggregationMode,
+    pub kv_transfer: KvTransferConfig,
+}
+
+/// A prefill worker's KV data plane.
+#[derive(Debug, Clone)]
+pub struct KvTransferConfig {
+    /// Address to bind and to advertise to decode workers.
+    pub host: String,
+    /// 0: any free port.
+    pub port: u16,
+    /// How long held blocks wait for their decode worker before they are freed.
+    pub hold_timeout: Duration,
+}
+
+impl Default for KvTransferConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            hold_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Size of one tokenizer chunk: well under NATS' default 1 MiB max payload.
@@ -80,12 +112,35 @@ pub async fn serve(
         })
         .await?;
 
+    let transfer_metrics = TransferMetrics::new(&config.endpoint)
+        .map_err(|e| WorkerError::Model(format!("transfer metrics: {e}")))?;
+    transfer_metrics.register(drt.metrics().registry());
+    let prefill_side = match config.mode {
+        DisaggregationMode::Prefill => {
+            Some(start_prefill_side(drt, &engine, &config, &transfer_metrics).await?)
+        }
+        _ => None,
+    };
     let gen_engine = engine.clone();
     let context_length = config.context_length as usize;
+    let side = prefill_side.clone();
     drt.endpoint(config.endpoint.clone())
         .serve_typed(move |request: PreprocessedRequest, ctx: RequestContext| {
-            let engine = gen_engine.clone();
-            async move { generate(engine.as_ref(), request, &ctx, context_length) }
+            let (engine, side, metrics) =
+                (gen_engine.clone(), side.clone(), transfer_metrics.clone());
+            async move {
+                check_context(&request, context_length)?;
+                let stream = match &side {
+                    Some(side) => disagg::prefill_leg(engine.as_ref(), side, request),
+                    None => disagg::decode_leg(engine.as_ref(), request, &metrics)
+                        .await
+                        .map(|s| stream_with_controls(s, &ctx)),
+                };
+                Ok(stream
+                    .map_err(engine_error)?
+                    .map(|item| item.map_err(engine_error))
+                    .boxed())
+            }
         })
         .await?;
 
@@ -102,6 +157,11 @@ pub async fn serve(
     };
     let mut runtime_config = engine.runtime_config();
     runtime_config.kv_events_zmq = kv_events_zmq;
+    runtime_config.disaggregated_endpoint = prefill_side.as_ref().map(|s| s.endpoint.clone());
+    let model_type = match config.mode {
+        DisaggregationMode::Prefill => vec!["prefill".into()],
+        _ => vec!["chat".into(), "completions".into()],
+    };
 
     let card = ModelDeploymentCard {
         display_name: config.model_name.clone(),
@@ -109,7 +169,7 @@ pub async fn serve(
         context_length: config.context_length,
         kv_cache_block_size: engine.block_size(),
         migration_limit: config.migration_limit,
-        model_type: vec!["chat".into(), "completions".into()],
+        model_type,
         runtime_config,
         prompt: model.prompt.clone(),
         tokenizer_endpoint: tokenizer_ep.to_string(),
@@ -135,8 +195,36 @@ pub async fn serve(
             serde_json::to_vec(&entry).map_err(RuntimeError::from)?,
         )
         .await?;
-    tracing::info!(model = %config.model_name, endpoint = %ep, "model registered");
+    tracing::info!(model = %config.model_name, endpoint = %ep, mode = ?config.mode, "model registered");
     Ok(())
+}
+
+/// Starts a prefill worker's hold book-keeping and KV data plane.
+async fn start_prefill_side(
+    drt: &DistributedRuntime,
+    engine: &Arc<dyn Engine>,
+    config: &ServeConfig,
+    metrics: &TransferMetrics,
+) -> Result<Arc<disagg::PrefillSide>, WorkerError> {
+    let kv = &config.kv_transfer;
+    let transfer = engine.kv_transfer();
+    let holds = disagg::holds::Holds::new(transfer.clone(), kv.hold_timeout, metrics.clone());
+    let endpoint = disagg::data_plane::start(
+        &kv.host,
+        kv.port,
+        transfer,
+        holds.clone(),
+        metrics.clone(),
+        drt.shutdown_token(),
+    )
+    .await
+    .map_err(|e| WorkerError::DataPlane(format!("{}:{}: {e}", kv.host, kv.port)))?;
+    tracing::info!(host = %endpoint.host, port = endpoint.port, "KV data plane listening");
+    Ok(Arc::new(disagg::PrefillSide::new(
+        drt.instance_id(),
+        endpoint,
+        holds,
+    )))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,27 +235,31 @@ pub enum WorkerError {
     Model(String),
     #[error("kv events: {0}")]
     KvEvents(String),
+    #[error("KV data plane: {0}")]
+    DataPlane(String),
 }
 
-/// Starts one generation; its outputs end at the first engine error, which leaves as its
-/// class.
-fn generate(
-    engine: &dyn Engine,
-    request: PreprocessedRequest,
-    ctx: &RequestContext,
-    context_length: usize,
-) -> Result<TypedHandlerStream<EngineOutput>, RemoteError> {
+/// A prompt must leave room for at least one token.
+fn check_context(request: &PreprocessedRequest, context_length: usize) -> Result<(), RemoteError> {
     if request.token_ids.len() >= context_length {
         return Err(engine_error(EngineError::PromptTooLong {
             prompt: request.token_ids.len(),
             context: context_length,
         }));
     }
-    let stream = engine.generate(request).map_err(engine_error)?;
+    Ok(())
+}
+
+/// Hands the caller's control messages (stop one choice) to the engine's stream, which then
+/// leaves as a boxed stream.
+fn stream_with_controls(
+    stream: EngineStream,
+    ctx: &RequestContext,
+) -> futures::stream::BoxStream<'static, Result<EngineOutput, EngineError>> {
     if let Some(controls) = ctx.take_controls() {
         tokio::spawn(apply_controls(controls, stream.stopper()));
     }
-    Ok(stream.map(|item| item.map_err(engine_error)).boxed())
+    stream.boxed()
 }
 
 /// Applies the caller's control messages until the request ends (the runtime then drops the

@@ -7,8 +7,10 @@
 //! a stop string ended is stopped on the worker at once with a `stop_choice` control message.
 
 use super::postprocess::{GenEvent, Postprocessor};
+use super::prefill::prefill;
 use super::prepare::Prepared;
 use super::route::route;
+use crate::config::DisaggConfig;
 use crate::error::ApiError;
 use crate::metrics::{FrontendMetrics, RequestGuard};
 use crate::models::ServedModel;
@@ -39,7 +41,8 @@ impl Drop for DisconnectGuard<'_> {
 pub fn generate(
     metrics: Arc<FrontendMetrics>,
     model: Arc<ServedModel>,
-    p: Prepared,
+    disagg: DisaggConfig,
+    mut p: Prepared,
     endpoint: &'static str,
     ids: RequestIds,
     request_id: String,
@@ -53,9 +56,13 @@ pub fn generate(
         guard.input_tokens(prompt_tokens);
         let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
         let mut post = Postprocessor::new(&model.preprocessor, p.n(), &p.stops, prompt_tokens);
-        let upstream = match route(&model, &p, &span) {
+        let opts = RequestOptions { id: Some(request_id), headers: ids.headers() };
+        let prefilled = prefill(&model, disagg, &p, opts.clone(), &span, &metrics).await;
+        let upstream = match prefilled.and_then(|r| {
+            p.request.prefill_result = r;
+            route(&model, &p, &span)
+        }) {
             Ok(route) => {
-                let opts = RequestOptions { id: Some(request_id), headers: ids.headers() };
                 let call = model.client.call(route.mode(), &p.request, opts);
                 call.instrument(span.clone()).await.map(|s| (s, route)).map_err(ApiError::from)
             }

@@ -1,11 +1,13 @@
 //! The request pipeline, one stage per file, between the HTTP layer and the request plane:
 //!
 //! ```text
-//! JSON body ─▶ prepare ─▶ route ─▶ execute (request plane ⇄ worker) ─▶ postprocess ─▶ GenEvents
+//! JSON body ─▶ prepare ─▶ prefill ─▶ route ─▶ execute (request plane ⇄ worker) ─▶ postprocess ─▶ GenEvents
 //! ```
 //!
 //! - [`prepare`]: OpenAI request → validated engine request (fields, ranges, template,
 //!   tokens, context length). Pure.
+//! - [`prefill`]: with prefill workers, the prefill leg on one of them (span
+//!   `prefill_routing`); its transfer parameters go on the decode request.
 //! - [`route`]: the worker: the client's pick, the KV router's, or round-robin / random.
 //! - [`execute`]: the typed call to the worker and the request's metrics; errors keep their
 //!   class from the worker to here.
@@ -16,6 +18,7 @@
 
 pub mod execute;
 pub mod postprocess;
+pub mod prefill;
 pub mod prepare;
 pub mod route;
 #[cfg(test)]
@@ -95,6 +98,14 @@ pub fn start(
         stream: p.stream,
         include_usage: p.include_usage,
         n: p.n(),
-        events: execute::generate(metrics, model, p, endpoint.label(), ids, request_id),
+        events: execute::generate(
+            metrics,
+            model,
+            models.disagg,
+            p,
+            endpoint.label(),
+            ids,
+            request_id,
+        ),
     })
 }

@@ -8,13 +8,18 @@ use super::prepare::Prepared;
 use crate::error::ApiError;
 use crate::models::{ModelRouter, ServedModel};
 use tandem_kv_router::{Candidate, KvRouter, LoadGuard};
-use tandem_runtime::RouterMode;
+use tandem_runtime::{Client, RouterMode};
 
 pub enum Route {
     /// The runtime client picks (round-robin, random) or the client named the worker.
     Client(RouterMode),
     /// The KV router picked `worker`; `load` is the request's share of that worker's load.
-    Kv { worker: u64, load: LoadGuard },
+    Kv {
+        worker: u64,
+        load: LoadGuard,
+        /// Prompt blocks the router found cached on `worker`.
+        overlap_blocks: u32,
+    },
 }
 
 impl Route {
@@ -45,18 +50,36 @@ pub fn route(model: &ServedModel, p: &Prepared, parent: &tracing::Span) -> Resul
         }
         return Ok(Route::Client(RouterMode::Direct(worker)));
     }
-    match &model.router {
-        ModelRouter::Basic(mode) => Ok(Route::Client(*mode)),
-        ModelRouter::Kv(kv) => Ok(route_kv(model, kv, p, parent)
+    Ok(pick(
+        &model.router,
+        &model.client,
+        model.card.runtime_config.total_kv_blocks,
+        &p.request.token_ids,
+        parent,
+    ))
+}
+
+/// The choice of `router` among `client`'s workers for a prompt of `tokens`.
+pub fn pick(
+    router: &ModelRouter,
+    client: &Client,
+    total_blocks: u64,
+    tokens: &[u32],
+    parent: &tracing::Span,
+) -> Route {
+    match router {
+        ModelRouter::Basic(mode) => Route::Client(*mode),
+        ModelRouter::Kv(kv) => route_kv(kv, client, total_blocks, tokens, parent)
             // No worker known: the runtime client reports that as unavailable.
-            .unwrap_or(Route::Client(RouterMode::RoundRobin))),
+            .unwrap_or(Route::Client(RouterMode::RoundRobin)),
     }
 }
 
 fn route_kv(
-    model: &ServedModel,
     kv: &KvRouter,
-    p: &Prepared,
+    client: &Client,
+    total_blocks: u64,
+    tokens: &[u32],
     parent: &tracing::Span,
 ) -> Option<Route> {
     let span = tracing::info_span!(
@@ -67,9 +90,7 @@ fn route_kv(
         cost = tracing::field::Empty,
     );
     let _entered = span.enter();
-    let total_blocks = model.card.runtime_config.total_kv_blocks;
-    let candidates: Vec<Candidate> = model
-        .client
+    let candidates: Vec<Candidate> = client
         .instance_ids()
         .into_iter()
         .map(|worker_id| Candidate {
@@ -77,12 +98,13 @@ fn route_kv(
             total_blocks,
         })
         .collect();
-    let d = kv.route(&p.request.token_ids, &candidates)?;
+    let d = kv.route(tokens, &candidates)?;
     span.record("worker_id", d.worker_id);
     span.record("overlap_blocks", d.overlap_blocks);
     span.record("cost", d.cost);
     Some(Route::Kv {
         worker: d.worker_id,
         load: d.guard,
+        overlap_blocks: d.overlap_blocks,
     })
 }

@@ -1,0 +1,201 @@
+//! The worker's part in disaggregated serving (Dynamo §4): its role, the prefill leg and the
+//! decode leg around the engine's [`KvTransfer`].
+//!
+//! - **Prefill worker** (`--is-prefill-worker`): every request is a prefill leg. The engine
+//!   computes the prompt and one token and holds the prompt's blocks; the last output leaves
+//!   with [`DisaggregatedParams`] completed here (this worker's id, its data-plane address,
+//!   the layout) and the hold is recorded in [`holds::Holds`] with its expiry. If the output
+//!   never left (the caller went away first), the blocks are freed at once.
+//! - **Decode worker** (`--is-decode-worker`) — and an aggregated one, which can do the same:
+//!   a request carrying a `prefill_result` fetches the prompt blocks it does not already cache
+//!   over the [`data_plane`] and hands them to the engine with the first token. Any failure
+//!   (prefill worker gone, layout mismatch, blocks expired) is counted by reason and the
+//!   worker computes the prompt itself: the client still gets its answer.
+
+pub mod data_plane;
+pub mod holds;
+
+use crate::metrics::TransferMetrics;
+use data_plane::TransferFailure;
+use futures::StreamExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tandem_engine_api::{Disagg, Engine, EngineError, EngineStream, KvImport, KvTransfer};
+use tandem_protocols::disagg::{DataPlaneEndpoint, PrefillResult};
+use tandem_protocols::llm::{EngineOutput, PreprocessedRequest};
+use tracing::Instrument;
+
+/// What this worker does with requests (Dynamo's `--disaggregation-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DisaggregationMode {
+    /// Prefill and decode (and decode legs of disaggregated requests when sent one).
+    #[default]
+    Agg,
+    /// Prefill legs only: registers as `prefill`, holds blocks for decode workers.
+    Prefill,
+    /// Decode: fetches prompt blocks from prefill workers; publishes no KV events.
+    Decode,
+}
+
+/// A prefill worker's side: where its blocks can be fetched and who holds them.
+pub struct PrefillSide {
+    pub worker_id: u64,
+    pub endpoint: DataPlaneEndpoint,
+    pub holds: holds::Holds,
+    next_id: AtomicU64,
+}
+
+impl PrefillSide {
+    pub fn new(worker_id: u64, endpoint: DataPlaneEndpoint, holds: holds::Holds) -> Self {
+        // Ids only need to be unique on this worker; starting from the clock keeps a
+        // restarted worker from reusing a previous run's ids.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(worker_id);
+        Self {
+            worker_id,
+            endpoint,
+            holds,
+            next_id: AtomicU64::new(seed),
+        }
+    }
+}
+
+/// Frees a prefill leg's blocks if its last output never left this worker.
+struct UndeliveredRelease {
+    transfer: Arc<dyn KvTransfer>,
+    transfer_id: u64,
+    delivered: bool,
+}
+
+impl Drop for UndeliveredRelease {
+    fn drop(&mut self) {
+        if !self.delivered {
+            self.transfer.release(self.transfer_id);
+        }
+    }
+}
+
+/// Starts a prefill leg: one token, the blocks held for a decode worker.
+pub fn prefill_leg(
+    engine: &dyn Engine,
+    side: &Arc<PrefillSide>,
+    mut request: PreprocessedRequest,
+) -> Result<futures::stream::BoxStream<'static, Result<EngineOutput, EngineError>>, EngineError> {
+    if request.prefill_result.is_some() {
+        return Err(EngineError::Invalid(
+            "a prefill worker got a decode leg (prefill_result set)".into(),
+        ));
+    }
+    request.stop.max_tokens = Some(1);
+    request.stop.min_tokens = request.stop.min_tokens.map(|m| m.min(1));
+    let transfer_id = side.next_id.fetch_add(1, Ordering::Relaxed);
+    let transfer = engine.kv_transfer();
+    let layout = transfer.layout();
+    let stream = engine.generate_leg(request, Disagg::Prefill { transfer_id })?;
+    let mut guard = UndeliveredRelease {
+        transfer,
+        transfer_id,
+        delivered: false,
+    };
+    let side = side.clone();
+    Ok(stream
+        .map(move |mut item| {
+            // The whole guard moves into the stream (not just the field written below): it
+            // must live as long as the stream does.
+            let guard = &mut guard;
+            if let Ok(out) = &mut item
+                && let Some(p) = out.disaggregated_params.as_mut()
+            {
+                p.worker_id = side.worker_id;
+                p.endpoint = side.endpoint.clone();
+                p.layout = layout.clone();
+                side.holds.hold(p.transfer_id, p.block_ids.clone());
+                guard.delivered = true;
+            }
+            item
+        })
+        .boxed())
+}
+
+/// Starts a decode leg: fetches the prompt's KV when the request carries a prefill result,
+/// else (or when the fetch fails) computes the prompt here.
+pub async fn decode_leg(
+    engine: &dyn Engine,
+    mut request: PreprocessedRequest,
+    metrics: &TransferMetrics,
+) -> Result<EngineStream, EngineError> {
+    let Some(prefill) = request.prefill_result.take() else {
+        return engine.generate(request);
+    };
+    let span = tracing::info_span!(
+        "kv_transfer",
+        prefill_worker_id = prefill.disaggregated_params.worker_id,
+        blocks = tracing::field::Empty,
+        cached_blocks = tracing::field::Empty,
+    );
+    let fetched = import(engine.kv_transfer().as_ref(), &request, prefill, metrics)
+        .instrument(span)
+        .await;
+    match fetched {
+        Ok(import) => engine.generate_leg(request, Disagg::Decode(import)),
+        Err(e) => {
+            metrics.failed(e.reason());
+            tracing::warn!(error = %e, "KV transfer failed; computing the prompt on this worker");
+            engine.generate(request)
+        }
+    }
+}
+
+/// Fetches the prompt blocks this engine lacks.
+async fn import(
+    transfer: &dyn KvTransfer,
+    request: &PreprocessedRequest,
+    prefill: PrefillResult,
+    metrics: &TransferMetrics,
+) -> Result<KvImport, TransferFailure> {
+    let params = &prefill.disaggregated_params;
+    let layout = transfer.layout();
+    let bs = layout.block_size.max(1) as usize;
+    let prompt = &request.token_ids;
+    let hashes: Vec<u64> = tandem_kv::sequence_hashes(prompt, bs)
+        .iter()
+        .map(|h| h.sequence)
+        .collect();
+    let n_blocks = prompt.len().div_ceil(bs);
+    let mismatch = if params.layout.block_size as usize != bs {
+        Some(format!(
+            "block size {} here, {} there",
+            bs, params.layout.block_size
+        ))
+    } else if params.num_tokens as usize != prompt.len()
+        || params.block_ids.len() != n_blocks
+        || params.block_hashes != hashes
+    {
+        Some("the prompt's tokens or blocks differ".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = mismatch {
+        // Still connect once: that frees the prefill worker's blocks now, not at expiry.
+        let _ = data_plane::fetch(params, params.block_ids.len(), &layout, metrics).await;
+        return Err(TransferFailure::PromptMismatch(why));
+    }
+    // The full blocks already cached here are not fetched.
+    let first_block = transfer.cached_prefix(&hashes).min(n_blocks);
+    let span = tracing::Span::current();
+    span.record("blocks", n_blocks - first_block);
+    span.record("cached_blocks", first_block);
+    let blocks = data_plane::fetch(params, first_block, &layout, metrics).await?;
+    let delay = transfer.simulated_delay(blocks.len());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    Ok(KvImport {
+        first_token: prefill.first_token,
+        cached_tokens: prefill.cached_tokens,
+        first_block,
+        blocks,
+    })
+}

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Disaggregated serving in the layout of Dynamo's guide, and one chat completion through it:
+#   nats-server and etcd (unless something already answers on their ports),
+#   2 prefill workers (`--is-prefill-worker`) and 2 decode workers (`--is-decode-worker`)
+#   serving the bundled SmolLM2-135M-Instruct, system status (/metrics, /health) on ports
+#   8081-8082 (decode) and 8083-8084 (prefill),
+#   the frontend on http://localhost:8000 with the KV-aware router (prefill workers are
+#   chosen by their cached prefixes; decode workers by load).
+# Each role exports traces as its own service when OTEL_EXPORT_ENABLED=true:
+#   dynamo-frontend, dynamo-worker-prefill, dynamo-worker-decode (OTEL_SERVICE_NAME), and
+#   DYN_LOGGING_JSONL / DYN_LOG / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT are passed through.
+# Ctrl-C stops what this script started. Logs go to $RUN_DIR (default .tools/run/disagg).
+# Knobs: WORKER_ARGS (every worker, e.g. "--engine mocker"), FRONTEND_ARGS (default
+# "--router-mode kv"), HTTP_PORT, NATS_PORT, ETCD_PORT, SYSTEM_PORT_BASE (8081).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+bash scripts/install-deps.sh >/dev/null
+model=$(bash scripts/fetch-model.sh)
+echo "building tandem (first run takes a few minutes)..."
+cargo build --quiet --bins
+bin="$root/.tools/bin"
+run=${RUN_DIR:-$root/.tools/run/disagg}
+mkdir -p "$run"
+
+NATS_PORT=${NATS_PORT:-4222}
+ETCD_PORT=${ETCD_PORT:-2379}
+HTTP_PORT=${HTTP_PORT:-8000}
+SYSTEM_PORT_BASE=${SYSTEM_PORT_BASE:-8081}
+FRONTEND_ARGS=${FRONTEND_ARGS:---router-mode kv}
+MODEL_NAME=SmolLM2-135M-Instruct
+pids=()
+# Stop in reverse start order: tandem processes deregister while NATS and etcd still run.
+cleanup() {
+  for ((i=${#pids[@]}-1; i>=0; i--)); do
+    kill "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT INT TERM
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.1; done
+  echo "nothing answers on port $1; see $run/*.log" >&2; exit 1
+}
+
+if port_open "$NATS_PORT"; then
+  echo "NATS already running on :$NATS_PORT"
+else
+  "$bin/nats-server" -a 127.0.0.1 -p "$NATS_PORT" >"$run/nats.log" 2>&1 &
+  pids+=($!)
+  wait_port "$NATS_PORT"
+  echo "started nats-server on :$NATS_PORT"
+fi
+if port_open "$ETCD_PORT"; then
+  echo "etcd already running on :$ETCD_PORT"
+else
+  peer=$((ETCD_PORT + 1))
+  rm -rf "$run/etcd"
+  "$bin/etcd" --data-dir "$run/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "default=http://127.0.0.1:$peer" --log-level warn >"$run/etcd.log" 2>&1 &
+  pids+=($!)
+  wait_port "$ETCD_PORT"
+  echo "started etcd on :$ETCD_PORT"
+fi
+export NATS_SERVER="nats://127.0.0.1:$NATS_PORT" ETCD_ENDPOINTS="http://127.0.0.1:$ETCD_PORT"
+
+# worker ROLE INDEX: decode workers take the first two system ports, prefill the next two.
+worker() {
+  local role=$1 i=$2 port
+  if [ "$role" = decode ]; then port=$((SYSTEM_PORT_BASE + i)); else port=$((SYSTEM_PORT_BASE + 2 + i)); fi
+  OTEL_SERVICE_NAME="dynamo-worker-$role" DYN_SYSTEM_PORT=$port \
+    "$root/target/debug/worker" --model-path "$model" --model-name "$MODEL_NAME" \
+    "--is-$role-worker" ${WORKER_ARGS:-} >"$run/$role-$i.log" 2>&1 &
+  pids+=($!)
+  echo "started $role worker $i (system port $port, log $run/$role-$i.log)"
+}
+worker decode 0
+worker decode 1
+worker prefill 0
+worker prefill 1
+# shellcheck disable=SC2086 # FRONTEND_ARGS is a list of flags
+OTEL_SERVICE_NAME=dynamo-frontend "$root/target/debug/frontend" --http-port "$HTTP_PORT" \
+  $FRONTEND_ARGS >"$run/frontend.log" 2>&1 &
+pids+=($!)
+
+# Ready when the frontend has both decode workers and both prefill workers for the model.
+ready() {
+  local m
+  m=$(curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null) || return 1
+  grep -q "^dynamo_frontend_model_workers{model=\"$MODEL_NAME\"} 2$" <<<"$m" &&
+    grep -q "^dynamo_frontend_model_prefill_workers{model=\"$MODEL_NAME\"} 2$" <<<"$m"
+}
+for _ in $(seq 1 600); do ready && break; sleep 0.2; done
+if ! ready; then
+  echo "the workers did not come up; see $run/*.log" >&2
+  exit 1
+fi
+
+echo
+echo "tandem is serving $MODEL_NAME disaggregated (2 prefill + 2 decode) on http://localhost:$HTTP_PORT"
+req='{"model":"'"$MODEL_NAME"'","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":32}'
+echo "curl localhost:$HTTP_PORT/v1/chat/completions -H 'Content-Type: application/json' -d '$req'"
+curl -s "http://127.0.0.1:$HTTP_PORT/v1/chat/completions" -H 'Content-Type: application/json' -d "$req"
+echo
+echo
+echo "metrics: http://localhost:$HTTP_PORT/metrics (frontend), ports $SYSTEM_PORT_BASE-$((SYSTEM_PORT_BASE + 3)) (decode, decode, prefill, prefill)"
+echo "NATS_SERVER=$NATS_SERVER ETCD_ENDPOINTS=$ETCD_ENDPOINTS; logs in $run"
+echo "Ctrl-C to stop."
+wait
