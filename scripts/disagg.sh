@@ -11,7 +11,7 @@
 #   DYN_LOGGING_JSONL / DYN_LOG / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT are passed through.
 # Ctrl-C stops what this script started. Logs go to $RUN_DIR (default .tools/run/disagg).
 # Knobs: WORKER_ARGS (every worker, e.g. "--engine mocker"), FRONTEND_ARGS (default
-# "--router-mode kv"), HTTP_PORT, NATS_PORT, ETCD_PORT, SYSTEM_PORT_BASE (8081).
+# "--router-mode kv"), HTTP_PORT, NATS_PORT, ETCD_PORT, ETCD_PEER_PORT, SYSTEM_PORT_BASE (8081).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -56,7 +56,7 @@ fi
 if port_open "$ETCD_PORT"; then
   echo "etcd already running on :$ETCD_PORT"
 else
-  peer=$((ETCD_PORT + 1))
+  peer=${ETCD_PEER_PORT:-$((ETCD_PORT + 1))}
   rm -rf "$run/etcd"
   "$bin/etcd" --data-dir "$run/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \

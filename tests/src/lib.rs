@@ -570,6 +570,20 @@ impl Cluster {
         frontend_args: &[&str],
         timeout: Duration,
     ) -> Result<Self> {
+        Self::start_disagg_env(prefill, decode, worker_args, frontend_args, &[], timeout).await
+    }
+
+    /// As [`Cluster::start_disagg`], with `env` for every process and each role exporting
+    /// traces under its own service name, as `scripts/disagg.sh` does (`dynamo-frontend`,
+    /// `dynamo-worker-prefill`, `dynamo-worker-decode`).
+    pub async fn start_disagg_env(
+        prefill: usize,
+        decode: usize,
+        worker_args: impl Fn(bool, usize) -> Vec<String>,
+        frontend_args: &[&str],
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<Self> {
         let stack = Stack::start().await?;
         let mut workers = Vec::new();
         let mut systems = Vec::new();
@@ -581,12 +595,19 @@ impl Cluster {
             let mut args = vec![format!("--is-{role}-worker")];
             args.extend(worker_args(is_prefill, i));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let (worker, system) =
-                stack.spawn_worker(&format!("{role}{i}"), &args, &[("DYN_LEASE_TTL_SECS", "2")])?;
+            let service = format!("dynamo-worker-{role}");
+            let mut worker_env = vec![
+                ("DYN_LEASE_TTL_SECS", "2"),
+                ("OTEL_SERVICE_NAME", service.as_str()),
+            ];
+            worker_env.extend_from_slice(env);
+            let (worker, system) = stack.spawn_worker(&format!("{role}{i}"), &args, &worker_env)?;
             workers.push(worker);
             systems.push(system);
         }
-        let (frontend, http) = stack.spawn_frontend("frontend", frontend_args, &[])?;
+        let mut frontend_env = vec![("OTEL_SERVICE_NAME", "dynamo-frontend")];
+        frontend_env.extend_from_slice(env);
+        let (frontend, http) = stack.spawn_frontend("frontend", frontend_args, &frontend_env)?;
         let c = Self {
             stack,
             workers,

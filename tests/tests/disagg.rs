@@ -123,3 +123,511 @@ async fn greedy_output_through_prefill_and_decode_equals_one_aggregated_worker()
     );
     Ok(())
 }
+
+/// A prompt of about `words` tokens.
+fn long_prompt(words: usize) -> String {
+    (0..words).map(|i| format!("w{} ", i % 97)).collect()
+}
+
+async fn post(url: String, body: Value) -> Result<reqwest::Response> {
+    Ok(reqwest::Client::new().post(url).json(&body).send().await?)
+}
+
+/// Waits until worker `i` has no active (and no held) KV blocks.
+async fn blocks_freed(c: &Cluster, i: usize, what: &str) -> Result<()> {
+    wait_for(Duration::from_secs(15), what, || async move {
+        let active = c
+            .worker_metric(i, "dynamo_component_kvstats_active_blocks", &[])
+            .await
+            .ok()?;
+        let held = c
+            .worker_metric(i, "tandem_engine_held_blocks", &[])
+            .await
+            .ok()?;
+        (active == 0.0 && held == 0.0).then_some(())
+    })
+    .await
+}
+
+/// Waits until worker `i` runs at least one sequence.
+async fn running(c: &Cluster, i: usize) -> Result<()> {
+    wait_for(
+        Duration::from_secs(15),
+        "a running sequence",
+        || async move {
+            let n = c
+                .worker_metric(i, "tandem_engine_num_requests_running", &[])
+                .await
+                .ok()?;
+            (n >= 1.0).then_some(())
+        },
+    )
+    .await
+}
+
+async fn frontend_paths(c: &Cluster, path: &str) -> Result<f64> {
+    let text = scrape(&c.url("/metrics")).await?;
+    Ok(metric_value(
+        &text,
+        "dynamo_frontend_disaggregated_requests_total",
+        &[("path", path)],
+    )
+    .unwrap_or(0.0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_return_to_zero_after_completion_and_client_disconnects() -> Result<()> {
+    use futures::StreamExt;
+    // A slow prefill worker (prefill takes about a second) and a decode worker at real mocker
+    // speed (about 20 ms a token): both legs are long enough to walk away from.
+    let c = Cluster::start_disagg(
+        1,
+        1,
+        |prefill, _| {
+            let speed = if prefill { "0.05" } else { "1" };
+            let mut a = mocker_args(&[]);
+            a[3] = speed.to_string();
+            a
+        },
+        &[],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let (decode, prefill) = (0, 1);
+    let url = c.url("/v1/completions");
+
+    // Completion.
+    let r = post(
+        url.clone(),
+        json!({"model": MODEL, "prompt": long_prompt(100), "max_tokens": 5}),
+    )
+    .await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(frontend_paths(&c, "remote_prefill").await?, 1.0);
+    blocks_freed(&c, decode, "decode blocks freed after completion").await?;
+    blocks_freed(&c, prefill, "prefill blocks freed after completion").await?;
+
+    // Disconnect during the prefill leg.
+    let request = tokio::spawn(post(
+        url.clone(),
+        json!({"model": MODEL, "prompt": long_prompt(1500), "max_tokens": 50, "stream": true}),
+    ));
+    running(&c, prefill).await?;
+    assert!(
+        c.worker_metric(prefill, "dynamo_component_kvstats_active_blocks", &[])
+            .await?
+            > 0.0
+    );
+    request.abort();
+    blocks_freed(
+        &c,
+        prefill,
+        "prefill blocks freed after a disconnect in prefill",
+    )
+    .await?;
+    blocks_freed(
+        &c,
+        decode,
+        "decode blocks freed after a disconnect in prefill",
+    )
+    .await?;
+
+    // Disconnect during the decode leg.
+    let r = post(
+        url.clone(),
+        json!({"model": MODEL, "prompt": long_prompt(200), "max_tokens": 2000, "stream": true}),
+    )
+    .await?;
+    let mut body = r.bytes_stream();
+    body.next().await.transpose()?;
+    body.next().await.transpose()?;
+    assert!(
+        c.worker_metric(decode, "dynamo_component_kvstats_active_blocks", &[])
+            .await?
+            > 0.0
+    );
+    drop(body);
+    blocks_freed(
+        &c,
+        decode,
+        "decode blocks freed after a disconnect in decode",
+    )
+    .await?;
+    blocks_freed(
+        &c,
+        prefill,
+        "prefill blocks freed after a disconnect in decode",
+    )
+    .await?;
+    assert_eq!(
+        c.worker_metric(decode, "dynamo_component_kv_transfer_failures_total", &[])
+            .await?
+            + c.worker_metric(prefill, "dynamo_component_kv_transfer_failures_total", &[])
+                .await?,
+        0.0,
+        "no transfer failed"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_worker_killed_before_fetching_leaves_blocks_that_expire() -> Result<()> {
+    let mut c = Cluster::start_disagg(
+        1,
+        1,
+        |prefill, _| {
+            let mut a = mocker_args(&[]);
+            if prefill {
+                a.extend(["--kv-transfer-timeout".into(), "1".into()]);
+            }
+            a
+        },
+        &[],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let (decode, prefill) = (0, 1);
+    // Killed without a goodbye: its card stays in etcd until its lease (2 s) expires, so the
+    // next request still goes to it after its prefill leg.
+    c.workers[decode].kill();
+    let r = post(
+        c.url("/v1/completions"),
+        json!({"model": MODEL, "prompt": long_prompt(100), "max_tokens": 5}),
+    )
+    .await?;
+    assert!(r.status().is_server_error(), "{}", r.status());
+    assert_eq!(frontend_paths(&c, "remote_prefill").await?, 1.0);
+    blocks_freed(&c, prefill, "held blocks freed after the timeout").await?;
+    assert_eq!(
+        c.worker_metric(
+            prefill,
+            "dynamo_component_kv_transfer_failures_total",
+            &[("reason", "expired")]
+        )
+        .await?,
+        1.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_worker_killed_during_or_before_its_leg_costs_no_answer() -> Result<()> {
+    let mut c = Cluster::start_disagg(
+        1,
+        1,
+        |prefill, _| {
+            let mut a = mocker_args(&[]);
+            if prefill {
+                a[3] = "0.05".into();
+            }
+            a
+        },
+        &[],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let (decode, prefill) = (0, 1);
+    let url = c.url("/v1/completions");
+
+    // Killed during the leg.
+    let request = tokio::spawn(post(
+        url.clone(),
+        json!({"model": MODEL, "prompt": long_prompt(1500), "max_tokens": 5}),
+    ));
+    running(&c, prefill).await?;
+    c.workers[prefill].kill();
+    let r = request.await??;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await?;
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(frontend_paths(&c, "fallback").await?, 1.0);
+    blocks_freed(&c, decode, "decode blocks freed after a fallback").await?;
+
+    // A new prefill worker, killed before its leg.
+    c.wait_gauge(
+        "dynamo_frontend_model_prefill_workers",
+        0,
+        Duration::from_secs(15),
+    )
+    .await?;
+    let args: Vec<String> = ["--is-prefill-worker".to_string()]
+        .into_iter()
+        .chain(mocker_args(&[]))
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut second, _) =
+        c.stack
+            .spawn_worker("prefill-second", &args, &[("DYN_LEASE_TTL_SECS", "2")])?;
+    c.wait_gauge(
+        "dynamo_frontend_model_prefill_workers",
+        1,
+        Duration::from_secs(30),
+    )
+    .await?;
+    second.kill();
+    let r = post(
+        url.clone(),
+        json!({"model": MODEL, "prompt": long_prompt(100), "max_tokens": 5}),
+    )
+    .await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(frontend_paths(&c, "fallback").await?, 2.0);
+    blocks_freed(&c, decode, "decode blocks freed after the second fallback").await?;
+    Ok(())
+}
+
+/// JSONL lines of a process's output whose `x_request_id` is `xid`.
+fn log_lines(output: &str, xid: &str) -> Vec<Value> {
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["x_request_id"] == xid)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_spans_the_frontend_the_prefill_leg_and_the_decode_leg() -> Result<()> {
+    use tandem_tests::otlp::{Collector, Span};
+    let collector = Collector::start().await?;
+    let endpoint = collector.endpoint();
+    let c = Cluster::start_disagg_env(
+        1,
+        1,
+        |_, _| mocker_args(&[]),
+        &["--router-mode", "kv"],
+        &[
+            ("OTEL_EXPORT_ENABLED", "true"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("DYN_LOGGING_JSONL", "true"),
+            ("DYN_LOG", "info,tandem_runtime=debug,tandem_frontend=debug"),
+        ],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let (decode, prefill) = (0, 1);
+    let xid = "disagg-trace-001";
+    let r = reqwest::Client::new()
+        .post(c.url("/v1/chat/completions"))
+        .header("x-request-id", xid)
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me about tracing."}], "max_tokens": 5}))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+
+    let find = |name: &'static str, pred: Box<dyn Fn(&Span) -> bool + Send + Sync>| {
+        let collector = &collector;
+        async move {
+            wait_for(Duration::from_secs(20), &format!("span {name}"), || {
+                let found = collector
+                    .spans()
+                    .into_iter()
+                    .find(|s| s.name == name && pred(s));
+                async move { found }
+            })
+            .await
+        }
+    };
+    let http = find(
+        "http-request",
+        Box::new(move |s| s.attr("x_request_id") == Some(xid)),
+    )
+    .await?;
+    assert_eq!(http.service, "dynamo-frontend");
+    let trace = http.trace_id.clone();
+    let (t, parent) = (trace.clone(), http.span_id.clone());
+    let routing = find(
+        "prefill_routing",
+        Box::new(move |s| s.trace_id == t && s.parent_span_id == parent),
+    )
+    .await?;
+    assert_eq!(routing.service, "dynamo-frontend");
+    assert_eq!(routing.attr("path"), Some("remote_prefill"));
+    let prefill_id = c.worker_id(prefill).await?.to_string();
+    assert_eq!(routing.attr("prefill_worker_id"), Some(prefill_id.as_str()));
+
+    // Each leg: the frontend's client_request, then the worker's handle_payload under it.
+    let leg = |service: &'static str, parent: String| {
+        let t = trace.clone();
+        async move {
+            let t2 = t.clone();
+            let client = find(
+                "client_request",
+                Box::new(move |s| s.trace_id == t && s.parent_span_id == parent),
+            )
+            .await?;
+            let client_id = client.span_id.clone();
+            let payload = find(
+                "handle_payload",
+                Box::new(move |s| {
+                    s.trace_id == t2 && s.service == service && s.parent_span_id == client_id
+                }),
+            )
+            .await?;
+            anyhow::Ok((client, payload))
+        }
+    };
+    let (_, prefill_payload) = leg("dynamo-worker-prefill", routing.span_id.clone()).await?;
+    assert_eq!(prefill_payload.attr("component"), Some("prefill"));
+    let (_, decode_payload) = leg("dynamo-worker-decode", http.span_id.clone()).await?;
+    assert_eq!(decode_payload.attr("component"), Some("backend"));
+    let t = trace.clone();
+    let transfer = find("kv_transfer", Box::new(move |s| s.trace_id == t)).await?;
+    assert_eq!(transfer.service, "dynamo-worker-decode");
+    assert_eq!(
+        transfer.attr("prefill_worker_id"),
+        Some(prefill_id.as_str())
+    );
+
+    // The three processes' JSONL logs for the request carry the one trace id.
+    for (who, i) in [
+        ("frontend", None),
+        ("prefill worker", Some(prefill)),
+        ("decode worker", Some(decode)),
+    ] {
+        let lines = wait_for(Duration::from_secs(10), &format!("{who} log lines"), || {
+            let out = match i {
+                None => c.frontend.output(),
+                Some(i) => c.workers[i].output(),
+            };
+            let lines = log_lines(&out, xid);
+            async move { (!lines.is_empty()).then_some(lines) }
+        })
+        .await?;
+        assert!(
+            lines.iter().all(|l| l["trace_id"] == trace.as_str()),
+            "{who}: {lines:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Kills a whole process group when dropped (the script and everything it started).
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .status();
+    }
+}
+
+/// Four consecutive free ports (the script's system ports).
+fn free_run_of_four() -> Result<u16> {
+    use std::net::TcpListener;
+    for _ in 0..50 {
+        let base = tandem_tests::free_port()?;
+        if base < 60000 && (0..4).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return Ok(base);
+        }
+    }
+    anyhow::bail!("no run of four free ports")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disagg_script_starts_two_prefill_and_two_decode_workers_and_answers() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    use tandem_tests::{Proc, free_port, repo_root};
+    let collector = tandem_tests::otlp::Collector::start().await?;
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-disagg-sh-")
+        .tempdir()?;
+    let (http, base) = (free_port()?, free_run_of_four()?);
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(repo_root().join("scripts/disagg.sh"))
+        .env("RUN_DIR", dir.path().join("run"))
+        .env("NATS_PORT", free_port()?.to_string())
+        .env("ETCD_PORT", free_port()?.to_string())
+        .env("ETCD_PEER_PORT", free_port()?.to_string())
+        .env("HTTP_PORT", http.to_string())
+        .env("SYSTEM_PORT_BASE", base.to_string())
+        // The mocker: four candle workers would only make this test slow.
+        .env(
+            "WORKER_ARGS",
+            "--engine mocker --speedup-ratio 10 --block-size 16",
+        )
+        .env("OTEL_EXPORT_ENABLED", "true")
+        .env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", collector.endpoint())
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .process_group(0);
+    let mut script = Proc::spawn("disagg.sh", &mut cmd, dir.path())?;
+    let _group = Group(script.pid().unwrap());
+    let answer = wait_for(Duration::from_secs(120), "the script's completion", || {
+        let out = script.output();
+        async move {
+            out.lines()
+                .find(|l| l.contains("\"chat.completion\""))
+                .map(str::to_string)
+        }
+    })
+    .await
+    .map_err(|e| e.context(script.output()))?;
+    let v: Value = serde_json::from_str(&answer)?;
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    let front = scrape(&format!("http://127.0.0.1:{http}/metrics")).await?;
+    assert_eq!(
+        metric_value(
+            &front,
+            "dynamo_frontend_disaggregated_requests_total",
+            &[("path", "remote_prefill")]
+        ),
+        Some(1.0)
+    );
+    let mut components = Vec::new();
+    for port in base..base + 4 {
+        let text = scrape(&format!("http://127.0.0.1:{port}/metrics")).await?;
+        let kvstats = text
+            .lines()
+            .find(|l| l.starts_with("dynamo_component_kvstats_total_blocks{"))
+            .unwrap_or_else(|| panic!("port {port}: {text}"));
+        components.push(
+            kvstats
+                .split("dynamo_component=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(components, ["backend", "backend", "prefill", "prefill"]);
+    // Each role exports its spans under its own service name.
+    wait_for(Duration::from_secs(20), "spans from every role", || {
+        let services: std::collections::BTreeSet<String> =
+            collector.spans().into_iter().map(|s| s.service).collect();
+        async move {
+            [
+                "dynamo-frontend",
+                "dynamo-worker-decode",
+                "dynamo-worker-prefill",
+            ]
+            .iter()
+            .all(|s| services.contains(*s))
+            .then_some(())
+        }
+    })
+    .await
+    .map_err(|e| {
+        let services: std::collections::BTreeSet<String> =
+            collector.spans().into_iter().map(|s| s.service).collect();
+        e.context(format!("services seen: {services:?}"))
+    })?;
+
+    // Ctrl-C (SIGTERM here) stops everything it started.
+    script.terminate(Duration::from_secs(30))?;
+    wait_for(
+        Duration::from_secs(10),
+        "the frontend to stop",
+        || async move {
+            reqwest::get(format!("http://127.0.0.1:{http}/metrics"))
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}

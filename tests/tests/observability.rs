@@ -22,14 +22,6 @@ const NO_DATA_YET: &[(&str, &str)] = &[
         "GPU Utilization / Power",
         "needs the DCGM exporter and an NVIDIA GPU (compose profile gpu)",
     ),
-    (
-        "Prefill Worker Latency",
-        "disaggregated prefill workers are not implemented yet",
-    ),
-    (
-        "KV Transfer Bytes / Sec",
-        "prefill-to-decode KV transfer is not implemented yet",
-    ),
 ];
 
 fn python() -> std::path::PathBuf {
@@ -183,9 +175,12 @@ async fn every_dashboard_panel_has_data_from_a_real_prometheus() -> Result<()> {
             "listed panel {name} exists"
         );
     }
-    let c = Cluster::start(
-        2,
-        |_| mocker_args(&[]),
+    // Disaggregated (1 prefill + 1 decode worker) so that the prefill and KV transfer
+    // panels have data too.
+    let c = Cluster::start_disagg(
+        1,
+        1,
+        |_, _| mocker_args(&[]),
         &["--router-mode", "kv"],
         Duration::from_secs(30),
     )

@@ -64,6 +64,11 @@ pub trait KvTransfer: Send + Sync {
     fn simulated_delay(&self, _blocks: usize) -> Duration {
         Duration::ZERO
     }
+    /// Bytes one block stands for beyond what the wire carries (the mocker's blocks carry
+    /// nothing but model a real size); counted in transfer metrics. Zero for real engines.
+    fn simulated_block_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// The sequence hashes an engine's pool has registered, kept in step with its block events,

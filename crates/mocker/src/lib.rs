@@ -236,6 +236,10 @@ impl KvTransfer for MockTransfer {
         let secs = blocks as f64 * self.bytes_per_block / self.bandwidth / self.speedup_ratio;
         Duration::try_from_secs_f64(secs).unwrap_or(Duration::ZERO)
     }
+
+    fn simulated_block_bytes(&self) -> u64 {
+        self.bytes_per_block as u64
+    }
 }
 
 struct Scheduler {
@@ -281,6 +285,9 @@ impl Scheduler {
                 continue;
             }
             let scheduled = self.batcher.schedule();
+            // Statistics show the step's batch while it is simulated, as a real engine's do
+            // while it computes.
+            self.batcher.publish();
             let work_ms = self.simulated_ms(scheduled);
             if self.speedup_ratio > 0.0 && work_ms > 0.0 {
                 tokio::time::sleep(Duration::from_secs_f64(

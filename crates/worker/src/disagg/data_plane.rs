@@ -197,7 +197,8 @@ async fn send(
         sent += chunk.len() as u64;
     }
     stream.flush().await?;
-    metrics.sent(sent, wanted.len() as u64, started.elapsed());
+    let simulated = wanted.len() as u64 * transfer.simulated_block_bytes();
+    metrics.sent(sent + simulated, wanted.len() as u64, started.elapsed());
     tracing::debug!(
         transfer_id = request.transfer_id,
         blocks = wanted.len(),
@@ -226,11 +227,13 @@ impl Drop for ReleaseOnDrop {
 }
 
 /// Decode side: fetches blocks `first_block..` of the transfer `params` describes. Fetching
-/// from the end (`first_block` = all blocks) moves nothing and only frees them.
+/// from the end (`first_block` = all blocks) moves nothing and only frees them. Each block
+/// counts `simulated_block_bytes` more in the metrics (the mocker's modelled size).
 pub async fn fetch(
     params: &DisaggregatedParams,
     first_block: usize,
     layout: &KvLayout,
+    simulated_block_bytes: u64,
     metrics: &TransferMetrics,
 ) -> Result<Vec<Vec<u8>>, TransferFailure> {
     let started = Instant::now();
@@ -265,7 +268,7 @@ pub async fn fetch(
         blocks.push(block);
     }
     metrics.received(
-        (expected * block_bytes) as u64,
+        (expected * block_bytes) as u64 + expected as u64 * simulated_block_bytes,
         expected as u64,
         started.elapsed(),
     );

@@ -179,7 +179,7 @@ async fn import(
     };
     if let Some(why) = mismatch {
         // Still connect once: that frees the prefill worker's blocks now, not at expiry.
-        let _ = data_plane::fetch(params, params.block_ids.len(), &layout, metrics).await;
+        let _ = data_plane::fetch(params, params.block_ids.len(), &layout, 0, metrics).await;
         return Err(TransferFailure::PromptMismatch(why));
     }
     // The full blocks already cached here are not fetched.
@@ -187,7 +187,8 @@ async fn import(
     let span = tracing::Span::current();
     span.record("blocks", n_blocks - first_block);
     span.record("cached_blocks", first_block);
-    let blocks = data_plane::fetch(params, first_block, &layout, metrics).await?;
+    let simulated = transfer.simulated_block_bytes();
+    let blocks = data_plane::fetch(params, first_block, &layout, simulated, metrics).await?;
     let delay = transfer.simulated_delay(blocks.len());
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
