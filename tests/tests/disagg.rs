@@ -631,3 +631,51 @@ async fn disagg_script_starts_two_prefill_and_two_decode_workers_and_answers() -
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_mismatch_falls_back_and_frees_the_prefill_blocks_at_once() -> Result<()> {
+    // Blocks of 32 tokens on the prefill worker, 16 on the decode worker: nothing fetched
+    // can be written, so the decode worker computes the prompt itself.
+    let c = Cluster::start_disagg(
+        1,
+        1,
+        |prefill, _| {
+            let mut a = mocker_args(&[]);
+            if prefill {
+                a[5] = "32".into();
+                // Only the decode worker's refusal can free the blocks within the test.
+                a.extend(["--kv-transfer-timeout".into(), "600".into()]);
+            }
+            a
+        },
+        &[],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let (decode, prefill) = (0, 1);
+    let r = post(
+        c.url("/v1/completions"),
+        json!({"model": MODEL, "prompt": long_prompt(100), "max_tokens": 5}),
+    )
+    .await?;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await?;
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(
+        c.worker_metric(
+            decode,
+            "dynamo_component_kv_transfer_failures_total",
+            &[("reason", "layout_mismatch")]
+        )
+        .await?,
+        1.0
+    );
+    assert!(
+        c.worker_metric(decode, "tandem_engine_prompt_tokens_total", &[])
+            .await?
+            > 100.0
+    );
+    blocks_freed(&c, prefill, "prefill blocks freed by the refusal").await?;
+    blocks_freed(&c, decode, "decode blocks freed").await?;
+    Ok(())
+}

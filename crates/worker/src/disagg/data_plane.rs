@@ -274,3 +274,201 @@ pub async fn fetch(
     );
     Ok(blocks)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use tandem_engine_api::EngineError;
+    use tandem_runtime::EndpointId;
+
+    /// Blocks in memory, each filled with a pattern of its id; records releases.
+    struct MemTransfer {
+        layout: KvLayout,
+        blocks: HashMap<u32, Vec<u8>>,
+        released: Mutex<Vec<u64>>,
+    }
+
+    impl KvTransfer for MemTransfer {
+        fn layout(&self) -> KvLayout {
+            self.layout.clone()
+        }
+        fn read_block(&self, id: u32, out: &mut Vec<u8>) -> Result<(), EngineError> {
+            let b = self
+                .blocks
+                .get(&id)
+                .ok_or_else(|| EngineError::StepFailed(format!("no block {id}")))?;
+            out.extend_from_slice(b);
+            Ok(())
+        }
+        fn cached_prefix(&self, _: &[u64]) -> usize {
+            0
+        }
+        fn release(&self, transfer_id: u64) {
+            self.released.lock().unwrap().push(transfer_id);
+        }
+    }
+
+    fn layout() -> KvLayout {
+        // 2 × 4 layers × 16 tokens × 4 heads × 64 × 4 bytes = 128 KiB a block.
+        KvLayout {
+            num_layers: 4,
+            num_kv_heads: 4,
+            head_dim: 64,
+            block_size: 16,
+            dtype: "f32".into(),
+        }
+    }
+
+    fn block(id: u32, bytes: usize) -> Vec<u8> {
+        (0..bytes)
+            .map(|i| (i as u32 ^ id.wrapping_mul(31)) as u8)
+            .collect()
+    }
+
+    struct Setup {
+        transfer: Arc<MemTransfer>,
+        holds: Holds,
+        metrics: TransferMetrics,
+        endpoint: DataPlaneEndpoint,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    async fn setup(n_blocks: u32, timeout: Duration) -> Setup {
+        let l = layout();
+        let blocks = (100..100 + n_blocks)
+            .map(|id| (id, block(id, l.block_bytes())))
+            .collect();
+        let transfer = Arc::new(MemTransfer {
+            layout: l,
+            blocks,
+            released: Mutex::default(),
+        });
+        let ep = EndpointId::new("test", "prefill", "generate").unwrap();
+        let metrics = TransferMetrics::new(&ep).unwrap();
+        let holds = Holds::new(transfer.clone(), timeout, metrics.clone());
+        let stop = CancellationToken::new();
+        let endpoint = start(
+            "127.0.0.1",
+            0,
+            transfer.clone(),
+            holds.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        Setup {
+            transfer,
+            holds,
+            metrics,
+            endpoint,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn params(s: &Setup, transfer_id: u64, n_blocks: u32) -> DisaggregatedParams {
+        DisaggregatedParams {
+            endpoint: s.endpoint.clone(),
+            transfer_id,
+            block_ids: (100..100 + n_blocks).collect(),
+            layout: layout(),
+            ..Default::default()
+        }
+    }
+
+    async fn released(s: &Setup, transfer_id: u64) {
+        for _ in 0..200 {
+            if s.transfer.released.lock().unwrap().contains(&transfer_id) {
+                return;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("transfer {transfer_id} was not released");
+    }
+
+    #[tokio::test]
+    async fn a_fetch_streams_the_held_blocks_in_chunks_and_frees_them() {
+        // 40 blocks of 128 KiB: more than one 4 MiB chunk.
+        let s = setup(40, Duration::from_secs(30)).await;
+        s.holds.hold(7, (100..140).collect());
+        let receiver =
+            TransferMetrics::new(&EndpointId::new("test", "backend", "generate").unwrap()).unwrap();
+        let got = fetch(&params(&s, 7, 40), 3, &layout(), 0, &receiver)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 37, "blocks from the first uncached one");
+        for (i, b) in got.iter().enumerate() {
+            assert_eq!(
+                *b,
+                block(103 + i as u32, layout().block_bytes()),
+                "block {i}"
+            );
+        }
+        released(&s, 7).await;
+        assert!(s.holds.is_empty());
+        // Fetched once: a second fetch finds nothing.
+        let again = fetch(&params(&s, 7, 40), 0, &layout(), 0, &receiver).await;
+        assert_eq!(
+            again,
+            Err(TransferFailure::Refused(FetchError::UnknownTransfer))
+        );
+        assert_eq!(
+            receiver.failures("unknown_transfer"),
+            0,
+            "the caller counts its own"
+        );
+        assert_eq!(s.metrics.failures("unknown_transfer"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_layout_mismatch_is_refused_and_frees_the_blocks() {
+        let s = setup(4, Duration::from_secs(30)).await;
+        s.holds.hold(9, (100..104).collect());
+        let mut other = layout();
+        other.dtype = "bf16".into();
+        let r = fetch(&params(&s, 9, 4), 0, &other, 0, &s.metrics).await;
+        assert_eq!(r, Err(TransferFailure::Refused(FetchError::LayoutMismatch)));
+        released(&s, 9).await;
+    }
+
+    #[tokio::test]
+    async fn a_range_past_the_blocks_is_refused() {
+        let s = setup(4, Duration::from_secs(30)).await;
+        s.holds.hold(11, (100..104).collect());
+        let r = fetch(&params(&s, 11, 4), 5, &layout(), 0, &s.metrics).await;
+        assert_eq!(r, Err(TransferFailure::Refused(FetchError::BadRange)));
+        released(&s, 11).await;
+    }
+
+    #[tokio::test]
+    async fn nobody_listening_is_a_connect_failure() {
+        let s = setup(1, Duration::from_secs(30)).await;
+        let mut p = params(&s, 1, 1);
+        p.endpoint.port = free_port();
+        let r = fetch(&p, 0, &layout(), 0, &s.metrics).await;
+        assert!(matches!(r, Err(TransferFailure::Connect(_))), "{r:?}");
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn blocks_nobody_fetches_are_freed_when_the_hold_expires() {
+        let s = setup(2, Duration::from_secs(30)).await;
+        s.holds.hold(5, vec![100, 101]);
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert!(s.transfer.released.lock().unwrap().is_empty());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(*s.transfer.released.lock().unwrap(), vec![5]);
+        assert_eq!(s.metrics.failures("expired"), 1);
+        assert_eq!(s.holds.claim(5), None);
+    }
+}

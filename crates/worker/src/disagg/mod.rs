@@ -21,7 +21,7 @@ use futures::StreamExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_engine_api::{Disagg, Engine, EngineError, EngineStream, KvImport, KvTransfer};
-use tandem_protocols::disagg::{DataPlaneEndpoint, PrefillResult};
+use tandem_protocols::disagg::{DataPlaneEndpoint, FetchError, PrefillResult};
 use tandem_protocols::llm::{EngineOutput, PreprocessedRequest};
 use tracing::Instrument;
 
@@ -164,23 +164,25 @@ async fn import(
         .map(|h| h.sequence)
         .collect();
     let n_blocks = prompt.len().div_ceil(bs);
-    let mismatch = if params.layout.block_size as usize != bs {
-        Some(format!(
-            "block size {} here, {} there",
-            bs, params.layout.block_size
-        ))
+    let refusal = if let Some(why) = params.layout.mismatch(&layout) {
+        // A different model, dtype or block size: nothing there can be written here.
+        Some(TransferFailure::Refused(FetchError::LayoutMismatch)).inspect(
+            |_| tracing::warn!(%why, "the prefill worker's KV layout differs from this worker's"),
+        )
     } else if params.num_tokens as usize != prompt.len()
         || params.block_ids.len() != n_blocks
         || params.block_hashes != hashes
     {
-        Some("the prompt's tokens or blocks differ".to_string())
+        Some(TransferFailure::PromptMismatch(
+            "the prompt's tokens or blocks differ".into(),
+        ))
     } else {
         None
     };
-    if let Some(why) = mismatch {
+    if let Some(failure) = refusal {
         // Still connect once: that frees the prefill worker's blocks now, not at expiry.
         let _ = data_plane::fetch(params, params.block_ids.len(), &layout, 0, metrics).await;
-        return Err(TransferFailure::PromptMismatch(why));
+        return Err(failure);
     }
     // The full blocks already cached here are not fetched.
     let first_block = transfer.cached_prefix(&hashes).min(n_blocks);
