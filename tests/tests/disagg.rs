@@ -679,3 +679,52 @@ async fn a_layout_mismatch_falls_back_and_frees_the_prefill_blocks_at_once() -> 
     blocks_freed(&c, decode, "decode blocks freed").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_prompts_prefill_locally_and_enforce_disagg_answers_503_when_prefill_fails()
+-> Result<()> {
+    let mut c = Cluster::start_disagg(
+        1,
+        1,
+        |_, _| mocker_args(&[]),
+        &["--enforce-disagg", "--max-local-prefill-length", "64"],
+        Duration::from_secs(30),
+    )
+    .await?;
+    let prefill = 1;
+    let url = c.url("/v1/completions");
+    let ask = |words: usize| json!({"model": MODEL, "prompt": long_prompt(words), "max_tokens": 3});
+
+    // Within the threshold: the decode worker prefills it.
+    let r = post(url.clone(), ask(5)).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(frontend_paths(&c, "local_prefill").await?, 1.0);
+    assert_eq!(
+        c.worker_metric(prefill, "tandem_engine_prompt_tokens_total", &[])
+            .await?,
+        0.0
+    );
+    // Beyond it: the prefill worker does.
+    let r = post(url.clone(), ask(200)).await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(frontend_paths(&c, "remote_prefill").await?, 1.0);
+
+    // The prefill worker dies: with --enforce-disagg that is the client's answer.
+    c.workers[prefill].kill();
+    let r = post(url.clone(), ask(200)).await?;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await?;
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("prefill"), "{message}");
+    assert_eq!(frontend_paths(&c, "fallback").await?, 0.0);
+    // And once it is gone from discovery, too.
+    c.wait_gauge(
+        "dynamo_frontend_model_prefill_workers",
+        0,
+        Duration::from_secs(15),
+    )
+    .await?;
+    let r = post(url.clone(), ask(200)).await?;
+    assert_eq!(r.status(), 503);
+    Ok(())
+}

@@ -309,8 +309,11 @@ impl Scheduler {
         if running.is_empty() {
             return 0.0;
         }
+        // One token to feed is a decode, not a prefill: a decode leg whose prompt blocks were
+        // imported starts with just the first token, as does a fully cached prompt.
         let prefill: f64 = running[scheduled.decodes..]
             .iter()
+            .filter(|s| s.tokens.len() > s.computed + 1)
             .map(|s| prefill_ms(s.tokens.len() - s.computed))
             .sum();
         let s = self.batcher.pool().stats();
