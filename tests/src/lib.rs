@@ -527,6 +527,9 @@ pub struct Cluster {
     pub http: u16,
 }
 
+/// A worker to start: its name (log file), arguments after `--model-path`, environment.
+type WorkerSpec = (String, Vec<String>, Vec<(String, String)>);
+
 impl Cluster {
     /// Starts `n` workers with `worker_args(i)` (after `--model-path`) and a frontend with
     /// `frontend_args`; returns once the frontend lists the model with all `n` workers.
@@ -536,27 +539,37 @@ impl Cluster {
         frontend_args: &[&str],
         timeout: Duration,
     ) -> Result<Self> {
+        let workers = (0..n).map(|i| (format!("worker{i}"), worker_args(i), vec![]));
+        let c = Self::spawn(workers.collect(), frontend_args, &[]).await?;
+        c.wait_workers(n, timeout).await?;
+        Ok(c)
+    }
+
+    /// Starts a stack, the workers (each with a 2 s lease) and the frontend; waits for
+    /// nothing.
+    async fn spawn(
+        workers: Vec<WorkerSpec>,
+        frontend_args: &[&str],
+        frontend_env: &[(&str, &str)],
+    ) -> Result<Self> {
         let stack = Stack::start().await?;
-        let mut workers = Vec::new();
-        let mut systems = Vec::new();
-        for i in 0..n {
-            let args = worker_args(i);
+        let (mut procs, mut systems) = (Vec::new(), Vec::new());
+        for (name, args, env) in workers {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let (worker, system) =
-                stack.spawn_worker(&format!("worker{i}"), &args, &[("DYN_LEASE_TTL_SECS", "2")])?;
-            workers.push(worker);
+            let mut all_env = vec![("DYN_LEASE_TTL_SECS", "2")];
+            all_env.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let (worker, system) = stack.spawn_worker(&name, &args, &all_env)?;
+            procs.push(worker);
             systems.push(system);
         }
-        let (frontend, http) = stack.spawn_frontend("frontend", frontend_args, &[])?;
-        let c = Self {
+        let (frontend, http) = stack.spawn_frontend("frontend", frontend_args, frontend_env)?;
+        Ok(Self {
             stack,
-            workers,
+            workers: procs,
             systems,
             frontend,
             http,
-        };
-        c.wait_workers(n, timeout).await?;
-        Ok(c)
+        })
     }
 
     /// Starts a disaggregated deployment: `decode` decode workers (positions `0..decode`)
@@ -584,37 +597,24 @@ impl Cluster {
         env: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<Self> {
-        let stack = Stack::start().await?;
-        let mut workers = Vec::new();
-        let mut systems = Vec::new();
-        for (is_prefill, i) in (0..decode)
-            .map(|i| (false, i))
+        let own: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let roles = (0..decode).map(|i| (false, i));
+        let workers = roles
             .chain((0..prefill).map(|i| (true, i)))
-        {
-            let role = if is_prefill { "prefill" } else { "decode" };
-            let mut args = vec![format!("--is-{role}-worker")];
-            args.extend(worker_args(is_prefill, i));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let service = format!("dynamo-worker-{role}");
-            let mut worker_env = vec![
-                ("DYN_LEASE_TTL_SECS", "2"),
-                ("OTEL_SERVICE_NAME", service.as_str()),
-            ];
-            worker_env.extend_from_slice(env);
-            let (worker, system) = stack.spawn_worker(&format!("{role}{i}"), &args, &worker_env)?;
-            workers.push(worker);
-            systems.push(system);
-        }
+            .map(|(is_prefill, i)| {
+                let role = if is_prefill { "prefill" } else { "decode" };
+                let mut args = vec![format!("--is-{role}-worker")];
+                args.extend(worker_args(is_prefill, i));
+                let mut env = vec![("OTEL_SERVICE_NAME".into(), format!("dynamo-worker-{role}"))];
+                env.extend(own.iter().cloned());
+                (format!("{role}{i}"), args, env)
+            });
         let mut frontend_env = vec![("OTEL_SERVICE_NAME", "dynamo-frontend")];
         frontend_env.extend_from_slice(env);
-        let (frontend, http) = stack.spawn_frontend("frontend", frontend_args, &frontend_env)?;
-        let c = Self {
-            stack,
-            workers,
-            systems,
-            frontend,
-            http,
-        };
+        let c = Self::spawn(workers.collect(), frontend_args, &frontend_env).await?;
         c.wait_workers(decode, timeout).await?;
         c.wait_gauge("dynamo_frontend_model_prefill_workers", prefill, timeout)
             .await?;
@@ -693,6 +693,15 @@ impl Cluster {
             })
             .context("worker_id label on the worker's metrics")
     }
+}
+
+/// JSONL lines of a process's output whose `x_request_id` is `xid`.
+pub fn log_lines(output: &str, xid: &str) -> Vec<serde_json::Value> {
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["x_request_id"] == xid)
+        .collect()
 }
 
 /// The name the bundled model is served under.

@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tandem_tests::{
-    BUNDLED_MODEL_NAME, Cluster, Served, metric_value, mocker_args, scrape, wait_for,
+    BUNDLED_MODEL_NAME, Cluster, Served, log_lines, metric_value, mocker_args, scrape, wait_for,
 };
 
 const MODEL: &str = BUNDLED_MODEL_NAME;
@@ -374,15 +374,6 @@ async fn a_prefill_worker_killed_during_or_before_its_leg_costs_no_answer() -> R
     assert_eq!(frontend_paths(&c, "fallback").await?, 2.0);
     blocks_freed(&c, decode, "decode blocks freed after the second fallback").await?;
     Ok(())
-}
-
-/// JSONL lines of a process's output whose `x_request_id` is `xid`.
-fn log_lines(output: &str, xid: &str) -> Vec<Value> {
-    output
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["x_request_id"] == xid)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

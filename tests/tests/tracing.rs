@@ -6,7 +6,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tandem_tests::otlp::{Collector, Span};
-use tandem_tests::{BUNDLED_MODEL_NAME, Served, free_port, wait_for};
+use tandem_tests::{BUNDLED_MODEL_NAME, Served, free_port, log_lines, wait_for};
 
 const MODEL: &str = BUNDLED_MODEL_NAME;
 
@@ -62,15 +62,6 @@ async fn wait_span(
         },
     )
     .await
-}
-
-/// JSONL lines of a process's output whose `x_request_id` is `xid`.
-fn log_lines(output: &str, xid: &str) -> Vec<Value> {
-    output
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["x_request_id"] == xid)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

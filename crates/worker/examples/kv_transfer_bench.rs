@@ -11,40 +11,15 @@
 //! Run: `scripts/bench-kv-transfer.sh` (or `cargo run --release -p tandem-worker --example
 //! kv_transfer_bench`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tandem_engine_api::{EngineError, KvTransfer};
 use tandem_protocols::disagg::{DisaggregatedParams, KvLayout};
 use tandem_runtime::EndpointId;
 use tandem_worker::TransferMetrics;
-use tandem_worker::disagg::{data_plane, holds::Holds};
+use tandem_worker::disagg::{data_plane, holds::Holds, memory::MemoryBlocks};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ROUNDS: usize = 5;
-
-struct MemBlocks {
-    layout: KvLayout,
-    blocks: HashMap<u32, Vec<u8>>,
-}
-
-impl KvTransfer for MemBlocks {
-    fn layout(&self) -> KvLayout {
-        self.layout.clone()
-    }
-    fn read_block(&self, id: u32, out: &mut Vec<u8>) -> Result<(), EngineError> {
-        let b = self
-            .blocks
-            .get(&id)
-            .ok_or_else(|| EngineError::StepFailed(format!("no block {id}")))?;
-        out.extend_from_slice(b);
-        Ok(())
-    }
-    fn cached_prefix(&self, _: &[u64]) -> usize {
-        0
-    }
-    fn release(&self, _: u64) {}
-}
 
 fn layout() -> KvLayout {
     KvLayout {
@@ -140,15 +115,11 @@ async fn main() -> anyhow::Result<()> {
         let source: Vec<Vec<u8>> = (0..n)
             .map(|id| (0..block_bytes).map(|i| (i as u32 ^ id) as u8).collect())
             .collect();
-        let transfer = Arc::new(MemBlocks {
-            layout: l.clone(),
-            blocks: source
-                .iter()
-                .cloned()
-                .enumerate()
-                .map(|(i, b)| (i as u32, b))
-                .collect(),
-        });
+        let blocks = source.iter().cloned().enumerate();
+        let transfer = Arc::new(MemoryBlocks::new(
+            l.clone(),
+            blocks.map(|(i, b)| (i as u32, b)).collect(),
+        ));
         let source = Arc::new(source);
         let holds = Holds::new(transfer.clone(), Duration::from_secs(60), metrics.clone());
         let stop = tokio_util::sync::CancellationToken::new();

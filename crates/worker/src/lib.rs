@@ -112,8 +112,7 @@ pub async fn serve(
         })
         .await?;
 
-    let transfer_metrics = TransferMetrics::new(&config.endpoint)
-        .map_err(|e| WorkerError::Model(format!("transfer metrics: {e}")))?;
+    let transfer_metrics = TransferMetrics::new(&config.endpoint)?;
     transfer_metrics.register(drt.metrics().registry());
     let prefill_side = match config.mode {
         DisaggregationMode::Prefill => {
@@ -237,6 +236,8 @@ pub enum WorkerError {
     KvEvents(String),
     #[error("KV data plane: {0}")]
     DataPlane(String),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// A prompt must leave room for at least one token.

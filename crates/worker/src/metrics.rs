@@ -71,17 +71,35 @@ struct VllmSeries {
     preemptions: IntCounter,
 }
 
+/// Registers integer series that all carry the same label values.
+struct Labelled<'a> {
+    r: &'a Registry,
+    labels: &'a [&'a str],
+    values: &'a [&'a str],
+}
+
+impl Labelled<'_> {
+    fn gauge(&self, name: &str, help: &str) -> Option<IntGauge> {
+        let vec = IntGaugeVec::new(Opts::new(name, help), self.labels).ok()?;
+        Some(register(self.r, vec)?.with_label_values(self.values))
+    }
+
+    fn counter(&self, name: &str, help: &str) -> Option<IntCounter> {
+        let vec = IntCounterVec::new(Opts::new(name, help), self.labels).ok()?;
+        Some(register(self.r, vec)?.with_label_values(self.values))
+    }
+}
+
 fn vllm_series(r: &Registry, model: &str) -> Option<VllmSeries> {
-    let labels = ["engine", "model_name"];
-    let values = ["0", model];
-    let gauge = |name: &str, help: &str| {
-        let vec = register(r, IntGaugeVec::new(Opts::new(name, help), &labels).ok()?)?;
-        Some(vec.with_label_values(&values))
+    let l = Labelled {
+        r,
+        labels: &["engine", "model_name"],
+        values: &["0", model],
     };
-    let counter = |name: &str, help: &str| {
-        let vec = register(r, IntCounterVec::new(Opts::new(name, help), &labels).ok()?)?;
-        Some(vec.with_label_values(&values))
-    };
+    let (gauge, counter) = (
+        |n: &str, h: &str| l.gauge(n, h),
+        |n: &str, h: &str| l.counter(n, h),
+    );
     Some(VllmSeries {
         running: gauge(
             "vllm:num_requests_running",
@@ -165,16 +183,15 @@ struct EngineSeries {
 }
 
 fn engine_series(r: &Registry, ep: &EndpointId, model: &str) -> Option<EngineSeries> {
-    let labels = ["dynamo_namespace", "dynamo_component", "model"];
-    let values = [ep.namespace.as_str(), ep.component.as_str(), model];
-    let gauge = |name: &str, help: &str| {
-        let vec = register(r, IntGaugeVec::new(Opts::new(name, help), &labels).ok()?)?;
-        Some(vec.with_label_values(&values))
+    let l = Labelled {
+        r,
+        labels: &["dynamo_namespace", "dynamo_component", "model"],
+        values: &[ep.namespace.as_str(), ep.component.as_str(), model],
     };
-    let counter = |name: &str, help: &str| {
-        let vec = register(r, IntCounterVec::new(Opts::new(name, help), &labels).ok()?)?;
-        Some(vec.with_label_values(&values))
-    };
+    let (gauge, counter) = (
+        |n: &str, h: &str| l.gauge(n, h),
+        |n: &str, h: &str| l.counter(n, h),
+    );
     Some(EngineSeries {
         prompt_tokens: counter(
             "tandem_engine_prompt_tokens_total",

@@ -277,38 +277,9 @@ pub async fn fetch(
 
 #[cfg(test)]
 mod tests {
+    use super::super::memory::MemoryBlocks;
     use super::*;
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    use tandem_engine_api::EngineError;
     use tandem_runtime::EndpointId;
-
-    /// Blocks in memory, each filled with a pattern of its id; records releases.
-    struct MemTransfer {
-        layout: KvLayout,
-        blocks: HashMap<u32, Vec<u8>>,
-        released: Mutex<Vec<u64>>,
-    }
-
-    impl KvTransfer for MemTransfer {
-        fn layout(&self) -> KvLayout {
-            self.layout.clone()
-        }
-        fn read_block(&self, id: u32, out: &mut Vec<u8>) -> Result<(), EngineError> {
-            let b = self
-                .blocks
-                .get(&id)
-                .ok_or_else(|| EngineError::StepFailed(format!("no block {id}")))?;
-            out.extend_from_slice(b);
-            Ok(())
-        }
-        fn cached_prefix(&self, _: &[u64]) -> usize {
-            0
-        }
-        fn release(&self, transfer_id: u64) {
-            self.released.lock().unwrap().push(transfer_id);
-        }
-    }
 
     fn layout() -> KvLayout {
         // 2 × 4 layers × 16 tokens × 4 heads × 64 × 4 bytes = 128 KiB a block.
@@ -328,7 +299,7 @@ mod tests {
     }
 
     struct Setup {
-        transfer: Arc<MemTransfer>,
+        transfer: Arc<MemoryBlocks>,
         holds: Holds,
         metrics: TransferMetrics,
         endpoint: DataPlaneEndpoint,
@@ -340,11 +311,7 @@ mod tests {
         let blocks = (100..100 + n_blocks)
             .map(|id| (id, block(id, l.block_bytes())))
             .collect();
-        let transfer = Arc::new(MemTransfer {
-            layout: l,
-            blocks,
-            released: Mutex::default(),
-        });
+        let transfer = Arc::new(MemoryBlocks::new(l, blocks));
         let ep = EndpointId::new("test", "prefill", "generate").unwrap();
         let metrics = TransferMetrics::new(&ep).unwrap();
         let holds = Holds::new(transfer.clone(), timeout, metrics.clone());
@@ -380,7 +347,7 @@ mod tests {
 
     async fn released(s: &Setup, transfer_id: u64) {
         for _ in 0..200 {
-            if s.transfer.released.lock().unwrap().contains(&transfer_id) {
+            if s.transfer.released().contains(&transfer_id) {
                 return;
             }
             tokio::task::yield_now().await;
@@ -465,9 +432,9 @@ mod tests {
         let s = setup(2, Duration::from_secs(30)).await;
         s.holds.hold(5, vec![100, 101]);
         tokio::time::sleep(Duration::from_secs(29)).await;
-        assert!(s.transfer.released.lock().unwrap().is_empty());
+        assert!(s.transfer.released().is_empty());
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(*s.transfer.released.lock().unwrap(), vec![5]);
+        assert_eq!(s.transfer.released(), vec![5]);
         assert_eq!(s.metrics.failures("expired"), 1);
         assert_eq!(s.holds.claim(5), None);
     }

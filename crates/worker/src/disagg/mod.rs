@@ -14,6 +14,7 @@
 
 pub mod data_plane;
 pub mod holds;
+pub mod memory;
 
 use crate::metrics::TransferMetrics;
 use data_plane::TransferFailure;
