@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Disaggregated vs aggregated serving, side by side in one run, with the mocker at real speed
-# (Dynamo's timing model, --speedup-ratio 1): 4 aggregated workers, then 2 prefill + 2 decode
-# workers, each behind a frontend with the KV router, under the same load from
+# (Dynamo's timing model, --speedup-ratio 1): 4 aggregated workers, 2 prefill + 2 decode
+# workers, and the same 2 + 2 with conditional disaggregation (--max-local-prefill-length
+# $LOCAL_PREFILL, default 512: short prompts prefill on the decode workers), each behind a
+# frontend with the KV router, under the same load from
 # scripts/bench-disagg.py (chat streams plus long prompts arriving alongside). ROUNDS rounds,
 # alternating; one JSON line per run, then a Markdown table of the medians over rounds.
 # Knobs: ROUNDS (2), SECONDS_PER_RUN (40), LOAD_ARGS (extra bench-disagg.py flags),
@@ -19,6 +21,7 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-40}
 NATS_PORT=${NATS_PORT:-14222}
 ETCD_PORT=${ETCD_PORT:-12379}
 HTTP_PORT=${HTTP_PORT:-18000}
+LOCAL_PREFILL=${LOCAL_PREFILL:-512}
 pids=()
 stop_all() {
   for ((i=${#pids[@]}-1; i>=0; i--)); do
@@ -55,7 +58,8 @@ ready() { # DECODE PREFILL
     { [ "$2" = 0 ] || grep -q "^dynamo_frontend_model_prefill_workers{model=\"SmolLM2-135M-Instruct\"} $2$" <<<"$m"; }
 }
 one_run() { # CONFIG
-  local config=$1 d p
+  local config=$1 d p extra=()
+  [ "$config" = conditional ] && extra=(--max-local-prefill-length "$LOCAL_PREFILL")
   if [ "$config" = agg ]; then
     for i in 0 1 2 3; do worker "agg-$i"; done; d=4; p=0
   else
@@ -63,7 +67,7 @@ one_run() { # CONFIG
     worker prefill-0 --is-prefill-worker; worker prefill-1 --is-prefill-worker; d=2; p=2
   fi
   "$root/target/debug/frontend" --http-host 127.0.0.1 --http-port "$HTTP_PORT" --router-mode kv \
-    >"$run/frontend-$config.log" 2>&1 &
+    "${extra[@]}" >"$run/frontend-$config.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 300); do ready $d $p && break; sleep 0.2; done
   ready $d $p || { echo "$config did not come up; logs in $run" >&2; exit 1; }
@@ -76,7 +80,7 @@ one_run() { # CONFIG
 }
 results="$run/results.jsonl"
 for r in $(seq 1 "$ROUNDS"); do
-  for config in agg disagg; do
+  for config in agg disagg conditional; do
     one_run "$config" | tee -a "$results"
   done
 done
@@ -85,11 +89,12 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 keys = ["chat_itl_p50_ms", "chat_itl_p99_ms", "chat_stall_p50_ms", "chat_stall_p99_ms", "chat_ttft_p50_ms", "chat_ttft_p99_ms",
         "long_ttft_p50_ms", "long_ttft_p99_ms", "chat_requests", "long_requests", "errors"]
-med = {c: {k: statistics.median(r[k] or 0 for r in rows if r["config"] == c) for k in keys} for c in ("agg", "disagg")}
-print("| metric | 4 aggregated | 2 prefill + 2 decode | disagg / agg |")
-print("|---|---|---|---|")
+configs = ("agg", "disagg", "conditional")
+med = {c: {k: statistics.median(r[k] or 0 for r in rows if r["config"] == c) for k in keys} for c in configs}
+print("| metric | 4 aggregated | 2 prefill + 2 decode | disagg / agg | 2 + 2 conditional | conditional / agg |")
+print("|---|---|---|---|---|---|")
 for k in keys:
-    a, d = med["agg"][k], med["disagg"][k]
-    ratio = f"{d / a:.2f}" if a else "-"
-    print(f"| {k} | {a:.1f} | {d:.1f} | {ratio} |")
+    a, d, c = (med[x][k] for x in configs)
+    r = lambda v: f"{v / a:.2f}" if a else "-"
+    print(f"| {k} | {a:.1f} | {d:.1f} | {r(d)} | {c:.1f} | {r(c)} |")
 PY

@@ -52,7 +52,7 @@ async fn decode_counts(c: &Cluster) -> Result<(f64, f64)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn greedy_output_through_prefill_and_decode_equals_one_aggregated_worker() -> Result<()> {
+async fn output_through_prefill_and_decode_equals_one_aggregated_worker() -> Result<()> {
     let timeout = Duration::from_secs(180);
     let (agg, disagg) = tokio::join!(
         Served::start(&[], &[], timeout),
@@ -112,6 +112,17 @@ async fn greedy_output_through_prefill_and_decode_equals_one_aggregated_worker()
         }
         last_prompt = n;
     }
+    // Seeded sampling with penalties too: the decode worker's sampler continues past the draw
+    // and the token the prefill worker's made.
+    let seeded = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24,
+        "temperature": 0.9, "seed": 1234, "frequency_penalty": 0.5});
+    let (a, d) = (
+        post(agg_url.clone(), seeded.clone()).await?,
+        post(url.clone(), seeded).await?,
+    );
+    let (a, d): (Value, Value) = (a.json().await?, d.json().await?);
+    assert_eq!(text(&d), text(&a), "seeded: disaggregated vs aggregated");
+
     let front = scrape(&c.url("/metrics")).await?;
     assert_eq!(
         metric_value(
@@ -119,7 +130,7 @@ async fn greedy_output_through_prefill_and_decode_equals_one_aggregated_worker()
             "dynamo_frontend_disaggregated_requests_total",
             &[("path", "remote_prefill")]
         ),
-        Some(3.0)
+        Some(4.0)
     );
     Ok(())
 }

@@ -425,7 +425,7 @@ async fn bad_configuration_stops_the_process_naming_the_flag() -> Result<()> {
     let model = model.to_str().unwrap();
     // (program, args, environment, what the error must name)
     type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
-    let cases: [Case; 6] = [
+    let cases: [Case; 10] = [
         (
             "frontend",
             vec![],
@@ -461,6 +461,35 @@ async fn bad_configuration_stops_the_process_naming_the_flag() -> Result<()> {
             vec!["--model-path", model],
             vec![("DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS", "generate")],
             "--system-use-endpoint-health-status",
+        ),
+        (
+            "worker",
+            vec![
+                "--model-path",
+                model,
+                "--is-prefill-worker",
+                "--is-decode-worker",
+            ],
+            vec![],
+            "--is-decode-worker",
+        ),
+        (
+            "worker",
+            vec!["--model-path", model, "--kv-transfer-timeout", "0"],
+            vec![],
+            "--kv-transfer-timeout",
+        ),
+        (
+            "worker",
+            vec!["--model-path", model, "--disaggregation-mode", "both"],
+            vec![],
+            "--disaggregation-mode",
+        ),
+        (
+            "frontend",
+            vec![],
+            vec![("DYN_MAX_LOCAL_PREFILL_LENGTH", "-1")],
+            "--max-local-prefill-length",
         ),
     ];
     for (program, args, env, flag) in cases {

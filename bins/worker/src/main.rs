@@ -56,7 +56,11 @@ struct Cli {
     kv_events_config: Option<tandem_worker::kv_events::KvEventsConfig>,
     /// Prefill worker: computes prompts and their first token, holds the KV blocks for a
     /// decode worker to fetch, registers as `prefill` (same as --disaggregation-mode prefill).
-    #[arg(long = "is-prefill-worker", conflicts_with = "disaggregation_mode")]
+    /// Both role flags at once is an error: a worker that does both is aggregated.
+    #[arg(
+        long = "is-prefill-worker",
+        conflicts_with_all = ["disaggregation_mode", "is_decode_worker"]
+    )]
     is_prefill_worker: bool,
     /// Decode worker: fetches prompt KV blocks from prefill workers; publishes no KV events
     /// (same as --disaggregation-mode decode).
@@ -80,7 +84,7 @@ struct Cli {
     )]
     kv_transfer_port: u16,
     /// Prefill workers: seconds held KV blocks wait for their decode worker before they are freed.
-    #[arg(long = "kv-transfer-timeout", default_value_t = 30.0, value_parser = positive)]
+    #[arg(long = "kv-transfer-timeout", default_value_t = 30.0, value_parser = hold_secs)]
     kv_transfer_timeout: f64,
     /// Mocker only: KV bytes per token of the simulated model (sizes simulated transfers;
     /// default Llama-3-8B bf16).
@@ -106,23 +110,22 @@ fn positive(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Seconds held blocks may wait: more than 0, at most a day.
+fn hold_secs(s: &str) -> Result<f64, String> {
+    match positive(s)? {
+        v if v <= 86_400.0 => Ok(v),
+        v => Err(format!("{v} is more than a day (86400 s)")),
+    }
+}
+
 impl Cli {
-    /// The worker's role from whichever flags name it; both legacy flags is an error.
-    fn mode(&self) -> anyhow::Result<DisaggregationMode> {
-        Ok(
-            match (
-                self.is_prefill_worker,
-                self.is_decode_worker,
-                self.disaggregation_mode,
-            ) {
-                (true, true, _) => anyhow::bail!(
-                    "--is-prefill-worker and --is-decode-worker exclude each other; a worker that does both is aggregated (neither flag)"
-                ),
-                (true, false, _) => DisaggregationMode::Prefill,
-                (false, true, _) => DisaggregationMode::Decode,
-                (false, false, m) => m.unwrap_or_default(),
-            },
-        )
+    /// The worker's role from whichever flag names it (clap refuses two at once).
+    fn mode(&self) -> DisaggregationMode {
+        match (self.is_prefill_worker, self.is_decode_worker) {
+            (true, _) => DisaggregationMode::Prefill,
+            (_, true) => DisaggregationMode::Decode,
+            _ => self.disaggregation_mode.unwrap_or_default(),
+        }
     }
 }
 
@@ -138,7 +141,7 @@ fn non_negative(s: &str) -> Result<f64, String> {
 async fn main() -> anyhow::Result<()> {
     let _telemetry = tandem_telemetry::init("worker")?;
     let cli = Cli::parse();
-    let mode = cli.mode()?;
+    let mode = cli.mode();
     let path = match cli.model_path.to_str() {
         Some(id) if !cli.model_path.exists() && tandem_model::hub::is_hub_id(id) => {
             tandem_model::hub::Hub::from_env()

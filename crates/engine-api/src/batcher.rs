@@ -383,7 +383,7 @@ impl<X> Batcher<X> {
             cached_tokens: import.cached_tokens,
             ..Default::default()
         });
-        self.generated += 1;
+        // Not counted in `generated`: the prefill worker's step produced it.
         finish.is_none() && sent
     }
 
@@ -429,7 +429,10 @@ impl<X> Batcher<X> {
             match (s.hold, s.blocks.take()) {
                 // Its caller has the block list: keep them until fetched or released.
                 (Some(id), Some(blocks)) if sent => {
-                    self.held.insert(id, blocks);
+                    if let Some(old) = self.held.insert(id, blocks) {
+                        // Transfer ids are random; a repeat must still not leak the first.
+                        self.pool.release(old);
+                    }
                 }
                 (_, blocks) => {
                     s.blocks = blocks;
@@ -438,6 +441,15 @@ impl<X> Batcher<X> {
             }
         }
         self.flush_events();
+    }
+
+    /// Writing imported blocks failed: `unwritten` (the block that failed and those not yet
+    /// written) leave the prefix cache — they were registered at admission — and the step
+    /// fails as [`Batcher::fail`].
+    pub fn writes_failed(&mut self, unwritten: &[u32], error: EngineError) {
+        self.pool
+            .forget(unwritten.iter().map(|&id| tandem_kv::BlockId(id)));
+        self.fail(error);
     }
 
     /// The step failed: every running sequence ends with `error` and frees its blocks. Waiting
@@ -796,6 +808,34 @@ mod tests {
         b.publish();
         let stats = *b.stats.lock().unwrap();
         assert_eq!((stats.import_misses, stats.prefill_tokens), (1, 10));
+    }
+
+    #[tokio::test]
+    async fn imported_blocks_that_could_not_be_written_leave_the_cache() {
+        let mut b = batcher(32);
+        let (out, rx) = output_channel(1);
+        // 12 tokens: three full blocks, all imported and registered at admission.
+        let req = request(0..12, 3, 1);
+        for s in Seq::for_leg(&req, Disagg::Decode(import(0, 3)), &out, |_| ()).unwrap() {
+            b.enqueue(s);
+        }
+        drop(out);
+        b.schedule();
+        let hashes: Vec<u64> = tandem_kv::sequence_hashes(&req.token_ids, 4)
+            .iter()
+            .map(|h| h.sequence)
+            .collect();
+        b.flush_events();
+        assert_eq!(b.cache_index().cached_prefix(&hashes), 3);
+        let writes = b.take_writes();
+        // The second write fails: it and the third were never written.
+        let unwritten: Vec<u32> = writes[1..].iter().map(|(id, _)| *id).collect();
+        b.writes_failed(&unwritten, EngineError::StepFailed("disk on fire".into()));
+        assert_eq!(b.cache_index().cached_prefix(&hashes), 1);
+        let outs: Vec<_> = rx.collect().await;
+        assert!(outs.last().unwrap().is_err());
+        b.publish();
+        assert_eq!(b.stats.lock().unwrap().active_blocks, 0);
     }
 
     #[test]

@@ -117,6 +117,21 @@ pub fn check_prompt(token_ids: &[u32], vocab_size: usize) -> Result<(), EngineEr
     }
 }
 
+/// [`check_prompt`] for a leg: a decode leg's first token must be inside the vocabulary too
+/// (it is fed to the model like any other).
+pub fn check_leg(token_ids: &[u32], disagg: &Disagg, vocab_size: usize) -> Result<(), EngineError> {
+    check_prompt(token_ids, vocab_size)?;
+    match disagg {
+        Disagg::Decode(import) if import.first_token as usize >= vocab_size => {
+            Err(EngineError::Invalid(format!(
+                "first token {} is outside the vocabulary of {vocab_size}",
+                import.first_token
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn positive_usize(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
@@ -204,6 +219,20 @@ pub trait Engine: Send + Sync + 'static {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn a_decode_legs_first_token_must_be_in_the_vocabulary() {
+        let leg = |first_token| {
+            Disagg::Decode(KvImport {
+                first_token,
+                ..Default::default()
+            })
+        };
+        assert!(check_leg(&[1, 2], &leg(9), 10).is_ok());
+        let err = check_leg(&[1, 2], &leg(10), 10).unwrap_err();
+        assert!(err.to_string().contains("first token 10"), "{err}");
+        assert!(check_leg(&[1, 10], &Disagg::Aggregated, 10).is_err());
+    }
 
     #[derive(clap::Parser)]
     struct Cli {

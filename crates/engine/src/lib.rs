@@ -263,7 +263,7 @@ impl Engine for CandleEngine {
         request: PreprocessedRequest,
         disagg: Disagg,
     ) -> Result<EngineStream, EngineError> {
-        tandem_engine_api::check_prompt(&request.token_ids, self.vocab_size)?;
+        tandem_engine_api::check_leg(&request.token_ids, &disagg, self.vocab_size)?;
         let (out, stream) = tandem_engine_api::output_channel(request.sampling.n);
         for seq in scheduler::sequences(&request, disagg, &out)? {
             self.tx

@@ -35,8 +35,16 @@ pub fn sequences(
     disagg: Disagg,
     out: &OutputSender,
 ) -> Result<Vec<CandleSeq>, EngineError> {
+    let resumed = match &disagg {
+        Disagg::Decode(import) => Some(import.first_token),
+        _ => None,
+    };
     Seq::for_leg(request, disagg, out, |index| {
-        Sampler::new(request.sampling.clone(), index as u64)
+        let mut sampler = Sampler::new(request.sampling.clone(), index as u64);
+        if let Some(first) = resumed {
+            sampler.resume_after(first);
+        }
+        sampler
     })
 }
 
@@ -95,12 +103,15 @@ impl Scheduler {
     /// forward pass.
     fn step(&mut self, scheduled: Scheduled) {
         // Registered at admission: written now, whether or not their sequence still runs.
-        for (id, data) in self.batcher.take_writes() {
-            if let Err(e) = self.cache.write_block(id, &data) {
+        let writes = self.batcher.take_writes();
+        for (i, (id, data)) in writes.iter().enumerate() {
+            if let Err(e) = self.cache.write_block(*id, data) {
                 tracing::error!(error = %e, block = id, "writing an imported block failed");
-                self.batcher.fail(EngineError::StepFailed(format!(
-                    "writing imported KV block {id}: {e}"
-                )));
+                let unwritten: Vec<u32> = writes[i..].iter().map(|(id, _)| *id).collect();
+                self.batcher.writes_failed(
+                    &unwritten,
+                    EngineError::StepFailed(format!("writing imported KV block {id}: {e}")),
+                );
                 return;
             }
         }

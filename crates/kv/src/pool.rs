@@ -251,8 +251,14 @@ impl BlockPool {
     /// computed: the step that was to compute them failed), so that no later prompt reuses
     /// them; records `Removed` for each. The blocks stay the sequence's until released.
     pub fn forget_from(&mut self, seq: &SeqBlocks, first_block: usize) {
+        self.forget(seq.blocks.iter().skip(first_block).copied());
+    }
+
+    /// Takes `ids` out of the prefix cache (their contents are not what their hashes say);
+    /// the blocks stay allocated to whoever holds them.
+    pub fn forget(&mut self, ids: impl IntoIterator<Item = BlockId>) {
         let mut removed = Vec::new();
-        for &b in seq.blocks.iter().skip(first_block) {
+        for b in ids {
             let block = &mut self.blocks[b.0 as usize];
             if let Some(h) = block.hash
                 && self.by_hash.get(&h.sequence) == Some(&b)

@@ -142,7 +142,7 @@ impl Engine for MockEngine {
         mut request: PreprocessedRequest,
         disagg: Disagg,
     ) -> Result<EngineStream, EngineError> {
-        tandem_engine_api::check_prompt(&request.token_ids, self.vocab as usize)?;
+        tandem_engine_api::check_leg(&request.token_ids, &disagg, self.vocab as usize)?;
         request.stop.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
         // Its tokens are random: an end-of-sequence id among them would end choices at random
         // lengths. Like Dynamo's mocker, it generates until the length limit.

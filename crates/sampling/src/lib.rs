@@ -43,6 +43,16 @@ impl Sampler {
         *self.counts.entry(token).or_insert(0) += 1;
     }
 
+    /// Continues after `token`, which another sampler with the same options picked (a prefill
+    /// worker's first token): counted for penalties, and the random stream moved past the
+    /// draw that picked it, so that a seeded request samples what it would have in one piece.
+    pub fn resume_after(&mut self, token: u32) {
+        self.observe(token);
+        if !self.is_greedy() {
+            let _: f32 = self.rng.random();
+        }
+    }
+
     /// Picks the next token. `prompt` feeds the repetition penalty; `logits` is modified.
     pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32]) -> u32 {
         self.apply_penalties(logits, prompt);
@@ -226,6 +236,37 @@ mod tests {
         };
         assert_eq!(run(0), run(0));
         assert_ne!(run(0), run(1));
+    }
+
+    #[test]
+    fn a_sampler_resumed_after_the_first_token_continues_the_same_sequence() {
+        let o = SamplingOptions {
+            temperature: Some(1.0),
+            seed: Some(7),
+            frequency_penalty: Some(0.3),
+            ..opts()
+        };
+        let logits = [1.0f32, 1.2, 0.8, 1.1, 0.9, 1.0, 1.3, 0.7];
+        // One piece: the sampler sees its own tokens.
+        let mut whole = Sampler::new(o.clone(), 0);
+        let all: Vec<u32> = (0..16)
+            .map(|_| {
+                let t = whole.sample(&mut logits.clone(), &[]);
+                whole.observe(t);
+                t
+            })
+            .collect();
+        // Two legs: the first token from one sampler, the rest from a fresh one resumed.
+        let mut rest = Sampler::new(o, 0);
+        rest.resume_after(all[0]);
+        let tail: Vec<u32> = (1..16)
+            .map(|_| {
+                let t = rest.sample(&mut logits.clone(), &[]);
+                rest.observe(t);
+                t
+            })
+            .collect();
+        assert_eq!(tail, all[1..]);
     }
 
     #[test]

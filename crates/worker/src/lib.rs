@@ -128,7 +128,15 @@ pub async fn serve(
             let (engine, side, metrics) =
                 (gen_engine.clone(), side.clone(), transfer_metrics.clone());
             async move {
-                check_context(&request, context_length)?;
+                if let Err(e) = check_context(&request, context_length) {
+                    // Refused: the prefill worker need not hold the prompt's blocks any longer.
+                    if let Some(p) = request.prefill_result {
+                        tokio::spawn(async move {
+                            disagg::release_remote(&p.disaggregated_params, &metrics).await
+                        });
+                    }
+                    return Err(e);
+                }
                 let stream = match &side {
                     Some(side) => disagg::prefill_leg(engine.as_ref(), side, request),
                     None => disagg::decode_leg(engine.as_ref(), request, &metrics)

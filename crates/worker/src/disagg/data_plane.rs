@@ -28,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Blocks are read and written in chunks of about this many bytes.
 pub const CHUNK_BYTES: usize = 4 << 20;
-/// Longest a control frame may be.
-const MAX_FRAME: u32 = 1 << 20;
+/// Longest a control frame may be (a request or header is a few hundred bytes).
+const MAX_FRAME: u32 = 64 << 10;
+/// Connections served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 64;
 /// How long either side waits for the other's next frame or chunk.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -112,8 +114,12 @@ pub async fn start(
 ) -> std::io::Result<DataPlaneEndpoint> {
     let listener = TcpListener::bind((host, port)).await?;
     let port = listener.local_addr()?.port();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let conn = tokio::select! {
                 _ = stop.cancelled() => return,
                 c = listener.accept() => c,
@@ -123,6 +129,7 @@ pub async fn start(
                     let (transfer, holds, metrics) =
                         (transfer.clone(), holds.clone(), metrics.clone());
                     tokio::spawn(async move {
+                        let _slot = slot;
                         if let Err(e) = send(stream, transfer, holds, &metrics).await {
                             metrics.failed(e.reason());
                             tracing::warn!(%peer, error = %e, "KV transfer to a decode worker failed");

@@ -20,9 +20,8 @@ use crate::metrics::TransferMetrics;
 use data_plane::TransferFailure;
 use futures::StreamExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_engine_api::{Disagg, Engine, EngineError, EngineStream, KvImport, KvTransfer};
-use tandem_protocols::disagg::{DataPlaneEndpoint, FetchError, PrefillResult};
+use tandem_protocols::disagg::{DataPlaneEndpoint, DisaggregatedParams, FetchError, PrefillResult};
 use tandem_protocols::llm::{EngineOutput, PreprocessedRequest};
 use tracing::Instrument;
 
@@ -43,22 +42,14 @@ pub struct PrefillSide {
     pub worker_id: u64,
     pub endpoint: DataPlaneEndpoint,
     pub holds: holds::Holds,
-    next_id: AtomicU64,
 }
 
 impl PrefillSide {
     pub fn new(worker_id: u64, endpoint: DataPlaneEndpoint, holds: holds::Holds) -> Self {
-        // Ids only need to be unique on this worker; starting from the clock keeps a
-        // restarted worker from reusing a previous run's ids.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(worker_id);
         Self {
             worker_id,
             endpoint,
             holds,
-            next_id: AtomicU64::new(seed),
         }
     }
 }
@@ -91,7 +82,9 @@ pub fn prefill_leg(
     }
     request.stop.max_tokens = Some(1);
     request.stop.min_tokens = request.stop.min_tokens.map(|m| m.min(1));
-    let transfer_id = side.next_id.fetch_add(1, Ordering::Relaxed);
+    // Random: whoever can reach the data plane cannot guess another request's transfer (and
+    // so free or read its blocks).
+    let transfer_id = rand::random::<u64>();
     let transfer = engine.kv_transfer();
     let layout = transfer.layout();
     let stream = engine.generate_leg(request, Disagg::Prefill { transfer_id })?;
@@ -146,6 +139,15 @@ pub async fn decode_leg(
             tracing::warn!(error = %e, "KV transfer failed; computing the prompt on this worker");
             engine.generate(request)
         }
+    }
+}
+
+/// Frees a transfer's blocks on its prefill worker without moving any (a fetch from past the
+/// last block), for a decode leg that will not run.
+pub async fn release_remote(params: &DisaggregatedParams, metrics: &TransferMetrics) {
+    let end = params.block_ids.len();
+    if let Err(e) = data_plane::fetch(params, end, &params.layout, 0, metrics).await {
+        tracing::debug!(error = %e, "releasing a transfer on its prefill worker failed");
     }
 }
 
