@@ -86,6 +86,10 @@ struct Cli {
     /// Prefill workers: seconds held KV blocks wait for their decode worker before they are freed.
     #[arg(long = "kv-transfer-timeout", default_value_t = 30.0, value_parser = hold_secs)]
     kv_transfer_timeout: f64,
+    /// Decode workers: most bytes of fetched prompt KV waiting to be written into the cache
+    /// (queued requests hold theirs); a fetch beyond it prefills locally instead.
+    #[arg(long = "kv-transfer-max-buffered-bytes", default_value_t = tandem_worker::DEFAULT_MAX_BUFFERED_BYTES)]
+    kv_transfer_max_buffered_bytes: u64,
     /// Mocker only: KV bytes per token of the simulated model (sizes simulated transfers;
     /// default Llama-3-8B bf16).
     #[arg(long = "kv-bytes-per-token", default_value_t = tandem_mocker::DEFAULT_KV_BYTES_PER_TOKEN)]
@@ -192,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
             host: cli.kv_transfer_host.clone(),
             port: cli.kv_transfer_port,
             hold_timeout: std::time::Duration::from_secs_f64(cli.kv_transfer_timeout),
+            max_buffered_bytes: cli.kv_transfer_max_buffered_bytes,
         },
     };
     tandem_worker::serve(&drt, engine, &model, config).await?;

@@ -727,6 +727,7 @@ mod tests {
             cached_tokens: Some(4),
             first_block,
             blocks: (0..blocks).map(|i| vec![i as u8; 3]).collect(),
+            ..Default::default()
         }
     }
 

@@ -26,7 +26,7 @@ pub mod transfer;
 pub use batcher::{Batcher, Intake, Scheduled, Seq};
 pub use queue::{AdmitCounters, AdmitLimits, Queued};
 pub use stream::{ChoiceStopper, EngineStream, OutputSender, output_channel};
-pub use transfer::{CacheIndex, Disagg, KvImport, KvTransfer};
+pub use transfer::{CacheIndex, Disagg, ImportLease, KvImport, KvTransfer};
 
 use std::sync::Arc;
 use tandem_protocols::card::ModelRuntimeConfig;

@@ -45,6 +45,21 @@ pub struct KvImport {
     /// One entry per block from `first_block` to the prompt's last (possibly partial) block,
     /// in the [`KvLayout::block_bytes`] wire format.
     pub blocks: Vec<Vec<u8>>,
+    /// Held while the fetched bytes are: the worker's budget for fetched-but-unwritten KV
+    /// gets them back when the engine has taken the import apart (at admission) or dropped it
+    /// (the request ended while queued).
+    pub lease: Option<ImportLease>,
+}
+
+/// Something the owner of a [`KvImport`] keeps alive as long as the import (a semaphore
+/// permit); opaque to engines.
+#[derive(Clone)]
+pub struct ImportLease(pub Arc<dyn Send + Sync>);
+
+impl std::fmt::Debug for ImportLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImportLease")
+    }
 }
 
 /// The engine side of block transfers.

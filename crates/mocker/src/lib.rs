@@ -513,6 +513,7 @@ mod tests {
             cached_tokens: first[0].cached_tokens,
             first_block: 0,
             blocks: vec![vec![]; 3],
+            ..Default::default()
         };
         let rest: Vec<u32> = outputs(decode.generate_leg(req, Disagg::Decode(import)).unwrap())
             .await

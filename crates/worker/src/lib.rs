@@ -54,7 +54,10 @@ pub struct ServeConfig {
     pub kv_transfer: KvTransferConfig,
 }
 
-/// A prefill worker's KV data plane.
+/// Default of [`KvTransferConfig::max_buffered_bytes`]: 4 GiB.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 4 << 30;
+
+/// A worker's KV data plane.
 #[derive(Debug, Clone)]
 pub struct KvTransferConfig {
     /// Address to bind and to advertise to decode workers.
@@ -63,6 +66,8 @@ pub struct KvTransferConfig {
     pub port: u16,
     /// How long held blocks wait for their decode worker before they are freed.
     pub hold_timeout: Duration,
+    /// Decode side: most KV bytes fetched and not yet written into the engine's pool.
+    pub max_buffered_bytes: u64,
 }
 
 impl Default for KvTransferConfig {
@@ -71,6 +76,7 @@ impl Default for KvTransferConfig {
             host: "127.0.0.1".into(),
             port: 0,
             hold_timeout: Duration::from_secs(30),
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
         }
     }
 }
@@ -123,10 +129,15 @@ pub async fn serve(
     let gen_engine = engine.clone();
     let context_length = config.context_length as usize;
     let side = prefill_side.clone();
+    let budget = disagg::FetchBudget::new(config.kv_transfer.max_buffered_bytes);
     drt.endpoint(config.endpoint.clone())
         .serve_typed(move |request: PreprocessedRequest, ctx: RequestContext| {
-            let (engine, side, metrics) =
-                (gen_engine.clone(), side.clone(), transfer_metrics.clone());
+            let (engine, side, metrics, budget) = (
+                gen_engine.clone(),
+                side.clone(),
+                transfer_metrics.clone(),
+                budget.clone(),
+            );
             async move {
                 if let Err(e) = check_context(&request, context_length) {
                     // Refused: the prefill worker need not hold the prompt's blocks any longer.
@@ -139,7 +150,7 @@ pub async fn serve(
                 }
                 let stream = match &side {
                     Some(side) => disagg::prefill_leg(engine.as_ref(), side, request),
-                    None => disagg::decode_leg(engine.as_ref(), request, &metrics)
+                    None => disagg::decode_leg(engine.as_ref(), request, &budget, &metrics)
                         .await
                         .map(|s| stream_with_controls(s, &ctx)),
                 };

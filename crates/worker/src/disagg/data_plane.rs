@@ -50,6 +50,8 @@ pub enum TransferFailure {
     Protocol(String),
     #[error("the transfer does not describe this request's prompt: {0}")]
     PromptMismatch(String),
+    #[error("{bytes} bytes would exceed the {budget}-byte budget for fetched KV")]
+    OverBudget { bytes: u64, budget: u64 },
 }
 
 impl TransferFailure {
@@ -61,6 +63,7 @@ impl TransferFailure {
             Self::Io(_) => "io",
             Self::Protocol(_) => "protocol",
             Self::PromptMismatch(_) => "prompt_mismatch",
+            Self::OverBudget { .. } => "over_budget",
         }
     }
 }

@@ -20,7 +20,9 @@ use crate::metrics::TransferMetrics;
 use data_plane::TransferFailure;
 use futures::StreamExt;
 use std::sync::Arc;
-use tandem_engine_api::{Disagg, Engine, EngineError, EngineStream, KvImport, KvTransfer};
+use tandem_engine_api::{
+    Disagg, Engine, EngineError, EngineStream, ImportLease, KvImport, KvTransfer,
+};
 use tandem_protocols::disagg::{DataPlaneEndpoint, DisaggregatedParams, FetchError, PrefillResult};
 use tandem_protocols::llm::{EngineOutput, PreprocessedRequest};
 use tracing::Instrument;
@@ -51,6 +53,32 @@ impl PrefillSide {
             endpoint,
             holds,
         }
+    }
+}
+
+/// A decode worker's bound on KV bytes fetched and not yet written into its pool (fetched
+/// blocks wait in host memory until their request is admitted). A fetch that does not fit
+/// falls back to local prefill instead of growing memory without limit.
+#[derive(Clone)]
+pub struct FetchBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+    total_bytes: u64,
+}
+
+impl FetchBudget {
+    pub fn new(bytes: u64) -> Self {
+        let kib = (bytes / 1024).min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize;
+        Self {
+            kib: Arc::new(tokio::sync::Semaphore::new(kib)),
+            total_bytes: bytes,
+        }
+    }
+
+    /// Reserves `bytes` until the returned lease is dropped; `None` when they do not fit now.
+    fn reserve(&self, bytes: u64) -> Option<ImportLease> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).ok()?;
+        let permit = self.kib.clone().try_acquire_many_owned(kib).ok()?;
+        Some(ImportLease(Arc::new(permit)))
     }
 }
 
@@ -118,6 +146,7 @@ pub fn prefill_leg(
 pub async fn decode_leg(
     engine: &dyn Engine,
     mut request: PreprocessedRequest,
+    budget: &FetchBudget,
     metrics: &TransferMetrics,
 ) -> Result<EngineStream, EngineError> {
     let Some(prefill) = request.prefill_result.take() else {
@@ -129,9 +158,15 @@ pub async fn decode_leg(
         blocks = tracing::field::Empty,
         cached_blocks = tracing::field::Empty,
     );
-    let fetched = import(engine.kv_transfer().as_ref(), &request, prefill, metrics)
-        .instrument(span)
-        .await;
+    let fetched = import(
+        engine.kv_transfer().as_ref(),
+        &request,
+        prefill,
+        budget,
+        metrics,
+    )
+    .instrument(span)
+    .await;
     match fetched {
         Ok(import) => engine.generate_leg(request, Disagg::Decode(import)),
         Err(e) => {
@@ -156,6 +191,7 @@ async fn import(
     transfer: &dyn KvTransfer,
     request: &PreprocessedRequest,
     prefill: PrefillResult,
+    budget: &FetchBudget,
     metrics: &TransferMetrics,
 ) -> Result<KvImport, TransferFailure> {
     let params = &prefill.disaggregated_params;
@@ -192,6 +228,14 @@ async fn import(
     let span = tracing::Span::current();
     span.record("blocks", n_blocks - first_block);
     span.record("cached_blocks", first_block);
+    let bytes = ((n_blocks - first_block) * layout.block_bytes()) as u64;
+    let Some(lease) = budget.reserve(bytes) else {
+        release_remote(params, metrics).await;
+        return Err(TransferFailure::OverBudget {
+            bytes,
+            budget: budget.total_bytes,
+        });
+    };
     let simulated = transfer.simulated_block_bytes();
     let blocks = data_plane::fetch(params, first_block, &layout, simulated, metrics).await?;
     let delay = transfer.simulated_delay(blocks.len());
@@ -203,5 +247,25 @@ async fn import(
         cached_tokens: prefill.cached_tokens,
         first_block,
         blocks,
+        lease: Some(lease),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fetch_budget_refuses_what_does_not_fit_until_leases_end() {
+        let budget = FetchBudget::new(10 << 20);
+        let a = budget.reserve(6 << 20).unwrap();
+        assert!(budget.reserve(6 << 20).is_none(), "6 + 6 MiB > 10 MiB");
+        let b = budget.reserve(4 << 20).unwrap();
+        drop(a);
+        assert!(budget.reserve(6 << 20).is_some());
+        drop(b);
+        assert!(budget.reserve(10 << 20).is_some());
+        assert!(budget.reserve(11 << 20).is_none());
+        assert!(budget.reserve(0).is_some(), "the mocker's blocks take no bytes");
+    }
 }
