@@ -266,6 +266,9 @@ mod tests {
         drop(b);
         assert!(budget.reserve(10 << 20).is_some());
         assert!(budget.reserve(11 << 20).is_none());
-        assert!(budget.reserve(0).is_some(), "the mocker's blocks take no bytes");
+        assert!(
+            budget.reserve(0).is_some(),
+            "the mocker's blocks take no bytes"
+        );
     }
 }
