@@ -20,6 +20,7 @@ use std::time::Duration;
 use tandem_kv_router::{KvRouter, KvRouterArgs, RouterMetrics};
 use tandem_preprocessor::Preprocessor;
 use tandem_protocols::card::{MDC_ROOT, ModelDeploymentCard, ModelEntry};
+use tandem_protocols::disagg::RELEASE_ENDPOINT;
 use tandem_runtime::{Client, DistributedRuntime, EndpointId, RequestOptions, RouterMode};
 use tokio_util::sync::CancellationToken;
 
@@ -72,6 +73,9 @@ impl Drop for ServedModel {
 /// `--router-mode kv`, fed by the prefill workers' events).
 pub struct PrefillTarget {
     pub endpoint: EndpointId,
+    /// The prefill workers' `kv_release` endpoint: frees a transfer whose decode leg never
+    /// started.
+    pub release: Client,
     /// Blocks per prefill worker, from their card (the KV router's load denominator).
     pub total_kv_blocks: u64,
     pub client: Client,
@@ -275,7 +279,10 @@ impl ModelManager {
                     &ep,
                     &kv_stop,
                 )?;
+                let release_ep = EndpointId::new(&ep.namespace, &ep.component, RELEASE_ENDPOINT)
+                    .map_err(|e| e.to_string())?;
                 Ok(PrefillTarget {
+                    release: drt.endpoint(release_ep).client(),
                     total_kv_blocks: first.card_json.runtime_config.total_kv_blocks,
                     client: drt.endpoint(ep.clone()).client(),
                     endpoint: ep,

@@ -82,6 +82,16 @@ pub struct PrefillResult {
     pub cached_tokens: Option<u32>,
 }
 
+/// The request-plane call (`kv_release` beside a prefill worker's `generate`) that frees a
+/// held transfer whose decode leg will not run; answered with whether it was still held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub transfer_id: u64,
+}
+
+/// Name of the release endpoint, in the prefill worker's component.
+pub const RELEASE_ENDPOINT: &str = "kv_release";
+
 /// Decode → prefill on a data-plane connection: send blocks `first_block..` of a transfer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchRequest {

@@ -33,6 +33,7 @@ use std::time::Duration;
 use tandem_engine_api::{ChoiceStopper, Engine, EngineError, EngineStream};
 use tandem_model::ModelFiles;
 use tandem_protocols::card::{MDC_ROOT, ModelDeploymentCard, ModelEntry, slugify};
+use tandem_protocols::disagg::{RELEASE_ENDPOINT, ReleaseRequest};
 use tandem_protocols::llm::{EngineOutput, GenerateControl, PreprocessedRequest};
 use tandem_runtime::{
     DistributedRuntime, EndpointId, ErrorCode, RemoteError, RequestContext, RuntimeError,
@@ -162,6 +163,10 @@ pub async fn serve(
         })
         .await?;
 
+    if let Some(side) = &prefill_side {
+        serve_release(drt, &config.endpoint, side.clone()).await?;
+    }
+
     let kv_events_zmq = if config.publish_kv_events {
         kv_events::start(
             drt,
@@ -214,6 +219,28 @@ pub async fn serve(
         )
         .await?;
     tracing::info!(model = %config.model_name, endpoint = %ep, mode = ?config.mode, "model registered");
+    Ok(())
+}
+
+/// Serves `kv_release` beside a prefill worker's `generate`: the frontend frees a transfer
+/// whose decode leg could not start (no decode worker answered, the client left between legs).
+async fn serve_release(
+    drt: &DistributedRuntime,
+    generate: &EndpointId,
+    side: Arc<disagg::PrefillSide>,
+) -> Result<(), WorkerError> {
+    let ep = EndpointId::new(&generate.namespace, &generate.component, RELEASE_ENDPOINT)?;
+    drt.endpoint(ep)
+        .serve_typed(move |request: ReleaseRequest, _ctx: RequestContext| {
+            let released = side.holds.release(request.transfer_id);
+            tracing::debug!(
+                transfer_id = request.transfer_id,
+                released,
+                "release requested"
+            );
+            async move { Ok(futures::stream::iter([Ok(released)]).boxed()) }
+        })
+        .await?;
     Ok(())
 }
 

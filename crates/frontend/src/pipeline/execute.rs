@@ -59,12 +59,19 @@ pub fn generate(
         let opts = RequestOptions { id: Some(request_id), headers: ids.headers() };
         let prefilled = prefill(&model, disagg, &p, opts.clone(), &span, &metrics).await;
         let upstream = match prefilled.and_then(|r| {
-            p.request.prefill_result = r;
-            route(&model, &p, &span)
+            let (result, held) = r.unzip();
+            p.request.prefill_result = result;
+            route(&model, &p, &span).map(|route| (route, held))
         }) {
-            Ok(route) => {
+            Ok((route, held)) => {
                 let call = model.client.call(route.mode(), &p.request, opts);
-                call.instrument(span.clone()).await.map(|s| (s, route)).map_err(ApiError::from)
+                let called = call.instrument(span.clone()).await;
+                // The decode worker has it: the held blocks are its to fetch. Otherwise
+                // `held` drops here and frees them on the prefill worker.
+                if let (Ok(_), Some(held)) = (&called, held) {
+                    held.handed_over();
+                }
+                called.map(|s| (s, route)).map_err(ApiError::from)
             }
             Err(e) => Err(e),
         };

@@ -6,6 +6,12 @@
 //! `max_tokens = 1`. Its answer (the first token and where the prompt's KV blocks wait) goes
 //! on the decode request as `prefill_result`; the decode worker fetches the blocks it lacks.
 //!
+//! Once a prefill leg has succeeded, the prefill worker holds the prompt's blocks for the
+//! decode worker. Until the decode worker has the request ([`HeldTransfer::handed_over`]),
+//! a failure to start the decode leg — no decode worker answers, the client leaves between
+//! the legs — frees them through the prefill worker's `kv_release` endpoint at once instead of
+//! at the hold's expiry.
+//!
 //! Every request is counted by path (`dynamo_frontend_disaggregated_requests_total`):
 //! - `remote_prefill`: the prompt was computed on a prefill worker;
 //! - `local_prefill`: on the decode worker by choice — no prefill worker serves the model,
@@ -23,9 +29,9 @@ use crate::metrics::FrontendMetrics;
 use crate::models::{PrefillTarget, ServedModel};
 use futures::StreamExt;
 use std::time::Instant;
-use tandem_protocols::disagg::PrefillResult;
+use tandem_protocols::disagg::{PrefillResult, ReleaseRequest};
 use tandem_protocols::llm::{EngineOutput, PreprocessedRequest};
-use tandem_runtime::RequestOptions;
+use tandem_runtime::{Client, RequestOptions, RouterMode};
 use tracing::Instrument;
 
 /// How a request's prompt was computed (the `path` label).
@@ -46,6 +52,49 @@ impl PrefillPath {
     }
 }
 
+/// A transfer a prefill worker holds for this request; freed there when dropped before
+/// [`HeldTransfer::handed_over`].
+pub struct HeldTransfer {
+    release: Client,
+    worker_id: u64,
+    transfer_id: u64,
+    armed: bool,
+}
+
+impl HeldTransfer {
+    /// The decode worker has the request: fetching (or freeing) the blocks is its job now.
+    pub fn handed_over(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for HeldTransfer {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (client, worker, transfer_id) =
+            (self.release.clone(), self.worker_id, self.transfer_id);
+        rt.spawn(async move {
+            let request = ReleaseRequest { transfer_id };
+            let call = client.call::<_, bool>(
+                RouterMode::Direct(worker),
+                &request,
+                RequestOptions::default(),
+            );
+            match call.await {
+                Ok(mut answers) => while answers.next().await.is_some() {},
+                Err(e) => {
+                    tracing::debug!(error = %e, transfer_id, "releasing a held transfer failed")
+                }
+            }
+        });
+    }
+}
+
 /// Runs the prefill leg when the request should have one; the result goes on the decode
 /// request. `opts` carry the request's headers (trace context, `x-request-id`).
 pub async fn prefill(
@@ -55,7 +104,7 @@ pub async fn prefill(
     opts: RequestOptions,
     parent: &tracing::Span,
     metrics: &FrontendMetrics,
-) -> Result<Option<PrefillResult>, ApiError> {
+) -> Result<Option<(PrefillResult, HeldTransfer)>, ApiError> {
     let count = |path: PrefillPath| {
         metrics
             .prefill_path
@@ -128,7 +177,7 @@ async fn run_leg(
     p: &Prepared,
     mut opts: RequestOptions,
     span: &tracing::Span,
-) -> Result<Option<PrefillResult>, ApiError> {
+) -> Result<Option<(PrefillResult, HeldTransfer)>, ApiError> {
     let tokens = &p.request.token_ids;
     let mut route = pick(
         &target.router,
@@ -166,23 +215,32 @@ async fn run_leg(
     let mut first_token = None;
     let mut cached_tokens = None;
     let mut params = None;
+    let mut held = None;
     while let Some(item) = stream.next().await {
+        // An error after the parameters still leaves a hold to free (`held` drops).
         let out = item?;
         route.prefill_done();
         first_token = first_token.or(out.token_ids.first().copied());
         cached_tokens = cached_tokens.or(out.cached_tokens);
-        if out.disaggregated_params.is_some() {
+        if let Some(d) = &out.disaggregated_params {
+            held = Some(HeldTransfer {
+                release: target.release.clone(),
+                worker_id: d.worker_id,
+                transfer_id: d.transfer_id,
+                armed: true,
+            });
             params = out.disaggregated_params;
         }
     }
-    match (first_token, params) {
-        (Some(first_token), Some(disaggregated_params)) => {
+    match (first_token, params, held) {
+        (Some(first_token), Some(disaggregated_params), Some(held)) => {
             span.record("prefill_worker_id", disaggregated_params.worker_id);
-            Ok(Some(PrefillResult {
+            let result = PrefillResult {
                 disaggregated_params,
                 first_token,
                 cached_tokens,
-            }))
+            };
+            Ok(Some((result, held)))
         }
         _ => Err(ApiError::internal(
             "the prefill worker's answer had no first token or no disaggregated_params",

@@ -437,6 +437,17 @@ mod tests {
             .port()
     }
 
+    #[tokio::test]
+    async fn a_released_hold_is_freed_once_and_cannot_be_fetched() {
+        let s = setup(2, Duration::from_secs(30)).await;
+        s.holds.hold(13, vec![100, 101]);
+        assert!(s.holds.release(13));
+        assert!(!s.holds.release(13));
+        assert_eq!(s.transfer.released(), vec![13]);
+        let r = fetch(&params(&s, 13, 2), 0, &layout(), 0, &s.metrics).await;
+        assert_eq!(r, Err(TransferFailure::Refused(FetchError::UnknownTransfer)));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn blocks_nobody_fetches_are_freed_when_the_hold_expires() {
         let s = setup(2, Duration::from_secs(30)).await;

@@ -51,6 +51,16 @@ impl Holds {
         self.lock().remove(&transfer_id)
     }
 
+    /// Frees the blocks of `transfer_id` now (its decode leg will not run); false when they
+    /// were not held (fetched, expired, never were).
+    pub fn release(&self, transfer_id: u64) -> bool {
+        let held = self.claim(transfer_id).is_some();
+        if held {
+            self.transfer.release(transfer_id);
+        }
+        held
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

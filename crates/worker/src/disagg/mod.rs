@@ -158,15 +158,17 @@ pub async fn decode_leg(
         blocks = tracing::field::Empty,
         cached_blocks = tracing::field::Empty,
     );
-    let fetched = import(
-        engine.kv_transfer().as_ref(),
-        &request,
-        prefill,
-        budget,
-        metrics,
-    )
-    .instrument(span)
-    .await;
+    // If this leg is dropped (its caller left) before the fetch settles the transfer, the
+    // prefill worker is told to free the blocks rather than wait for the hold to expire.
+    let mut unsettled = Unsettled(Some((
+        prefill.disaggregated_params.clone(),
+        metrics.clone(),
+    )));
+    let transfer = engine.kv_transfer();
+    let fetched = import(transfer.as_ref(), &request, prefill, budget, metrics)
+        .instrument(span)
+        .await;
+    unsettled.0 = None;
     match fetched {
         Ok(import) => engine.generate_leg(request, Disagg::Decode(import)),
         Err(e) => {
@@ -183,6 +185,18 @@ pub async fn release_remote(params: &DisaggregatedParams, metrics: &TransferMetr
     let end = params.block_ids.len();
     if let Err(e) = data_plane::fetch(params, end, &params.layout, 0, metrics).await {
         tracing::debug!(error = %e, "releasing a transfer on its prefill worker failed");
+    }
+}
+
+struct Unsettled(Option<(DisaggregatedParams, TransferMetrics)>);
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        if let Some((params, metrics)) = self.0.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move { release_remote(&params, &metrics).await });
+        }
     }
 }
 
