@@ -11,14 +11,17 @@
 #   DYN_LOGGING_JSONL / DYN_LOG / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT are passed through.
 # Ctrl-C stops what this script started. Logs go to $RUN_DIR (default .tools/run/disagg).
 # Knobs: WORKER_ARGS (every worker, e.g. "--engine mocker"), FRONTEND_ARGS (default
-# "--router-mode kv"), HTTP_PORT, NATS_PORT, ETCD_PORT, ETCD_PEER_PORT, SYSTEM_PORT_BASE (8081).
+# "--router-mode kv"), HTTP_PORT, NATS_PORT, ETCD_PORT, ETCD_PEER_PORT, SYSTEM_PORT_BASE (8081),
+# SKIP_BUILD=1 (use the binaries in target/debug as they are).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/install-deps.sh >/dev/null
 model=$(bash scripts/fetch-model.sh)
-echo "building tandem (first run takes a few minutes)..."
-cargo build --quiet --bins
+if [ -z "${SKIP_BUILD:-}" ]; then
+  echo "building tandem (first run takes a few minutes)..."
+  cargo build --quiet --bins
+fi
 bin="$root/.tools/bin"
 run=${RUN_DIR:-$root/.tools/run/disagg}
 mkdir -p "$run"

@@ -541,6 +541,8 @@ async fn disagg_script_starts_two_prefill_and_two_decode_workers_and_answers() -
     let mut cmd = std::process::Command::new("bash");
     cmd.arg(repo_root().join("scripts/disagg.sh"))
         .env("RUN_DIR", dir.path().join("run"))
+        // scripts/test.sh built them; a build here would contend for cargo's lock.
+        .env("SKIP_BUILD", "1")
         .env("NATS_PORT", free_port()?.to_string())
         .env("ETCD_PORT", free_port()?.to_string())
         .env("ETCD_PEER_PORT", free_port()?.to_string())

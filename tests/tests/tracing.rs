@@ -302,3 +302,137 @@ async fn shutdown_flushes_queued_spans() -> Result<()> {
     }
     Ok(())
 }
+
+/// The lines of `output` for `xid` with `message`.
+fn lines_with(output: &str, xid: &str, message: &str) -> Vec<Value> {
+    log_lines(output, xid)
+        .into_iter()
+        .filter(|l| l["message"] == message)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_default_log_level_both_processes_log_the_request_with_its_trace_id() -> Result<()> {
+    // Dynamo's guide, as a new user follows it: JSONL and export on, DYN_LOG left at info.
+    let collector = Collector::start().await?;
+    let endpoint = collector.endpoint();
+    let s = start(&[
+        ("OTEL_EXPORT_ENABLED", "true"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("DYN_LOGGING_JSONL", "true"),
+        ("DYN_LOG", "info"),
+    ])
+    .await?;
+    let xid = "test-trace-001";
+    let r = chat(&s, &[("x-request-id", xid)], body(4)).await?;
+    assert_eq!(r.status(), 200);
+    let http = wait_span(&collector, "http-request", xid, |_| true).await?;
+    let payload = wait_span(&collector, "handle_payload", xid, |_| true).await?;
+
+    // Frontend: accepted and completed, in the http-request span, with what a user greps for.
+    let front = s.frontend.output();
+    let accepted = lines_with(&front, xid, "request accepted");
+    assert_eq!(accepted.len(), 1, "{front}");
+    assert_eq!(accepted[0]["level"], "INFO");
+    assert_eq!(accepted[0]["trace_id"], http.trace_id.as_str());
+    assert_eq!(accepted[0]["span_id"], http.span_id.as_str());
+    assert_eq!(accepted[0]["method"], "POST");
+    assert_eq!(accepted[0]["uri"], "/v1/chat/completions");
+    let done = wait_for(Duration::from_secs(10), "frontend completion line", || {
+        let lines = lines_with(&s.frontend.output(), xid, "request completed");
+        async move { lines.into_iter().next() }
+    })
+    .await?;
+    assert_eq!(done["trace_id"], http.trace_id.as_str());
+    assert_eq!(done["span_name"], "http-request");
+    assert_eq!(done["status"], 200);
+    assert_eq!(done["outcome"], "success");
+    assert_eq!(done["model"], MODEL);
+    assert_eq!(done["output_tokens"], 4);
+    assert!(done["input_tokens"].as_u64().unwrap() > 0);
+    assert!(done["ttft_ms"].as_f64().unwrap() > 0.0);
+    assert!(done["elapsed_ms"].is_u64());
+
+    // Worker: the same, in handle_payload.
+    let done = wait_for(Duration::from_secs(10), "worker completion line", || {
+        let lines = lines_with(&s.worker.output(), xid, "request completed");
+        async move { lines.into_iter().next() }
+    })
+    .await?;
+    assert_eq!(done["level"], "INFO");
+    assert_eq!(done["trace_id"], http.trace_id.as_str());
+    assert_eq!(done["span_id"], payload.span_id.as_str());
+    assert_eq!(done["span_name"], "handle_payload");
+    assert_eq!(done["endpoint"], "dyn://dynamo.backend.generate");
+    assert_eq!(done["output_tokens"], 4);
+    assert_eq!(done["outcome"], "success");
+    assert_eq!(
+        lines_with(&s.worker.output(), xid, "request accepted").len(),
+        1
+    );
+
+    // A request refused before generation is logged too, with its status.
+    let xid2 = "test-trace-002";
+    let r = chat(
+        &s,
+        &[("x-request-id", xid2)],
+        json!({"model": "nope", "messages": []}),
+    )
+    .await?;
+    assert_eq!(r.status(), 404);
+    let done = lines_with(&s.frontend.output(), xid2, "request completed");
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        (done[0]["status"].as_u64(), done[0]["outcome"].as_str()),
+        (Some(404), Some("error"))
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_directive_turns_the_request_lines_off() -> Result<()> {
+    // The runtime's own debug lines stay on: the worker's is written after the request's
+    // stream is gone, so once it is there, a request line would have been too.
+    let s = start(&[
+        ("DYN_LOGGING_JSONL", "true"),
+        (
+            "DYN_LOG",
+            "info,tandem_runtime=debug,tandem_frontend::request=off,tandem_worker::request=off",
+        ),
+    ])
+    .await?;
+    let xid = "test-quiet-001";
+    assert_eq!(
+        chat(&s, &[("x-request-id", xid)], body(2)).await?.status(),
+        200
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the runtime's completion line",
+        || {
+            let lines = log_lines(&s.worker.output(), xid);
+            async move {
+                lines
+                    .iter()
+                    .any(|l| {
+                        l["message"] == "request completed"
+                            && l["target"] != "tandem_worker::request"
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
+    for out in [s.frontend.output(), s.worker.output()] {
+        let lines = log_lines(&out, xid);
+        assert!(
+            lines
+                .iter()
+                .all(|l| l["target"] != "tandem_frontend::request"
+                    && l["target"] != "tandem_worker::request"),
+            "{lines:?}"
+        );
+    }
+    Ok(())
+}

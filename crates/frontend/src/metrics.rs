@@ -201,6 +201,8 @@ pub struct RequestGuard<'a> {
     pub output_tokens: u64,
     input_tokens: usize,
     error_type: Option<&'static str>,
+    /// The HTTP status the client got (or will see as the stream's error), once settled.
+    status: Option<u16>,
     /// Set by `ok` or `fail`; a guard dropped without either is a cancelled request.
     settled: bool,
     /// The request's `http-request` span, which gets the end-of-request fields.
@@ -233,6 +235,7 @@ impl<'a> RequestGuard<'a> {
             output_tokens: 0,
             input_tokens: 0,
             error_type: Some("internal"),
+            status: None,
             settled: false,
             span,
         }
@@ -275,11 +278,13 @@ impl<'a> RequestGuard<'a> {
 
     pub fn ok(&mut self) {
         self.error_type = None;
+        self.status = Some(200);
         self.settled = true;
     }
 
-    pub fn fail(&mut self, error_type: &'static str) {
-        self.error_type = Some(error_type);
+    pub fn fail(&mut self, e: &crate::error::ApiError) {
+        self.error_type = Some(e.metric_error_type());
+        self.status = Some(e.status.as_u16());
         self.settled = true;
     }
 
@@ -306,19 +311,21 @@ impl<'a> RequestGuard<'a> {
             span.record("avg_itl_ms", (itl * 100.0).round() / 100.0);
         }
         span.record("request.outcome", outcome);
-        span.in_scope(|| {
-            tracing::debug!(
-                model = %self.model,
-                endpoint = self.endpoint,
-                request_type = self.request_type,
-                status = outcome,
-                error_type = self.error_type.unwrap_or(""),
-                input_tokens = self.input_tokens,
-                output_tokens = self.output_tokens,
-                elapsed_ms = self.start.elapsed().as_millis() as u64,
-                "request completed"
-            )
-        });
+        tracing::info!(
+            target: crate::trace::REQUEST_LOG,
+            parent: span,
+            model = %self.model,
+            endpoint = self.endpoint,
+            request_type = self.request_type,
+            status = self.status,
+            outcome,
+            error_type = self.error_type.filter(|_| self.settled),
+            input_tokens = self.input_tokens,
+            output_tokens = self.output_tokens,
+            ttft_ms = ttft,
+            elapsed_ms = self.start.elapsed().as_millis() as u64,
+            "request completed"
+        );
     }
 }
 

@@ -6,6 +6,13 @@
 //! The call to the worker runs inside the span, so the runtime's `client_request` and, through
 //! NATS headers, the worker's `handle_payload` join the same trace; `RequestGuard` records
 //! tokens, TTFT and the outcome on it when the request ends.
+//!
+//! Request log lines, at info under target [`REQUEST_LOG`] so that the default `DYN_LOG=info`
+//! shows them and `DYN_LOG=info,tandem_frontend::request=off` hides them: "request accepted"
+//! when the request arrives and "request completed" when it ends, both inside the span (so a
+//! JSONL line carries `trace_id`, `span_id`, `x_request_id`, method and uri). A generation
+//! request's completion line comes from its `RequestGuard` (tokens, TTFT, outcome) when the
+//! response marks itself [`GuardLogs`]; every other request's comes from here.
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
@@ -47,6 +54,13 @@ impl RequestIds {
     }
 }
 
+/// The target of the request log lines.
+pub const REQUEST_LOG: &str = "tandem_frontend::request";
+
+/// Response extension: this request's `RequestGuard` writes its completion line.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardLogs;
+
 /// Wraps a request in its `http-request` span.
 pub async fn http_request_span(mut req: Request, next: Next) -> Response {
     let ids = RequestIds::from_headers(req.headers());
@@ -82,11 +96,29 @@ pub async fn http_request_span(mut req: Request, next: Next) -> Response {
     }
     let x_request_id = ids.x_request_id.clone();
     req.extensions_mut().insert(ids);
+    let started = std::time::Instant::now();
+    tracing::info!(target: REQUEST_LOG, parent: &span, "request accepted");
     let mut resp = next.run(req).instrument(span.clone()).await;
     // Refused before generation (bad input, unknown model, no worker): the request's
     // `RequestGuard` never existed to record the outcome.
     if !resp.status().is_success() {
         span.record("request.outcome", "error");
+    }
+    if resp.extensions().get::<GuardLogs>().is_none() {
+        let status = resp.status();
+        let outcome = if status.is_success() {
+            "success"
+        } else {
+            "error"
+        };
+        tracing::info!(
+            target: REQUEST_LOG,
+            parent: &span,
+            status = status.as_u16(),
+            outcome,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request completed"
+        );
     }
     if let Ok(v) = HeaderValue::from_str(&x_request_id) {
         resp.headers_mut().insert("x-request-id", v);

@@ -22,6 +22,7 @@
 pub mod disagg;
 pub mod kv_events;
 mod metrics;
+pub mod request_log;
 
 pub use disagg::DisaggregationMode;
 pub use metrics::TransferMetrics;
@@ -37,6 +38,7 @@ use tandem_protocols::disagg::{RELEASE_ENDPOINT, ReleaseRequest};
 use tandem_protocols::llm::{EngineOutput, GenerateControl, PreprocessedRequest};
 use tandem_runtime::{
     DistributedRuntime, EndpointId, ErrorCode, RemoteError, RequestContext, RuntimeError,
+    TypedHandlerStream,
 };
 
 /// How the worker presents its model.
@@ -127,39 +129,18 @@ pub async fn serve(
         }
         _ => None,
     };
-    let gen_engine = engine.clone();
-    let context_length = config.context_length as usize;
-    let side = prefill_side.clone();
-    let budget = disagg::FetchBudget::new(config.kv_transfer.max_buffered_bytes);
+    let handler = Arc::new(Generate {
+        engine: engine.clone(),
+        side: prefill_side.clone(),
+        metrics: transfer_metrics,
+        budget: disagg::FetchBudget::new(config.kv_transfer.max_buffered_bytes),
+        endpoint: config.endpoint.to_string(),
+        context_length: config.context_length as usize,
+    });
     drt.endpoint(config.endpoint.clone())
         .serve_typed(move |request: PreprocessedRequest, ctx: RequestContext| {
-            let (engine, side, metrics, budget) = (
-                gen_engine.clone(),
-                side.clone(),
-                transfer_metrics.clone(),
-                budget.clone(),
-            );
-            async move {
-                if let Err(e) = check_context(&request, context_length) {
-                    // Refused: the prefill worker need not hold the prompt's blocks any longer.
-                    if let Some(p) = request.prefill_result {
-                        tokio::spawn(async move {
-                            disagg::release_remote(&p.disaggregated_params, &metrics).await
-                        });
-                    }
-                    return Err(e);
-                }
-                let stream = match &side {
-                    Some(side) => disagg::prefill_leg(engine.as_ref(), side, request),
-                    None => disagg::decode_leg(engine.as_ref(), request, &budget, &metrics)
-                        .await
-                        .map(|s| stream_with_controls(s, &ctx)),
-                };
-                Ok(stream
-                    .map_err(engine_error)?
-                    .map(|item| item.map_err(engine_error))
-                    .boxed())
-            }
+            let handler = handler.clone();
+            async move { handler.handle(request, ctx).await }
         })
         .await?;
 
@@ -286,23 +267,84 @@ pub enum WorkerError {
     Metrics(#[from] prometheus::Error),
 }
 
+/// The `generate` endpoint's handler.
+struct Generate {
+    engine: Arc<dyn Engine>,
+    /// Set on prefill workers: every request is a prefill leg.
+    side: Option<Arc<disagg::PrefillSide>>,
+    metrics: TransferMetrics,
+    budget: disagg::FetchBudget,
+    endpoint: String,
+    context_length: usize,
+}
+
+impl Generate {
+    /// Starts one leg (prefill, decode or aggregated) and logs it ([`request_log`]); its
+    /// outputs end at the first engine error, which leaves as its class.
+    async fn handle(
+        &self,
+        request: PreprocessedRequest,
+        ctx: RequestContext,
+    ) -> Result<TypedHandlerStream<EngineOutput>, RemoteError> {
+        let prompt = request.token_ids.len();
+        let leg = match (&self.side, &request.prefill_result) {
+            (Some(_), _) => "prefill",
+            (None, Some(_)) => "decode",
+            (None, None) => "aggregated",
+        };
+        request_log::accepted(&self.endpoint, leg, prompt);
+        match self.start(request, &ctx).await {
+            Ok(stream) => {
+                let stream = request_log::Logged::new(stream, &self.endpoint, leg, prompt);
+                Ok(stream.map(|item| item.map_err(engine_error)).boxed())
+            }
+            Err(e) => {
+                request_log::refused(&self.endpoint, leg, prompt, &e);
+                Err(engine_error(e))
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        request: PreprocessedRequest,
+        ctx: &RequestContext,
+    ) -> Result<EngineOutputs, EngineError> {
+        if let Err(e) = check_context(&request, self.context_length) {
+            // Refused: the prefill worker need not hold the prompt's blocks any longer.
+            if let Some(p) = request.prefill_result {
+                let metrics = self.metrics.clone();
+                tokio::spawn(async move {
+                    disagg::release_remote(&p.disaggregated_params, &metrics).await
+                });
+            }
+            return Err(e);
+        }
+        match &self.side {
+            Some(side) => disagg::prefill_leg(self.engine.as_ref(), side, request),
+            None => disagg::decode_leg(self.engine.as_ref(), request, &self.budget, &self.metrics)
+                .await
+                .map(|s| stream_with_controls(s, ctx)),
+        }
+    }
+}
+
+type EngineOutputs = futures::stream::BoxStream<'static, Result<EngineOutput, EngineError>>;
+
 /// A prompt must leave room for at least one token.
-fn check_context(request: &PreprocessedRequest, context_length: usize) -> Result<(), RemoteError> {
+fn check_context(request: &PreprocessedRequest, context_length: usize) -> Result<(), EngineError> {
     if request.token_ids.len() >= context_length {
-        return Err(engine_error(EngineError::PromptTooLong {
+        return Err(EngineError::PromptTooLong {
             prompt: request.token_ids.len(),
             context: context_length,
-        }));
+        });
     }
     Ok(())
 }
 
 /// Hands the caller's control messages (stop one choice) to the engine's stream, which then
 /// leaves as a boxed stream.
-fn stream_with_controls(
-    stream: EngineStream,
-    ctx: &RequestContext,
-) -> futures::stream::BoxStream<'static, Result<EngineOutput, EngineError>> {
+fn stream_with_controls(stream: EngineStream, ctx: &RequestContext) -> EngineOutputs {
     if let Some(controls) = ctx.take_controls() {
         tokio::spawn(apply_controls(controls, stream.stopper()));
     }

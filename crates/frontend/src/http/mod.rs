@@ -14,7 +14,7 @@ use crate::error::ApiError;
 use crate::metrics::FrontendMetrics;
 use crate::models::ModelManager;
 use crate::pipeline::{self, Endpoint};
-use crate::trace::{RequestIds, http_request_span};
+use crate::trace::{GuardLogs, RequestIds, http_request_span};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -82,11 +82,13 @@ async fn generation(
     let started = body::json_body(headers, body)
         .and_then(|body| pipeline::start(&s.models, s.metrics.clone(), endpoint, &body, ids));
     let result = match started {
-        // Failures after this point were counted by the request's own guard.
+        // Failures after this point were counted (and logged) by the request's own guard.
         Ok(g) => render::respond(endpoint, g).await,
         Err(e) => return rejected(s, e, endpoint),
     };
-    result.unwrap_or_else(IntoResponse::into_response)
+    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    resp.extensions_mut().insert(GuardLogs);
+    resp
 }
 
 /// Counts a request refused before generation and renders its error.

@@ -78,7 +78,7 @@ pub fn generate(
         let (mut upstream, mut route): (TypedStream<EngineOutput>, _) = match upstream {
             Ok(u) => u,
             Err(e) => {
-                guard.fail(e.metric_error_type());
+                guard.fail(&e);
                 disconnect.done = true;
                 yield Err(e);
                 return;
@@ -89,7 +89,7 @@ pub fn generate(
                 Ok(out) => out,
                 Err(e) => {
                     let e = ApiError::from(e);
-                    guard.fail(e.metric_error_type());
+                    guard.fail(&e);
                     disconnect.done = true;
                     yield Err(e);
                     return;
@@ -113,7 +113,7 @@ pub fn generate(
         }
         if !post.all_finished() {
             let e = ApiError::internal("worker stream ended before every choice finished");
-            guard.fail(e.metric_error_type());
+            guard.fail(&e);
             disconnect.done = true;
             yield Err(e);
             return;

@@ -445,7 +445,10 @@ mod tests {
         assert!(!s.holds.release(13));
         assert_eq!(s.transfer.released(), vec![13]);
         let r = fetch(&params(&s, 13, 2), 0, &layout(), 0, &s.metrics).await;
-        assert_eq!(r, Err(TransferFailure::Refused(FetchError::UnknownTransfer)));
+        assert_eq!(
+            r,
+            Err(TransferFailure::Refused(FetchError::UnknownTransfer))
+        );
     }
 
     #[tokio::test(start_paused = true)]
