@@ -475,6 +475,23 @@ async fn one_trace_spans_the_frontend_the_prefill_leg_and_the_decode_leg() -> Re
     assert_eq!(prefill_payload.attr("component"), Some("prefill"));
     let (_, decode_payload) = leg("dynamo-worker-decode", http.span_id.clone()).await?;
     assert_eq!(decode_payload.attr("component"), Some("backend"));
+    // The KV router's spans (Dynamo's names), for the prefill choice and the decode choice.
+    for name in [
+        "kv_router.route_request",
+        "kv_router.compute_block_hashes",
+        "kv_router.compute_seq_hashes",
+        "kv_router.find_matches",
+        "kv_router.schedule",
+        "kv_router.select_worker",
+    ] {
+        let t = trace.clone();
+        let n = collector
+            .spans()
+            .iter()
+            .filter(|s| s.name == name && s.trace_id == t)
+            .count();
+        assert_eq!(n, 2, "{name}: one per leg");
+    }
     let t = trace.clone();
     let transfer = find("kv_transfer", Box::new(move |s| s.trace_id == t)).await?;
     assert_eq!(transfer.service, "dynamo-worker-decode");

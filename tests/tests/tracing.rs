@@ -372,6 +372,45 @@ async fn at_the_default_log_level_both_processes_log_the_request_with_its_trace_
         1
     );
 
+    // OpenTelemetry's GenAI attributes on both spans.
+    let attr = |span: &Span, k: &str| span.attr(k).map(str::to_string);
+    assert_eq!(
+        attr(&http, "gen_ai.operation.name").as_deref(),
+        Some("chat")
+    );
+    assert_eq!(attr(&http, "gen_ai.request.model").as_deref(), Some(MODEL));
+    assert_eq!(
+        attr(&http, "gen_ai.request.max_tokens").as_deref(),
+        Some("4")
+    );
+    assert_eq!(
+        attr(&http, "gen_ai.usage.output_tokens").as_deref(),
+        Some("4")
+    );
+    assert_eq!(
+        attr(&http, "gen_ai.response.finish_reasons").as_deref(),
+        Some(r#"["length"]"#)
+    );
+    let input = attr(&http, "gen_ai.usage.input_tokens").unwrap();
+    assert!(input.parse::<u64>()? > 0);
+    let ttft: f64 = attr(&http, "gen_ai.server.time_to_first_token")
+        .unwrap()
+        .parse()?;
+    assert!(ttft > 0.0 && ttft < 30.0, "{ttft} s");
+    assert_eq!(
+        attr(&payload, "gen_ai.request.model").as_deref(),
+        Some(MODEL)
+    );
+    assert_eq!(attr(&payload, "gen_ai.usage.input_tokens"), Some(input));
+    assert_eq!(
+        attr(&payload, "gen_ai.usage.output_tokens").as_deref(),
+        Some("4")
+    );
+    assert_eq!(
+        attr(&payload, "gen_ai.response.finish_reasons").as_deref(),
+        Some(r#"["length"]"#)
+    );
+
     // A request refused before generation is logged too, with its status.
     let xid2 = "test-trace-002";
     let r = chat(

@@ -81,6 +81,15 @@ pub async fn http_request_span(mut req: Request, next: Next) -> Response {
         ttft_ms = Empty,
         avg_itl_ms = Empty,
         request.outcome = Empty,
+        // OpenTelemetry's GenAI semantic conventions, for trace UIs that know them.
+        gen_ai.operation.name = Empty,
+        gen_ai.request.model = Empty,
+        gen_ai.request.max_tokens = Empty,
+        gen_ai.request.temperature = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
+        gen_ai.response.finish_reasons = Empty,
+        gen_ai.server.time_to_first_token = Empty,
     );
     let headers = req.headers();
     if let Some(parent) = tandem_telemetry::propagation::set_remote_parent(&span, |k| {

@@ -182,8 +182,19 @@ impl KvRouter {
         };
         let (choice, overlap, cost) = {
             let _s = tracing::info_span!("kv_router.schedule").entered();
-            let seq: Vec<u64> = hashes.iter().map(|h| h.sequence).collect();
-            self.select(tokens.len(), &seq, &scores, candidates)
+            let seq: Vec<u64> = {
+                let _s = tracing::info_span!("kv_router.compute_seq_hashes").entered();
+                hashes.iter().map(|h| h.sequence).collect()
+            };
+            let select = tracing::info_span!(
+                "kv_router.select_worker",
+                candidates = candidates.len(),
+                worker_id = tracing::field::Empty,
+            )
+            .entered();
+            let chosen = self.select(tokens.len(), &seq, &scores, candidates);
+            select.record("worker_id", chosen.0);
+            chosen
         };
         let isl = tokens.len() as u64;
         let bs = self.block_size as u64;

@@ -300,6 +300,12 @@ impl Ingress {
             x_dynamo_request_id = tracing::field::Empty,
             trace_id = tracing::field::Empty,
             parent_id = tracing::field::Empty,
+            // Left for the handler to fill (OpenTelemetry's GenAI conventions, for LLM workers).
+            gen_ai.request.model = tracing::field::Empty,
+            gen_ai.request.max_tokens = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
         );
         if let Some(parent) = tandem_telemetry::propagation::set_remote_parent(&span, |k| {
             transport::header(headers, k)

@@ -293,6 +293,12 @@ impl Generate {
             (None, None) => "aggregated",
         };
         request_log::accepted(&self.endpoint, leg, prompt);
+        let span = tracing::Span::current();
+        span.record("gen_ai.request.model", request.model.as_str());
+        if let Some(m) = request.stop.max_tokens {
+            span.record("gen_ai.request.max_tokens", u64::from(m));
+        }
+        span.record("gen_ai.usage.input_tokens", prompt as u64);
         match self.start(request, &ctx).await {
             Ok(stream) => {
                 let stream = request_log::Logged::new(stream, &self.endpoint, leg, prompt);

@@ -4,7 +4,8 @@
 //! ends — endpoint, prompt and output tokens, duration, outcome (`success`, `error`,
 //! `cancelled`). Both are written in the request's `handle_payload` span, so a JSONL line
 //! carries the request's `trace_id`, `span_id` and `x_request_id`, joinable with the
-//! frontend's lines.
+//! frontend's lines. The same numbers go on the span as OpenTelemetry's GenAI attributes
+//! (`gen_ai.usage.*`, `gen_ai.response.finish_reasons`).
 
 use futures::Stream;
 use std::pin::Pin;
@@ -36,6 +37,7 @@ pub struct Logged<S> {
     started: Instant,
     prompt_tokens: usize,
     output_tokens: usize,
+    finish_reasons: Vec<String>,
     outcome: Option<&'static str>,
 }
 
@@ -50,6 +52,7 @@ impl<S> Logged<S> {
             started: Instant::now(),
             prompt_tokens,
             output_tokens: 0,
+            finish_reasons: Vec::new(),
             outcome: None,
         }
     }
@@ -78,7 +81,12 @@ where
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let item = Pin::new(&mut self.inner).poll_next(cx);
         match &item {
-            Poll::Ready(Some(Ok(out))) => self.output_tokens += out.token_ids.len(),
+            Poll::Ready(Some(Ok(out))) => {
+                self.output_tokens += out.token_ids.len();
+                if let Some(r) = out.finish_reason {
+                    self.finish_reasons.push(r.as_openai().to_string());
+                }
+            }
             Poll::Ready(Some(Err(_))) => self.outcome = Some("error"),
             Poll::Ready(None) => {
                 self.outcome.get_or_insert("success");
@@ -91,6 +99,11 @@ where
 
 impl<S> Drop for Logged<S> {
     fn drop(&mut self) {
+        let span = &self.span;
+        span.record("gen_ai.usage.output_tokens", self.output_tokens as u64);
+        if let Ok(reasons) = serde_json::to_string(&self.finish_reasons) {
+            span.record("gen_ai.response.finish_reasons", reasons.as_str());
+        }
         tracing::info!(
             target: REQUEST_LOG,
             parent: &self.span,

@@ -50,12 +50,14 @@ pub fn generate(
     let span = tracing::Span::current();
     span.record("request_id", request_id.as_str());
     span.record("model", model.name.as_str());
+    record_gen_ai_request(&span, &model.name, endpoint, &p);
     stream! {
         let mut guard = RequestGuard::new(&metrics, &model.name, endpoint, p.stream, span.clone());
         let prompt_tokens = p.request.token_ids.len();
         guard.input_tokens(prompt_tokens);
         let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
         let mut post = Postprocessor::new(&model.preprocessor, p.n(), &p.stops, prompt_tokens);
+        let mut finish_reasons: Vec<String> = Vec::new();
         let opts = RequestOptions { id: Some(request_id), headers: ids.headers() };
         let prefilled = prefill(&model, disagg, &p, opts.clone(), &span, &metrics).await;
         let upstream = match prefilled.and_then(|r| {
@@ -105,6 +107,9 @@ pub fn generate(
                 tracing::debug!(index, "stop_choice not sent: the request has ended");
             }
             for ev in step.events {
+                if let GenEvent::Finish { reason, .. } = &ev {
+                    finish_reasons.push(reason.to_string());
+                }
                 yield Ok(ev);
             }
             if post.all_finished() {
@@ -118,9 +123,30 @@ pub fn generate(
             yield Err(e);
             return;
         }
+        span.record(
+            "gen_ai.response.finish_reasons",
+            serde_json::to_string(&finish_reasons).unwrap_or_default().as_str(),
+        );
         guard.ok();
         disconnect.done = true;
         yield Ok(GenEvent::Usage(post.usage()));
+    }
+}
+
+/// The GenAI semantic-convention attributes known before the worker is called.
+fn record_gen_ai_request(span: &tracing::Span, model: &str, endpoint: &str, p: &Prepared) {
+    let operation = if endpoint == "chat_completions" {
+        "chat"
+    } else {
+        "text_completion"
+    };
+    span.record("gen_ai.operation.name", operation);
+    span.record("gen_ai.request.model", model);
+    if let Some(m) = p.request.stop.max_tokens {
+        span.record("gen_ai.request.max_tokens", u64::from(m));
+    }
+    if let Some(t) = p.request.sampling.temperature {
+        span.record("gen_ai.request.temperature", f64::from(t));
     }
 }
 
