@@ -470,3 +470,67 @@ async fn official_openai_sdk_works_against_the_frontend() -> Result<()> {
     assert!(text.contains("openai sdk ok"), "{text}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_is_not_ready_until_a_model_is_routable_and_worker_paths_are_configurable()
+-> Result<()> {
+    use tandem_tests::{Stack, mocker_args};
+    let stack = Stack::start().await?;
+    let (_frontend, http) = stack.spawn_frontend("frontend", &[], &[])?;
+    let health = format!("http://127.0.0.1:{http}/health");
+    // Up, but nothing to route to: not ready (Dynamo's users see requests fail otherwise).
+    let r = wait_for(Duration::from_secs(15), "the frontend to answer", || {
+        let url = health.clone();
+        async move { reqwest::get(url).await.ok() }
+    })
+    .await?;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await?;
+    assert_eq!(v["status"], "not_ready");
+    assert_eq!(
+        reqwest::get(format!("http://127.0.0.1:{http}/live"))
+            .await?
+            .status(),
+        200
+    );
+
+    let args = mocker_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_worker, system) = stack.spawn_worker(
+        "worker",
+        &args,
+        &[
+            ("DYN_SYSTEM_HEALTH_PATH", "/ready"),
+            ("DYN_SYSTEM_LIVE_PATH", "/alive"),
+        ],
+    )?;
+    wait_for(
+        Duration::from_secs(30),
+        "the frontend to turn ready",
+        || {
+            let url = health.clone();
+            async move {
+                let r = reqwest::get(url).await.ok()?;
+                (r.status() == 200).then_some(())
+            }
+        },
+    )
+    .await?;
+    let v: Value = reqwest::get(&health).await?.json().await?;
+    assert_eq!(v["status"], "healthy");
+    let sys = |path: &str| format!("http://127.0.0.1:{system}{path}");
+    let ready: Value = wait_for(Duration::from_secs(15), "the worker's /ready", || {
+        let url = sys("/ready");
+        async move {
+            let r = reqwest::get(url).await.ok()?;
+            (r.status() == 200).then_some(r)
+        }
+    })
+    .await?
+    .json()
+    .await?;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(reqwest::get(sys("/alive")).await?.status(), 200);
+    assert_eq!(reqwest::get(sys("/health")).await?.status(), 404);
+    Ok(())
+}

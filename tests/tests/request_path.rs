@@ -425,7 +425,7 @@ async fn bad_configuration_stops_the_process_naming_the_flag() -> Result<()> {
     let model = model.to_str().unwrap();
     // (program, args, environment, what the error must name)
     type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
-    let cases: [Case; 10] = [
+    let cases: [Case; 12] = [
         (
             "frontend",
             vec![],
@@ -490,6 +490,18 @@ async fn bad_configuration_stops_the_process_naming_the_flag() -> Result<()> {
             vec![],
             vec![("DYN_MAX_LOCAL_PREFILL_LENGTH", "-1")],
             "--max-local-prefill-length",
+        ),
+        (
+            "worker",
+            vec!["--model-path", model],
+            vec![("DYN_SYSTEM_HEALTH_PATH", "health")],
+            "--system-health-path",
+        ),
+        (
+            "worker",
+            vec!["--model-path", model],
+            vec![("DYN_SYSTEM_STARTING_HEALTH_STATUS", "maybe")],
+            "--system-starting-health-status",
         ),
     ];
     for (program, args, env, flag) in cases {

@@ -55,6 +55,34 @@ pub struct RuntimeConfig {
     )]
     pub system_host: String,
 
+    /// Path of the readiness route on the system status server.
+    #[arg(
+        long = "system-health-path",
+        env = "DYN_SYSTEM_HEALTH_PATH",
+        default_value = "/health",
+        value_parser = parse_route
+    )]
+    pub system_health_path: String,
+
+    /// Path of the liveness route (same answer as readiness, as in Dynamo).
+    #[arg(
+        long = "system-live-path",
+        env = "DYN_SYSTEM_LIVE_PATH",
+        default_value = "/live",
+        value_parser = parse_route
+    )]
+    pub system_live_path: String,
+
+    /// What an endpoint reports from when it is declared until it serves: `notready`
+    /// (Dynamo's default) or `ready`. With `ready`, a process with no endpoint yet is ready.
+    #[arg(
+        long = "system-starting-health-status",
+        env = "DYN_SYSTEM_STARTING_HEALTH_STATUS",
+        value_enum,
+        default_value = "notready"
+    )]
+    pub starting_health_status: HealthStatus,
+
     /// JSON list of endpoints that must serve before /health reports ready
     /// (default: every endpoint this process serves).
     #[arg(
@@ -107,6 +135,9 @@ impl Default for RuntimeConfig {
             system_port: None,
             system_host: "0.0.0.0".into(),
             use_endpoint_health_status: None,
+            system_health_path: "/health".into(),
+            system_live_path: "/live".into(),
+            starting_health_status: HealthStatus::Notready,
             stream_stall_timeout_secs: 15.0,
             caller_probe_interval_secs: 1.0,
             request_ack_timeout_secs: 5.0,
@@ -153,6 +184,22 @@ fn parse_endpoint_names(s: &str) -> Result<EndpointNames, String> {
         Ok(v) if !v.is_empty() => Ok(EndpointNames(v)),
         Ok(_) => Err("the list is empty".into()),
         Err(e) => Err(format!("expected a JSON list of endpoint names: {e}")),
+    }
+}
+
+/// `DYN_SYSTEM_STARTING_HEALTH_STATUS`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HealthStatus {
+    Ready,
+    Notready,
+}
+
+/// An HTTP route: starts with `/`, has no spaces.
+fn parse_route(s: &str) -> Result<String, String> {
+    if s.starts_with('/') && s.len() > 1 && !s.contains(char::is_whitespace) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("`{s}` is not a route like /health"))
     }
 }
 

@@ -53,7 +53,10 @@ impl DistributedRuntime {
         .await?;
         let instance_id = discovery.instance_id();
         let metrics = Arc::new(RuntimeMetrics::new(instance_id));
-        let health = Arc::new(HealthState::new(config.required_endpoints()));
+        let health = Arc::new(HealthState::new(
+            config.required_endpoints(),
+            config.starting_health_status == crate::config::HealthStatus::Ready,
+        ));
         let inflight = Arc::new(InflightRegistry::default());
 
         let mut cancels = nats
@@ -95,9 +98,11 @@ impl DistributedRuntime {
             }),
         };
         if let Some(port) = drt.inner.config.system_port() {
+            let config = &drt.inner.config;
             let addr = system_status::start(
-                &drt.inner.config.system_host,
+                &config.system_host,
                 port,
+                (&config.system_health_path, &config.system_live_path),
                 drt.inner.health.clone(),
                 drt.inner.metrics.clone(),
                 drt.inner.nats.clone(),
@@ -290,7 +295,7 @@ impl Endpoint {
         let instance_id = inner.discovery.instance_id();
         let health = inner.health.clone();
         let name = self.id.name.clone();
-        health.set(&name, false);
+        health.declare(&name);
 
         let subject = self.id.subject(instance_id);
         let sub = inner

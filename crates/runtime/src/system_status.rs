@@ -1,8 +1,10 @@
 //! The system status server (`DYN_SYSTEM_PORT`): `/health` and `/live` with Dynamo's JSON,
 //! `/metrics` in Prometheus text format.
 //!
-//! Readiness comes from [`HealthState`]: an endpoint is declared not ready when the process
-//! starts serving it and flips to ready once its subscription is live and it is registered.
+//! Readiness comes from [`HealthState`]: an endpoint is declared with the starting status
+//! (`DYN_SYSTEM_STARTING_HEALTH_STATUS`, default not ready) when the process starts serving it
+//! and flips to ready once its subscription is live and it is registered. The routes'
+//! paths are `DYN_SYSTEM_HEALTH_PATH` and `DYN_SYSTEM_LIVE_PATH`.
 //! The process is ready when every endpoint named in `DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS`
 //! is, or, without that list, when it serves at least one endpoint and all are ready.
 
@@ -23,14 +25,23 @@ use tokio_util::sync::CancellationToken;
 pub struct HealthState {
     endpoints: Mutex<BTreeMap<String, bool>>,
     required: Option<Vec<String>>,
+    /// `DYN_SYSTEM_STARTING_HEALTH_STATUS=ready`: declared endpoints (and a process with none)
+    /// count as ready before they serve.
+    starting_ready: bool,
 }
 
 impl HealthState {
-    pub fn new(required: Option<Vec<String>>) -> Self {
+    pub fn new(required: Option<Vec<String>>, starting_ready: bool) -> Self {
         Self {
             endpoints: Mutex::new(BTreeMap::new()),
             required,
+            starting_ready,
         }
+    }
+
+    /// An endpoint the process is about to serve: it reports the starting status.
+    pub fn declare(&self, endpoint: &str) {
+        self.set(endpoint, self.starting_ready);
     }
 
     pub fn set(&self, endpoint: &str, ready: bool) {
@@ -47,7 +58,8 @@ impl HealthState {
         let eps = lock(&self.endpoints);
         match &self.required {
             Some(names) => names.iter().all(|n| eps.get(n).copied().unwrap_or(false)),
-            None => !eps.is_empty() && eps.values().all(|r| *r),
+            None if eps.is_empty() => self.starting_ready,
+            None => eps.values().all(|r| *r),
         }
     }
 
@@ -97,10 +109,12 @@ async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "Route not found").into_response()
 }
 
-/// Binds `host:port` and serves until `shutdown`; returns the bound address.
+/// Binds `host:port` and serves until `shutdown`; returns the bound address. Readiness is
+/// served at `paths.0` and liveness (the same answer) at `paths.1`.
 pub async fn start(
     host: &str,
     port: u16,
+    paths: (&str, &str),
     health_state: Arc<HealthState>,
     runtime_metrics: Arc<RuntimeMetrics>,
     nats: async_nats::Client,
@@ -108,9 +122,11 @@ pub async fn start(
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind((host, port)).await?;
     let addr = listener.local_addr()?;
-    let app = Router::new()
-        .route("/health", get(health))
-        .route("/live", get(health))
+    let mut app = Router::new().route(paths.0, get(health));
+    if paths.1 != paths.0 {
+        app = app.route(paths.1, get(health));
+    }
+    let app = app
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(AppState {
@@ -136,7 +152,7 @@ mod tests {
 
     #[test]
     fn readiness_follows_endpoints() {
-        let h = HealthState::new(None);
+        let h = HealthState::new(None, false);
         assert!(!h.is_ready(), "no endpoints yet");
         h.set("generate", false);
         assert!(!h.is_ready());
@@ -149,10 +165,23 @@ mod tests {
             "notready"
         );
 
-        let only_generate = HealthState::new(Some(vec!["generate".into()]));
+        let only_generate = HealthState::new(Some(vec!["generate".into()]), false);
         only_generate.set("generate", true);
         only_generate.set("load_metrics", false);
         assert!(only_generate.is_ready());
         assert_eq!(only_generate.body(Default::default())["status"], "ready");
+    }
+
+    #[test]
+    fn a_starting_status_of_ready_holds_until_an_endpoint_says_otherwise() {
+        let h = HealthState::new(None, true);
+        assert!(h.is_ready(), "nothing declared yet");
+        h.declare("generate");
+        assert!(h.is_ready());
+        h.set("generate", false);
+        assert!(!h.is_ready());
+        let strict = HealthState::new(None, false);
+        strict.declare("generate");
+        assert!(!strict.is_ready());
     }
 }

@@ -19,7 +19,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Extension, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 pub use body::BODY_LIMIT;
@@ -142,13 +142,20 @@ async fn health(State(s): State<AppState>) -> Response {
         .flat_map(|m| m.client.instances())
         .filter_map(|i| serde_json::to_value(i).ok())
         .collect();
-    let (status, message) = if instances.is_empty() {
-        ("unhealthy", "No endpoints available")
+    // Ready once some model can be routed to (a worker serves its generate endpoint), so
+    // that a load balancer does not send requests that can only fail.
+    let routable = models.iter().any(|m| !m.client.instance_ids().is_empty());
+    let (code, status, message) = if routable {
+        (StatusCode::OK, "healthy", "Service is healthy")
     } else {
-        ("healthy", "Service is healthy")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "No model is routable yet",
+        )
     };
-    axum::Json(json!({"status": status, "message": message, "endpoints": endpoints, "instances": instances}))
-        .into_response()
+    let body = json!({"status": status, "message": message, "endpoints": endpoints, "instances": instances});
+    (code, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
