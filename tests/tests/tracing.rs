@@ -401,7 +401,7 @@ async fn at_the_default_log_level_both_processes_log_the_request_with_its_trace_
         attr(&payload, "gen_ai.request.model").as_deref(),
         Some(MODEL)
     );
-    assert_eq!(attr(&payload, "gen_ai.usage.input_tokens"), Some(input));
+    assert_eq!(attr(&payload, "gen_ai.usage.input_tokens"), Some(input.clone()));
     assert_eq!(
         attr(&payload, "gen_ai.usage.output_tokens").as_deref(),
         Some("4")
@@ -410,6 +410,33 @@ async fn at_the_default_log_level_both_processes_log_the_request_with_its_trace_
         attr(&payload, "gen_ai.response.finish_reasons").as_deref(),
         Some(r#"["length"]"#)
     );
+
+    // The engine's phases, children of handle_payload: queued, prefill, decode.
+    let phase = |name: &'static str| {
+        let (c, trace, parent) = (
+            &collector,
+            payload.trace_id.clone(),
+            payload.span_id.clone(),
+        );
+        async move {
+            wait_for(Duration::from_secs(10), name, || {
+                let found = c
+                    .spans()
+                    .into_iter()
+                    .find(|s| s.name == name && s.trace_id == trace && s.parent_span_id == parent);
+                async move { found }
+            })
+            .await
+        }
+    };
+    let queued = phase("engine.queued").await?;
+    assert_eq!(queued.attr("preempted"), Some("false"));
+    let prefill = phase("engine.prefill").await?;
+    assert_eq!(prefill.attr("prompt_tokens"), Some(input.as_str()));
+    assert_eq!(prefill.attr("cached_tokens"), Some("0"));
+    let decode = phase("engine.decode").await?;
+    assert_eq!(decode.attr("tokens"), Some("4"));
+    assert_eq!(decode.attr("steps"), Some("4"));
 
     // A request refused before generation is logged too, with its status.
     let xid2 = "test-trace-002";

@@ -59,7 +59,56 @@ pub struct Seq<X> {
     hold: Option<u64>,
     /// Decode leg: the prompt's KV from the prefill worker, applied at admission.
     import: Option<KvImport>,
+    /// The request's phases as spans under its caller's span.
+    trace: PhaseSpans,
     pub ext: X,
+}
+
+/// One span per phase of a sequence — `engine.queued` (waiting for admission, again after a
+/// preemption), `engine.prefill` (admitted, computing its prompt), `engine.decode` (from its
+/// first token to its end) — children of the span the request arrived in (the worker's
+/// `handle_payload`), so that a trace shows where a slow request spent its time. Never one
+/// per token; a span is only created, recorded into once, and dropped.
+struct PhaseSpans {
+    parent: tracing::Span,
+    phase: Option<(Phase, tracing::Span)>,
+    steps: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Queued,
+    Prefill,
+    Decode,
+}
+
+impl PhaseSpans {
+    fn new() -> Self {
+        Self {
+            parent: tracing::Span::current(),
+            phase: None,
+            steps: 0,
+        }
+    }
+
+    fn is(&self, phase: Phase) -> bool {
+        self.phase.as_ref().is_some_and(|(p, _)| *p == phase)
+    }
+
+    /// Ends the current phase (its span closes) and opens `phase`'s.
+    fn enter(&mut self, phase: Phase, make: impl FnOnce(&tracing::Span) -> tracing::Span) {
+        self.phase = None;
+        if self.parent.is_disabled() {
+            return;
+        }
+        self.phase = Some((phase, make(&self.parent)));
+    }
+
+    fn record(&self, field: &str, value: u64) {
+        if let Some((_, span)) = &self.phase {
+            span.record(field, value);
+        }
+    }
 }
 
 impl<X> Seq<X> {
@@ -83,6 +132,7 @@ impl<X> Seq<X> {
                 cached_tokens: None,
                 hold: None,
                 import: None,
+                trace: PhaseSpans::new(),
                 ext: ext(index),
             })
             .collect()
@@ -245,7 +295,11 @@ impl<X> Batcher<X> {
         &self.pool
     }
 
-    pub fn enqueue(&mut self, seq: Seq<X>) {
+    pub fn enqueue(&mut self, mut seq: Seq<X>) {
+        seq.trace.enter(
+            Phase::Queued,
+            |p| tracing::info_span!(parent: p, "engine.queued", preempted = false),
+        );
         self.waiting.push_back(seq);
     }
 
@@ -292,6 +346,10 @@ impl<X> Batcher<X> {
             };
             self.release(&mut victim);
             self.preemptions += 1;
+            victim.trace.enter(
+                Phase::Queued,
+                |p| tracing::info_span!(parent: p, "engine.queued", preempted = true),
+            );
             tracing::debug!(
                 index = victim.index,
                 "preempted a sequence: out of KV blocks"
@@ -326,6 +384,16 @@ impl<X> Batcher<X> {
             if seq.is_fresh() {
                 seq.cached_tokens = Some(cached as u32);
             }
+            let (prompt, imported) = (seq.prompt_len, seq.import.is_some());
+            seq.trace.enter(Phase::Prefill, |p| {
+                tracing::info_span!(
+                    parent: p,
+                    "engine.prefill",
+                    prompt_tokens = prompt,
+                    cached_tokens = cached,
+                    imported,
+                )
+            });
             if let Some(import) = seq.import.take()
                 && !self.apply_import(i, import)
             {
@@ -408,6 +476,17 @@ impl<X> Batcher<X> {
             seq.tokens.push(token);
             seq.generated += 1;
             self.generated += 1;
+            if !seq.trace.is(Phase::Decode) {
+                seq.trace.enter(Phase::Decode, |p| {
+                    tracing::info_span!(
+                        parent: p,
+                        "engine.decode",
+                        tokens = tracing::field::Empty,
+                        steps = tracing::field::Empty,
+                    )
+                });
+            }
+            seq.trace.steps += 1;
             let finish = seq.finish_reason(token, self.max_model_len);
             let params = seq
                 .hold
@@ -421,6 +500,8 @@ impl<X> Batcher<X> {
                 disaggregated_params: params,
             });
             if finish.is_some() || !sent {
+                seq.trace.record("tokens", u64::from(seq.generated));
+                seq.trace.record("steps", u64::from(seq.trace.steps));
                 finished.push((i, sent));
             }
         }
