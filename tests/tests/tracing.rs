@@ -401,7 +401,10 @@ async fn at_the_default_log_level_both_processes_log_the_request_with_its_trace_
         attr(&payload, "gen_ai.request.model").as_deref(),
         Some(MODEL)
     );
-    assert_eq!(attr(&payload, "gen_ai.usage.input_tokens"), Some(input.clone()));
+    assert_eq!(
+        attr(&payload, "gen_ai.usage.input_tokens"),
+        Some(input.clone())
+    );
     assert_eq!(
         attr(&payload, "gen_ai.usage.output_tokens").as_deref(),
         Some("4")
@@ -500,5 +503,69 @@ async fn a_log_directive_turns_the_request_lines_off() -> Result<()> {
             "{lines:?}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sampling_ratio_of_zero_exports_nothing_but_logs_keep_their_trace_ids() -> Result<()> {
+    let collector = Collector::start().await?;
+    let endpoint = collector.endpoint();
+    let s = start(&[
+        ("OTEL_EXPORT_ENABLED", "true"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ("DYN_LOGGING_JSONL", "true"),
+    ])
+    .await?;
+    let xid = "test-unsampled-001";
+    assert_eq!(
+        chat(&s, &[("x-request-id", xid)], body(2)).await?.status(),
+        200
+    );
+    // A caller that sampled its trace is followed (parent-based): once its spans are in, the
+    // first request's would have been too.
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let tp = format!("00-{trace}-{parent}-01");
+    let xid2 = "test-sampled-002";
+    assert_eq!(
+        chat(
+            &s,
+            &[("x-request-id", xid2), ("traceparent", tp.as_str())],
+            body(2)
+        )
+        .await?
+        .status(),
+        200
+    );
+    wait_span(&collector, "http-request", xid2, |_| true).await?;
+    wait_span(&collector, "handle_payload", xid2, |_| true).await?;
+    let unsampled: Vec<String> = collector
+        .spans()
+        .into_iter()
+        .filter(|s| s.attr("x_request_id") == Some(xid))
+        .map(|s| s.name)
+        .collect();
+    assert!(unsampled.is_empty(), "{unsampled:?}");
+
+    let front = wait_for(Duration::from_secs(10), "frontend line", || {
+        let l = lines_with(&s.frontend.output(), xid, "request completed");
+        async move { l.into_iter().next() }
+    })
+    .await?;
+    let id = front["trace_id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert_ne!(id, "0".repeat(32));
+    let worker = wait_for(Duration::from_secs(10), "worker line", || {
+        let l = lines_with(&s.worker.output(), xid, "request completed");
+        async move { l.into_iter().next() }
+    })
+    .await?;
+    assert_eq!(
+        worker["trace_id"],
+        id.as_str(),
+        "the unsampled trace's id reaches the worker"
+    );
     Ok(())
 }

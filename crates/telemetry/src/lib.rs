@@ -31,6 +31,12 @@ pub enum TelemetryError {
     AlreadyInstalled,
     #[error("OTLP exporter for {endpoint} not created: {reason}")]
     Exporter { endpoint: String, reason: String },
+    #[error("{var}={value:?}: {reason}")]
+    Env {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Crates whose own logs drown a service's at `info` or `debug`; held at `error` (as Dynamo

@@ -9,7 +9,7 @@
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -31,6 +31,62 @@ pub fn traces_endpoint() -> String {
     .unwrap_or_else(|| DEFAULT_OTLP_ENDPOINT.to_string())
 }
 
+/// Head sampling from OpenTelemetry's variables, refusing values it does not know (the SDK
+/// alone would fall back to sampling everything with a warning): `OTEL_TRACES_SAMPLER` =
+/// `always_on`, `always_off`, `traceidratio`, `parentbased_always_on` (the default),
+/// `parentbased_always_off`, `parentbased_traceidratio`, with `OTEL_TRACES_SAMPLER_ARG` the
+/// ratio (0–1, default 1). Dynamo's `OTEL_TRACES_SAMPLE_RATIO` alone means
+/// `parentbased_traceidratio` with that ratio. Unsampled spans still have ids: log lines
+/// carry them.
+pub fn sampler_from_env(
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Sampler, crate::TelemetryError> {
+    let bad = |var: &'static str, value: &str, reason: &str| crate::TelemetryError::Env {
+        var,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    };
+    let ratio = |name: &'static str| -> Result<f64, crate::TelemetryError> {
+        match var(name).filter(|v| !v.trim().is_empty()) {
+            None => Ok(1.0),
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+                _ => Err(bad(name, &v, "expected a ratio between 0 and 1")),
+            },
+        }
+    };
+    let sampler = var("OTEL_TRACES_SAMPLER").filter(|v| !v.trim().is_empty());
+    let Some(name) = sampler else {
+        return Ok(match var("OTEL_TRACES_SAMPLE_RATIO") {
+            Some(_) => parent_based(Sampler::TraceIdRatioBased(ratio(
+                "OTEL_TRACES_SAMPLE_RATIO",
+            )?)),
+            None => parent_based(Sampler::AlwaysOn),
+        });
+    };
+    Ok(match name.trim() {
+        "always_on" => Sampler::AlwaysOn,
+        "always_off" => Sampler::AlwaysOff,
+        "traceidratio" => Sampler::TraceIdRatioBased(ratio("OTEL_TRACES_SAMPLER_ARG")?),
+        "parentbased_always_on" => parent_based(Sampler::AlwaysOn),
+        "parentbased_always_off" => parent_based(Sampler::AlwaysOff),
+        "parentbased_traceidratio" => parent_based(Sampler::TraceIdRatioBased(ratio(
+            "OTEL_TRACES_SAMPLER_ARG",
+        )?)),
+        other => {
+            return Err(bad(
+                "OTEL_TRACES_SAMPLER",
+                other,
+                "expected always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or parentbased_traceidratio",
+            ));
+        }
+    })
+}
+
+fn parent_based(root: Sampler) -> Sampler {
+    Sampler::ParentBased(Box::new(root))
+}
+
 /// Builds the tracer provider. With `export` the OTLP exporter is created here, so this must
 /// run inside a tokio runtime (tonic's channel spawns its connection task on it).
 pub(crate) fn provider(
@@ -40,7 +96,9 @@ pub(crate) fn provider(
     let resource = Resource::builder()
         .with_service_name(service_name.to_string())
         .build();
-    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_sampler(sampler_from_env(|k| std::env::var(k).ok())?);
     if export {
         let endpoint = traces_endpoint();
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -131,6 +189,45 @@ impl<E: SpanExporter> SpanExporter for ReportingExporter<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samplers_from_the_environment_and_bad_values_refused() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let name = |s: Sampler| format!("{s:?}");
+        assert!(name(sampler_from_env(env(&[])).unwrap()).starts_with("ParentBased(AlwaysOn"));
+        let r = sampler_from_env(env(&[
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ]))
+        .unwrap();
+        assert!(name(r).contains("TraceIdRatioBased(0.0)"));
+        let dynamo = sampler_from_env(env(&[("OTEL_TRACES_SAMPLE_RATIO", "0.25")])).unwrap();
+        assert!(name(dynamo).contains("ParentBased(TraceIdRatioBased(0.25)"));
+        assert!(matches!(
+            sampler_from_env(env(&[("OTEL_TRACES_SAMPLER", "sometimes")])),
+            Err(crate::TelemetryError::Env {
+                var: "OTEL_TRACES_SAMPLER",
+                ..
+            })
+        ));
+        assert!(matches!(
+            sampler_from_env(env(&[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "1.5")
+            ])),
+            Err(crate::TelemetryError::Env {
+                var: "OTEL_TRACES_SAMPLER_ARG",
+                ..
+            })
+        ));
+    }
     use opentelemetry_sdk::error::OTelSdkError;
     use std::sync::{Arc, Mutex};
     use tracing_subscriber::layer::SubscriberExt;
