@@ -534,3 +534,55 @@ async fn health_is_not_ready_until_a_model_is_routable_and_worker_paths_are_conf
     assert_eq!(reqwest::get(sys("/health")).await?.status(), 404);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_worker_whose_engine_fails_its_canary_turns_not_ready() -> Result<()> {
+    use tandem_tests::{Stack, mocker_args};
+    let stack = Stack::start().await?;
+    let canary = [
+        ("DYN_HEALTH_CHECK_ENABLED", "true"),
+        ("DYN_CANARY_WAIT_TIME", "0.2"),
+        ("DYN_HEALTH_CHECK_REQUEST_TIMEOUT", "2"),
+    ];
+    let args = mocker_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (_good, good) = stack.spawn_worker("good", &args, &canary)?;
+    // Every step of this one fails, as a broken engine's would.
+    let broken_args = mocker_args(&["--fail-after-tokens", "0"]);
+    let broken_args: Vec<&str> = broken_args.iter().map(String::as_str).collect();
+    let (_bad, bad) = stack.spawn_worker("bad", &broken_args, &canary)?;
+    let get = |port: u16, path: &'static str| async move {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+            .await
+            .ok()?;
+        let status = r.status().as_u16();
+        Some((status, r.json::<Value>().await.ok()?))
+    };
+    let (_, body) = wait_for(
+        Duration::from_secs(30),
+        "the broken worker to turn not ready",
+        || async move {
+            get(bad, "/health")
+                .await
+                .filter(|(s, b)| *s == 503 && b["endpoints"]["generate"] == "notready")
+        },
+    )
+    .await?;
+    assert_eq!(body["status"], "notready");
+    // The healthy one ran canaries (their tokens show in its engine counters) and is ready.
+    wait_for(
+        Duration::from_secs(30),
+        "canaries on the healthy worker",
+        || async move {
+            let text = scrape(&format!("http://127.0.0.1:{good}/metrics"))
+                .await
+                .ok()?;
+            (metric_value(&text, "tandem_engine_generation_tokens_total", &[])? >= 2.0)
+                .then_some(())
+        },
+    )
+    .await?;
+    let (status, body) = get(good, "/health").await.unwrap();
+    assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
+    Ok(())
+}

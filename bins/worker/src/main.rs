@@ -84,12 +84,22 @@ struct Cli {
     )]
     kv_transfer_port: u16,
     /// Prefill workers: seconds held KV blocks wait for their decode worker before they are freed.
-    #[arg(long = "kv-transfer-timeout", default_value_t = 30.0, value_parser = hold_secs)]
+    #[arg(long = "kv-transfer-timeout", default_value_t = 30.0, value_parser = secs_up_to_a_day)]
     kv_transfer_timeout: f64,
     /// Decode workers: most bytes of fetched prompt KV waiting to be written into the cache
     /// (queued requests hold theirs); a fetch beyond it prefills locally instead.
     #[arg(long = "kv-transfer-max-buffered-bytes", default_value_t = tandem_worker::DEFAULT_MAX_BUFFERED_BYTES)]
     kv_transfer_max_buffered_bytes: u64,
+    /// Send the engine a one-token canary generation when idle; `/health` reports the
+    /// generate endpoint not ready while canaries fail.
+    #[arg(long = "health-check-enabled", env = "DYN_HEALTH_CHECK_ENABLED", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    health_check_enabled: bool,
+    /// Idle seconds before a canary is sent.
+    #[arg(long = "canary-wait-time", env = "DYN_CANARY_WAIT_TIME", default_value_t = 10.0, value_parser = secs_up_to_a_day)]
+    canary_wait_time: f64,
+    /// Seconds a canary may take before the worker counts as not ready.
+    #[arg(long = "health-check-request-timeout", env = "DYN_HEALTH_CHECK_REQUEST_TIMEOUT", default_value_t = 3.0, value_parser = secs_up_to_a_day)]
+    health_check_request_timeout: f64,
     /// Mocker only: KV bytes per token of the simulated model (sizes simulated transfers;
     /// default Llama-3-8B bf16).
     #[arg(long = "kv-bytes-per-token", default_value_t = tandem_mocker::DEFAULT_KV_BYTES_PER_TOKEN)]
@@ -114,8 +124,8 @@ fn positive(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Seconds held blocks may wait: more than 0, at most a day.
-fn hold_secs(s: &str) -> Result<f64, String> {
+/// Seconds: more than 0, at most a day.
+fn secs_up_to_a_day(s: &str) -> Result<f64, String> {
     match positive(s)? {
         v if v <= 86_400.0 => Ok(v),
         v => Err(format!("{v} is more than a day (86400 s)")),
@@ -198,6 +208,12 @@ async fn main() -> anyhow::Result<()> {
             hold_timeout: std::time::Duration::from_secs_f64(cli.kv_transfer_timeout),
             max_buffered_bytes: cli.kv_transfer_max_buffered_bytes,
         },
+        canary: cli
+            .health_check_enabled
+            .then(|| tandem_worker::canary::CanaryConfig {
+                wait: std::time::Duration::from_secs_f64(cli.canary_wait_time),
+                timeout: std::time::Duration::from_secs_f64(cli.health_check_request_timeout),
+            }),
     };
     tandem_worker::serve(&drt, engine, &model, config).await?;
     tandem_runtime::shutdown_signal().await;

@@ -34,6 +34,7 @@ pub use discovery::{Discovery, Instance, Transport};
 pub use distributed::{Component, DistributedRuntime, Endpoint, Namespace};
 pub use endpoint::{EndpointId, Handler, HandlerStream, RequestContext};
 pub use error::{ErrorCode, RemoteError, RuntimeError};
+pub use system_status::HealthState;
 pub use typed::{TypedHandlerStream, TypedStream};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: every lock in this

@@ -19,6 +19,7 @@
 //! card); decode and aggregated workers run decode legs, fetching a request's prompt blocks
 //! when it carries a prefill result.
 
+pub mod canary;
 pub mod disagg;
 pub mod kv_events;
 mod metrics;
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     pub kv_events_config: Option<kv_events::KvEventsConfig>,
     pub mode: DisaggregationMode,
     pub kv_transfer: KvTransferConfig,
+    /// Canary health checks while idle (`DYN_HEALTH_CHECK_ENABLED`).
+    pub canary: Option<canary::CanaryConfig>,
 }
 
 /// Default of [`KvTransferConfig::max_buffered_bytes`]: 4 GiB.
@@ -129,7 +132,19 @@ pub async fn serve(
         }
         _ => None,
     };
+    let activity = Arc::new(canary::Activity::default());
+    if let Some(c) = config.canary {
+        canary::spawn(
+            engine.clone(),
+            drt.health().clone(),
+            config.endpoint.name.clone(),
+            activity.clone(),
+            c,
+            drt.shutdown_token(),
+        );
+    }
     let handler = Arc::new(Generate {
+        activity,
         engine: engine.clone(),
         side: prefill_side.clone(),
         metrics: transfer_metrics,
@@ -269,6 +284,8 @@ pub enum WorkerError {
 
 /// The `generate` endpoint's handler.
 struct Generate {
+    /// Every request marks the worker busy (no canary needed).
+    activity: Arc<canary::Activity>,
     engine: Arc<dyn Engine>,
     /// Set on prefill workers: every request is a prefill leg.
     side: Option<Arc<disagg::PrefillSide>>,
@@ -286,6 +303,7 @@ impl Generate {
         request: PreprocessedRequest,
         ctx: RequestContext,
     ) -> Result<TypedHandlerStream<EngineOutput>, RemoteError> {
+        self.activity.touch();
         let prompt = request.token_ids.len();
         let leg = match (&self.side, &request.prefill_result) {
             (Some(_), _) => "prefill",
