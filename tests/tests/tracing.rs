@@ -569,3 +569,91 @@ async fn a_sampling_ratio_of_zero_exports_nothing_but_logs_keep_their_trace_ids(
     );
     Ok(())
 }
+
+/// Waits for a log record from `service` whose body is `body` in trace `trace`.
+async fn wait_log(
+    c: &Collector,
+    service: &str,
+    body: &str,
+    trace: &str,
+) -> Result<tandem_tests::otlp::LogRecord> {
+    wait_for(
+        Duration::from_secs(20),
+        &format!("{service} log record {body:?}"),
+        || {
+            let found = c
+                .logs()
+                .into_iter()
+                .find(|l| l.service == service && l.body == body && l.trace_id == trace);
+            async move { found }
+        },
+    )
+    .await
+}
+
+/// Logs and spans over OTLP, with `env` choosing the transport.
+async fn logs_arrive_with_their_ids(
+    collector: &Collector,
+    env: &[(&str, &str)],
+    xid: &str,
+) -> Result<()> {
+    let mut all = vec![
+        ("OTEL_EXPORT_ENABLED", "true"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_BLRP_SCHEDULE_DELAY", "100"),
+    ];
+    all.extend_from_slice(env);
+    let s = start(&all).await?;
+    assert_eq!(
+        chat(&s, &[("x-request-id", xid)], body(3)).await?.status(),
+        200
+    );
+    let http = wait_span(collector, "http-request", xid, |_| true).await?;
+    let payload = wait_span(collector, "handle_payload", xid, |_| true).await?;
+    let front = wait_log(
+        collector,
+        "dynamo-frontend",
+        "request completed",
+        &http.trace_id,
+    )
+    .await?;
+    assert_eq!(front.span_id, http.span_id);
+    assert_eq!(front.severity, "INFO");
+    assert_eq!(
+        front.attributes.get("output_tokens").map(String::as_str),
+        Some("3")
+    );
+    let worker = wait_log(collector, "worker", "request completed", &http.trace_id).await?;
+    assert_eq!(worker.span_id, payload.span_id);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_records_go_over_otlp_grpc_with_trace_and_span_ids() -> Result<()> {
+    let collector = Collector::start().await?;
+    let endpoint = collector.endpoint();
+    logs_arrive_with_their_ids(
+        &collector,
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", &endpoint),
+        ],
+        "test-logs-grpc",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_and_log_records_go_over_otlp_http_protobuf() -> Result<()> {
+    let collector = Collector::start().await?;
+    let base = collector.http_endpoint();
+    logs_arrive_with_their_ids(
+        &collector,
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &base),
+        ],
+        "test-logs-http",
+    )
+    .await
+}

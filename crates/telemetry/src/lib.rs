@@ -66,6 +66,9 @@ pub struct LogConfig {
     pub local_tz: bool,
     /// Export spans over OTLP (`OTEL_EXPORT_ENABLED`).
     pub export: bool,
+    /// Export log records over OTLP too: with `export`, unless `OTEL_EXPORT_LOGS_ENABLED` is
+    /// set to a false value (Dynamo's switch).
+    pub export_logs: bool,
     /// `service.name` of exported spans (`OTEL_SERVICE_NAME`).
     pub service_name: String,
 }
@@ -79,6 +82,9 @@ impl LogConfig {
             jsonl: env_flag("DYN_LOGGING_JSONL"),
             local_tz: env_flag("DYN_LOG_USE_LOCAL_TZ"),
             export: env_flag("OTEL_EXPORT_ENABLED"),
+            export_logs: env_flag("OTEL_EXPORT_ENABLED")
+                && std::env::var("OTEL_EXPORT_LOGS_ENABLED")
+                    .map_or(true, |_| env_flag("OTEL_EXPORT_LOGS_ENABLED")),
             service_name: std::env::var("OTEL_SERVICE_NAME")
                 .ok()
                 .filter(|s| !s.trim().is_empty())
@@ -105,11 +111,15 @@ pub fn env_flag(name: &str) -> bool {
 #[must_use = "dropping the guard ends telemetry export"]
 pub struct TelemetryGuard {
     provider: SdkTracerProvider,
+    logs: Option<opentelemetry_sdk::logs::SdkLoggerProvider>,
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         otel::shutdown(&self.provider);
+        if let Some(logs) = &self.logs {
+            otel::shutdown_logs(logs);
+        }
     }
 }
 
@@ -167,7 +177,19 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_filter(otel_targets());
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let logs = config
+        .export_logs
+        .then(|| otel::logger_provider(&config.service_name))
+        .transpose()?;
+    // Log records carry the ids of the span they were written in.
+    let logs_layer = logs.as_ref().map(|p| {
+        opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(p)
+            .with_filter(otel_targets())
+    });
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel_layer)
+        .with(logs_layer);
     let result = if config.jsonl {
         registry
             .with(jsonl::JsonlLayer::new(std::io::stderr, config.local_tz))
@@ -183,13 +205,16 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
     };
     result.map_err(|_| TelemetryError::AlreadyInstalled)?;
     if config.export {
+        let protocol = otel::Protocol::from_env()?;
         tracing::info!(
-            endpoint = %otel::traces_endpoint(),
+            endpoint = %otel::traces_endpoint(protocol),
+            logs_endpoint = config.export_logs.then(|| otel::logs_endpoint(protocol)),
+            ?protocol,
             service_name = %config.service_name,
             "exporting traces over OTLP"
         );
     }
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, logs })
 }
 
 #[cfg(test)]

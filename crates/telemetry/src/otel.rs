@@ -1,5 +1,7 @@
 //! OpenTelemetry side of the subscriber: the tracer every span goes through and, when
-//! `OTEL_EXPORT_ENABLED` is set, the batched OTLP gRPC export.
+//! `OTEL_EXPORT_ENABLED` is set, the batched OTLP export of spans and (unless
+//! `OTEL_EXPORT_LOGS_ENABLED=false`) log records, over gRPC or HTTP/protobuf
+//! (`OTEL_EXPORTER_OTLP_PROTOCOL`).
 //!
 //! Spans always get real W3C ids from the SDK tracer, so log lines and propagated
 //! `traceparent` headers carry the same ids whether or not they are exported. Export runs on
@@ -9,27 +11,71 @@
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Where spans go when no endpoint variable is set (an OTLP collector's gRPC port).
+/// Where spans and logs go over gRPC when no endpoint variable is set.
 pub const DEFAULT_OTLP_ENDPOINT: &str = "http://localhost:4317";
+/// The same over HTTP/protobuf (the signal's path is appended).
+pub const DEFAULT_OTLP_HTTP_ENDPOINT: &str = "http://localhost:4318";
+
+/// `OTEL_EXPORTER_OTLP_PROTOCOL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl Protocol {
+    pub fn from_env() -> Result<Self, crate::TelemetryError> {
+        let var = "OTEL_EXPORTER_OTLP_PROTOCOL";
+        match std::env::var(var).ok().as_deref().map(str::trim) {
+            None | Some("") | Some("grpc") => Ok(Self::Grpc),
+            Some("http/protobuf") => Ok(Self::HttpProtobuf),
+            Some(other) => Err(crate::TelemetryError::Env {
+                var,
+                value: other.to_string(),
+                reason: "expected grpc or http/protobuf".into(),
+            }),
+        }
+    }
+}
+
+/// A signal's endpoint: its own variable, then the general one, then the default; over HTTP
+/// the signal's path (`/v1/traces`, `/v1/logs`) is appended unless already there, as Dynamo
+/// does. Logs never fall back to the traces variable.
+fn signal_endpoint(own: &str, path: &str, protocol: Protocol) -> String {
+    let base = [own, "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()));
+    match protocol {
+        Protocol::Grpc => base.unwrap_or_else(|| DEFAULT_OTLP_ENDPOINT.to_string()),
+        Protocol::HttpProtobuf => {
+            let base = base.unwrap_or_else(|| DEFAULT_OTLP_HTTP_ENDPOINT.to_string());
+            let base = base.trim_end_matches('/');
+            if base.ends_with(path) {
+                base.to_string()
+            } else {
+                format!("{base}{path}")
+            }
+        }
+    }
+}
+
+/// The traces endpoint (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then the general one).
+pub fn traces_endpoint(protocol: Protocol) -> String {
+    signal_endpoint("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "/v1/traces", protocol)
+}
+
+/// The logs endpoint (`OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`, then the general one).
+pub fn logs_endpoint(protocol: Protocol) -> String {
+    signal_endpoint("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "/v1/logs", protocol)
+}
 
 /// How long shutdown waits for the last batch to reach the collector.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The OTLP endpoint the exporter uses, with OpenTelemetry's precedence: the traces-specific
-/// variable, then the general one, then the default.
-pub fn traces_endpoint() -> String {
-    [
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-    ]
-    .iter()
-    .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
-    .unwrap_or_else(|| DEFAULT_OTLP_ENDPOINT.to_string())
-}
 
 /// Head sampling from OpenTelemetry's variables, refusing values it does not know (the SDK
 /// alone would fall back to sampling everything with a warning): `OTEL_TRACES_SAMPLER` =
@@ -100,18 +146,65 @@ pub(crate) fn provider(
         .with_resource(resource)
         .with_sampler(sampler_from_env(|k| std::env::var(k).ok())?);
     if export {
-        let endpoint = traces_endpoint();
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint.clone())
-            .build()
-            .map_err(|e| crate::TelemetryError::Exporter {
-                endpoint: endpoint.clone(),
-                reason: e.to_string(),
-            })?;
+        let protocol = Protocol::from_env()?;
+        let endpoint = traces_endpoint(protocol);
+        let built = match protocol {
+            Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .build(),
+            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(endpoint.clone())
+                .build(),
+        };
+        let exporter = built.map_err(|e| crate::TelemetryError::Exporter {
+            endpoint: endpoint.clone(),
+            reason: e.to_string(),
+        })?;
         builder = builder.with_batch_exporter(ReportingExporter::new(exporter, endpoint));
     }
     Ok(builder.build())
+}
+
+/// The log-record provider for OTLP log export; each record carries the trace and span ids
+/// of the span it was written in (sampled or not).
+pub(crate) fn logger_provider(
+    service_name: &str,
+) -> Result<SdkLoggerProvider, crate::TelemetryError> {
+    let resource = Resource::builder()
+        .with_service_name(service_name.to_string())
+        .build();
+    let protocol = Protocol::from_env()?;
+    let endpoint = logs_endpoint(protocol);
+    let built = match protocol {
+        Protocol::Grpc => opentelemetry_otlp::LogExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .build(),
+        Protocol::HttpProtobuf => opentelemetry_otlp::LogExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(endpoint.clone())
+            .build(),
+    };
+    let exporter = built.map_err(|e| crate::TelemetryError::Exporter {
+        endpoint: endpoint.clone(),
+        reason: e.to_string(),
+    })?;
+    tracing::debug!(%endpoint, "exporting logs over OTLP");
+    Ok(SdkLoggerProvider::builder()
+        .with_resource(resource)
+        .with_batch_exporter(exporter)
+        .build())
+}
+
+/// Flushes queued log records at shutdown (bounded).
+pub(crate) fn shutdown_logs(provider: &SdkLoggerProvider) {
+    if let Err(e) = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
+        tracing::warn!(error = %e, "log export did not flush at shutdown");
+    }
 }
 
 /// Flushes what is queued and stops the batch thread; bounded so that an unreachable
