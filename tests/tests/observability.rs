@@ -60,7 +60,9 @@ fn compose_files_validate_pin_their_images_and_mount_files_that_exist() -> Resul
         serde_json::json!([
             "dcgm-exporter",
             "grafana",
+            "loki",
             "nats-prometheus-exporter",
+            "otel-collector",
             "prometheus",
             "tempo"
         ])
