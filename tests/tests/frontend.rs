@@ -536,7 +536,7 @@ async fn health_is_not_ready_until_a_model_is_routable_and_worker_paths_are_conf
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_idle_worker_whose_engine_fails_its_canary_turns_not_ready() -> Result<()> {
+async fn an_idle_worker_whose_engine_fails_or_hangs_on_its_canary_turns_not_ready() -> Result<()> {
     use tandem_tests::{Stack, mocker_args};
     let stack = Stack::start().await?;
     let canary = [
@@ -551,6 +551,11 @@ async fn an_idle_worker_whose_engine_fails_its_canary_turns_not_ready() -> Resul
     let broken_args = mocker_args(&["--fail-after-tokens", "0"]);
     let broken_args: Vec<&str> = broken_args.iter().map(String::as_str).collect();
     let (_bad, bad) = stack.spawn_worker("bad", &broken_args, &canary)?;
+    // And this one is wedged: a step takes minutes, so the canary times out.
+    let mut wedged_args = mocker_args(&[]);
+    wedged_args[3] = "0.0001".into();
+    let wedged_args: Vec<&str> = wedged_args.iter().map(String::as_str).collect();
+    let (_wedged, wedged) = stack.spawn_worker("wedged", &wedged_args, &canary)?;
     let get = |port: u16, path: &'static str| async move {
         let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
             .await
@@ -569,6 +574,12 @@ async fn an_idle_worker_whose_engine_fails_its_canary_turns_not_ready() -> Resul
     )
     .await?;
     assert_eq!(body["status"], "notready");
+    wait_for(
+        Duration::from_secs(30),
+        "the wedged worker to turn not ready",
+        || async move { get(wedged, "/health").await.filter(|(s, _)| *s == 503) },
+    )
+    .await?;
     // The healthy one ran canaries (their tokens show in its engine counters) and is ready.
     wait_for(
         Duration::from_secs(30),
