@@ -5,6 +5,7 @@
 #   on:  the defaults (DYN_LOG=info: "request accepted/completed" in both processes, engine
 #        spans under handle_payload);
 #   off: DYN_LOG=info,tandem_frontend::request=off,tandem_worker::request=off,tandem_engine_api=warn
+# (ON_LOG / OFF_LOG override the two filters, to measure one part at a time)
 # — each measured by scripts/bench-frontend.py at every CONCURRENCY (default "1 32"). Binaries
 # from target/$PROFILE (default release; `cargo build --release --bins` first). Prints one JSON
 # line per run and a Markdown table of medians over ROUNDS (default 3). JSONL=1 logs as JSONL
@@ -54,8 +55,8 @@ one_run() { # LABEL DYN_LOG
 
 results="$run/results.jsonl"
 for r in $(seq 1 "$ROUNDS"); do
-  one_run on info | tee -a "$results"
-  one_run off "info,tandem_frontend::request=off,tandem_worker::request=off,tandem_engine_api=warn" | tee -a "$results"
+  one_run on "${ON_LOG:-info}" | tee -a "$results"
+  one_run off "${OFF_LOG:-info,tandem_frontend::request=off,tandem_worker::request=off,tandem_engine_api=warn}" | tee -a "$results"
 done
 python3 - "$results" <<'PY'
 import json, statistics, sys

@@ -330,15 +330,6 @@ async fn at_the_default_log_level_both_processes_log_the_request_with_its_trace_
     let http = wait_span(&collector, "http-request", xid, |_| true).await?;
     let payload = wait_span(&collector, "handle_payload", xid, |_| true).await?;
 
-    // Frontend: accepted and completed, in the http-request span, with what a user greps for.
-    let front = s.frontend.output();
-    let accepted = lines_with(&front, xid, "request accepted");
-    assert_eq!(accepted.len(), 1, "{front}");
-    assert_eq!(accepted[0]["level"], "INFO");
-    assert_eq!(accepted[0]["trace_id"], http.trace_id.as_str());
-    assert_eq!(accepted[0]["span_id"], http.span_id.as_str());
-    assert_eq!(accepted[0]["method"], "POST");
-    assert_eq!(accepted[0]["uri"], "/v1/chat/completions");
     let done = wait_for(Duration::from_secs(10), "frontend completion line", || {
         let lines = lines_with(&s.frontend.output(), xid, "request completed");
         async move { lines.into_iter().next() }
@@ -353,6 +344,15 @@ async fn at_the_default_log_level_both_processes_log_the_request_with_its_trace_
     assert!(done["input_tokens"].as_u64().unwrap() > 0);
     assert!(done["ttft_ms"].as_f64().unwrap() > 0.0);
     assert!(done["elapsed_ms"].is_u64());
+    // Frontend: accepted too (written before the completion line, which is in).
+    let front = s.frontend.output();
+    let accepted = lines_with(&front, xid, "request accepted");
+    assert_eq!(accepted.len(), 1, "{front}");
+    assert_eq!(accepted[0]["level"], "INFO");
+    assert_eq!(accepted[0]["trace_id"], http.trace_id.as_str());
+    assert_eq!(accepted[0]["span_id"], http.span_id.as_str());
+    assert_eq!(accepted[0]["method"], "POST");
+    assert_eq!(accepted[0]["uri"], "/v1/chat/completions");
 
     // Worker: the same, in handle_payload.
     let done = wait_for(Duration::from_secs(10), "worker completion line", || {

@@ -112,6 +112,8 @@ pub fn env_flag(name: &str) -> bool {
 pub struct TelemetryGuard {
     provider: SdkTracerProvider,
     logs: Option<opentelemetry_sdk::logs::SdkLoggerProvider>,
+    /// Flushes the log lines still queued for stderr when dropped (last, after the exports).
+    _stderr: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Drop for TelemetryGuard {
@@ -190,15 +192,22 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
         .with(filter)
         .with(otel_layer)
         .with(logs_layer);
+    // Lines are written to stderr by a thread of their own: a request never waits for the
+    // write system call. Not lossy: a full queue (10k lines) makes the logger wait rather
+    // than drop lines.
+    let (stderr, stderr_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
     let result = if config.jsonl {
         registry
-            .with(jsonl::JsonlLayer::new(std::io::stderr, config.local_tz))
+            .with(jsonl::JsonlLayer::new(stderr, config.local_tz))
             .try_init()
     } else {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(stderr)
                     .with_ansi(false),
             )
             .try_init()
@@ -214,7 +223,11 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
             "exporting traces over OTLP"
         );
     }
-    Ok(TelemetryGuard { provider, logs })
+    Ok(TelemetryGuard {
+        provider,
+        logs,
+        _stderr: stderr_guard,
+    })
 }
 
 #[cfg(test)]
