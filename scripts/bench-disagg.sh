@@ -22,26 +22,9 @@ NATS_PORT=${NATS_PORT:-14222}
 ETCD_PORT=${ETCD_PORT:-12379}
 HTTP_PORT=${HTTP_PORT:-18000}
 LOCAL_PREFILL=${LOCAL_PREFILL:-512}
-pids=()
-stop_all() {
-  for ((i=${#pids[@]}-1; i>=0; i--)); do
-    kill "${pids[$i]}" 2>/dev/null || true
-    wait "${pids[$i]}" 2>/dev/null || true
-  done
-  pids=()
-}
-infra=()
-cleanup() { stop_all; for p in "${infra[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT INT TERM
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-"$bin/nats-server" -a 127.0.0.1 -p "$NATS_PORT" >"$run/nats.log" 2>&1 & infra+=($!)
-"$bin/etcd" --data-dir "$run/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
-  --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-  --initial-cluster "default=http://127.0.0.1:$((ETCD_PORT + 1))" --log-level warn >"$run/etcd.log" 2>&1 & infra+=($!)
-for _ in $(seq 1 100); do port_open "$NATS_PORT" && port_open "$ETCD_PORT" && break; sleep 0.1; done
-export NATS_SERVER="nats://127.0.0.1:$NATS_PORT" ETCD_ENDPOINTS="http://127.0.0.1:$ETCD_PORT"
+# shellcheck source=scripts/lib/infra.sh
+source "$root/scripts/lib/infra.sh"
+infra_count=${#pids[@]}
 export DYN_LEASE_TTL_SECS=2
 
 worker() { # NAME FLAGS...
@@ -74,7 +57,7 @@ one_run() { # CONFIG
   # shellcheck disable=SC2086
   python3 scripts/bench-disagg.py --url "http://127.0.0.1:$HTTP_PORT" --seconds "$SECONDS_PER_RUN" \
     ${LOAD_ARGS:-} | sed "s/^{/{\"config\": \"$config\", /"
-  stop_all
+  stop_since "$infra_count"
   # The next deployment must not see this one's cards: wait for the leases to go.
   sleep 3
 }

@@ -48,8 +48,7 @@ one_run() { # LABEL DYN_LOG
     python3 scripts/bench-frontend.py --url "http://127.0.0.1:$HTTP_PORT" --requests "$REQUESTS" \
       --max-tokens "$MAX_TOKENS" --concurrency "$c" | sed "s/^{/{\"config\": \"$label\", /"
   done
-  for ((i=${#pids[@]}-1; i>=n; i--)); do kill "${pids[$i]}" 2>/dev/null || true; wait "${pids[$i]}" 2>/dev/null || true; done
-  pids=("${pids[@]:0:n}")
+  stop_since "$n"
   sleep 3  # the leases of this run's cards expire before the next run registers
 }
 

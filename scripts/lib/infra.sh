@@ -3,17 +3,20 @@
 # flags in NATS_ARGS) and etcd on $ETCD_PORT (2379; peer $ETCD_PEER_PORT, default the next port)
 # unless something already answers there, and exports NATS_SERVER and ETCD_ENDPOINTS. Whatever
 # the caller starts goes into `pids`; it is stopped on exit, in reverse start order, so that
-# tandem processes deregister while NATS and etcd still run.
+# tandem processes deregister while NATS and etcd still run (`stop_since` stops part of it).
 NATS_PORT=${NATS_PORT:-4222}
 ETCD_PORT=${ETCD_PORT:-2379}
 ETCD_PEER_PORT=${ETCD_PEER_PORT:-$((ETCD_PORT + 1))}
 pids=()
-cleanup() {
-  for ((i=${#pids[@]}-1; i>=0; i--)); do
+# stop_since N: stops what was started after the first N entries of `pids`, newest first.
+stop_since() {
+  for ((i=${#pids[@]}-1; i>=$1; i--)); do
     kill "${pids[$i]}" 2>/dev/null || true
     wait "${pids[$i]}" 2>/dev/null || true
   done
+  pids=("${pids[@]:0:$1}")
 }
+cleanup() { stop_since 0; }
 trap cleanup EXIT INT TERM
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -165,7 +165,13 @@ fn otel_targets() -> Targets {
 
 pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
     let filter = env_filter(&config.filter)?;
-    let provider = otel::provider(&config.service_name, config.export)?;
+    // Read once: both exporters and the start-up line use it.
+    let protocol = if config.export {
+        Some(otel::Protocol::from_env()?)
+    } else {
+        None
+    };
+    let provider = otel::provider(&config.service_name, protocol)?;
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
@@ -179,9 +185,9 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
         .with_tracked_inactivity(false)
         .with_threads(false)
         .with_filter(otel_targets());
-    let logs = config
-        .export_logs
-        .then(|| otel::logger_provider(&config.service_name))
+    let logs = protocol
+        .filter(|_| config.export_logs)
+        .map(|p| otel::logger_provider(&config.service_name, p))
         .transpose()?;
     // Log records carry the ids of the span they were written in.
     let logs_layer = logs.as_ref().map(|p| {
@@ -213,8 +219,7 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
             .try_init()
     };
     result.map_err(|_| TelemetryError::AlreadyInstalled)?;
-    if config.export {
-        let protocol = otel::Protocol::from_env()?;
+    if let Some(protocol) = protocol {
         tracing::info!(
             endpoint = %otel::traces_endpoint(protocol),
             logs_endpoint = config.export_logs.then(|| otel::logs_endpoint(protocol)),

@@ -137,16 +137,12 @@ fn parent_based(root: Sampler) -> Sampler {
 /// run inside a tokio runtime (tonic's channel spawns its connection task on it).
 pub(crate) fn provider(
     service_name: &str,
-    export: bool,
+    export: Option<Protocol>,
 ) -> Result<SdkTracerProvider, crate::TelemetryError> {
-    let resource = Resource::builder()
-        .with_service_name(service_name.to_string())
-        .build();
     let mut builder = SdkTracerProvider::builder()
-        .with_resource(resource)
+        .with_resource(resource(service_name))
         .with_sampler(sampler_from_env(|k| std::env::var(k).ok())?);
-    if export {
-        let protocol = Protocol::from_env()?;
+    if let Some(protocol) = export {
         let endpoint = traces_endpoint(protocol);
         let built = match protocol {
             Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
@@ -159,10 +155,7 @@ pub(crate) fn provider(
                 .with_endpoint(endpoint.clone())
                 .build(),
         };
-        let exporter = built.map_err(|e| crate::TelemetryError::Exporter {
-            endpoint: endpoint.clone(),
-            reason: e.to_string(),
-        })?;
+        let exporter = built.map_err(|e| exporter_error(&endpoint, e))?;
         builder = builder.with_batch_exporter(ReportingExporter::new(exporter, endpoint));
     }
     Ok(builder.build())
@@ -172,11 +165,8 @@ pub(crate) fn provider(
 /// of the span it was written in (sampled or not).
 pub(crate) fn logger_provider(
     service_name: &str,
+    protocol: Protocol,
 ) -> Result<SdkLoggerProvider, crate::TelemetryError> {
-    let resource = Resource::builder()
-        .with_service_name(service_name.to_string())
-        .build();
-    let protocol = Protocol::from_env()?;
     let endpoint = logs_endpoint(protocol);
     let built = match protocol {
         Protocol::Grpc => opentelemetry_otlp::LogExporter::builder()
@@ -189,15 +179,25 @@ pub(crate) fn logger_provider(
             .with_endpoint(endpoint.clone())
             .build(),
     };
-    let exporter = built.map_err(|e| crate::TelemetryError::Exporter {
-        endpoint: endpoint.clone(),
-        reason: e.to_string(),
-    })?;
-    tracing::debug!(%endpoint, "exporting logs over OTLP");
+    let exporter = built.map_err(|e| exporter_error(&endpoint, e))?;
     Ok(SdkLoggerProvider::builder()
-        .with_resource(resource)
+        .with_resource(resource(service_name))
         .with_batch_exporter(exporter)
         .build())
+}
+
+/// What every exported span and log record says about its process.
+fn resource(service_name: &str) -> Resource {
+    Resource::builder()
+        .with_service_name(service_name.to_string())
+        .build()
+}
+
+fn exporter_error(endpoint: &str, e: impl std::fmt::Display) -> crate::TelemetryError {
+    crate::TelemetryError::Exporter {
+        endpoint: endpoint.to_string(),
+        reason: e.to_string(),
+    }
 }
 
 /// Flushes queued log records at shutdown (bounded).

@@ -96,25 +96,21 @@ fn vllm_series(r: &Registry, model: &str) -> Option<VllmSeries> {
         labels: &["engine", "model_name"],
         values: &["0", model],
     };
-    let (gauge, counter) = (
-        |n: &str, h: &str| l.gauge(n, h),
-        |n: &str, h: &str| l.counter(n, h),
-    );
     Some(VllmSeries {
-        running: gauge(
+        running: l.gauge(
             "vllm:num_requests_running",
             "Sequences in the running batch",
         )?,
-        waiting: gauge(
+        waiting: l.gauge(
             "vllm:num_requests_waiting",
             "Sequences waiting to be admitted",
         )?,
-        prompt_tokens: counter(
+        prompt_tokens: l.counter(
             "vllm:prompt_tokens_total",
             "Prompt tokens computed (prefix-cache hits excluded, recomputation included)",
         )?,
-        generation_tokens: counter("vllm:generation_tokens_total", "Tokens generated")?,
-        preemptions: counter("vllm:num_preemptions_total", "Sequences preempted")?,
+        generation_tokens: l.counter("vllm:generation_tokens_total", "Tokens generated")?,
+        preemptions: l.counter("vllm:num_preemptions_total", "Sequences preempted")?,
     })
 }
 
@@ -188,38 +184,35 @@ fn engine_series(r: &Registry, ep: &EndpointId, model: &str) -> Option<EngineSer
         labels: &["dynamo_namespace", "dynamo_component", "model"],
         values: &[ep.namespace.as_str(), ep.component.as_str(), model],
     };
-    let (gauge, counter) = (
-        |n: &str, h: &str| l.gauge(n, h),
-        |n: &str, h: &str| l.counter(n, h),
-    );
     Some(EngineSeries {
-        prompt_tokens: counter(
+        prompt_tokens: l.counter(
             "tandem_engine_prompt_tokens_total",
             "Prompt tokens this worker's forward passes computed (not cached, not received)",
         )?,
-        generation_tokens: counter("tandem_engine_generation_tokens_total", "Tokens generated")?,
-        running: gauge(
+        generation_tokens: l
+            .counter("tandem_engine_generation_tokens_total", "Tokens generated")?,
+        running: l.gauge(
             "tandem_engine_num_requests_running",
             "Sequences in the running batch",
         )?,
-        waiting: gauge(
+        waiting: l.gauge(
             "tandem_engine_num_requests_waiting",
             "Sequences waiting to be admitted",
         )?,
-        preemptions: counter("tandem_engine_preemptions_total", "Sequences preempted")?,
-        prefix_queries: counter(
+        preemptions: l.counter("tandem_engine_preemptions_total", "Sequences preempted")?,
+        prefix_queries: l.counter(
             "tandem_engine_prefix_cache_queries_total",
             "Prompt tokens looked up in the prefix cache",
         )?,
-        prefix_hits: counter(
+        prefix_hits: l.counter(
             "tandem_engine_prefix_cache_hits_total",
             "Prompt tokens found in the prefix cache",
         )?,
-        imported_blocks: counter(
+        imported_blocks: l.counter(
             "tandem_engine_imported_blocks_total",
             "Prompt blocks written from other workers' KV transfers",
         )?,
-        held_blocks: gauge(
+        held_blocks: l.gauge(
             "tandem_engine_held_blocks",
             "Blocks held for decode workers to fetch",
         )?,
