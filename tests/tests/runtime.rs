@@ -321,11 +321,16 @@ async fn killed_instance_leaves_discovery_within_lease_ttl() -> Result<()> {
         .round_robin(echo_body(1, 0, 0), Default::default())
         .await?;
     let _ = collect(&mut stream).await?;
-    let a_id = instances
-        .iter()
-        .map(|i| i.instance_id)
-        .find(|id| a.output().contains(&format!("{id:x}")))
-        .ok_or_else(|| anyhow::anyhow!("instance of a not in its log:\n{}", a.output()))?;
+    // Log lines reach the file up to a writer batch (10 ms) after they are written.
+    let a_id = wait_for(Duration::from_secs(5), "a's instance id in its log", || {
+        let (ids, log) = (&instances, a.output());
+        let found = ids
+            .iter()
+            .map(|i| i.instance_id)
+            .find(|id| log.contains(&format!("{id:x}")));
+        async move { found }
+    })
+    .await?;
 
     let killed_at = Instant::now();
     a.kill();

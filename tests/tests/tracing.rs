@@ -450,7 +450,11 @@ async fn at_the_default_log_level_both_processes_log_the_request_with_its_trace_
     )
     .await?;
     assert_eq!(r.status(), 404);
-    let done = lines_with(&s.frontend.output(), xid2, "request completed");
+    let done = wait_for(Duration::from_secs(10), "the 404's completion line", || {
+        let done = lines_with(&s.frontend.output(), xid2, "request completed");
+        async move { (!done.is_empty()).then_some(done) }
+    })
+    .await?;
     assert_eq!(done.len(), 1);
     assert_eq!(
         (done[0]["status"].as_u64(), done[0]["outcome"].as_str()),

@@ -82,10 +82,35 @@ enum Phase {
     Decode,
 }
 
+thread_local! {
+    /// Set by [`without_phase_spans`] for the call it wraps.
+    static PHASE_SPANS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` — an engine's `generate` or `generate_leg`, which creates a request's sequences
+/// before it returns — so that those sequences open no phase spans. For a caller that knows
+/// the request's trace leaves the process neither way (not sampled, or export off): the spans
+/// would be built and dropped for nobody. Only the synchronous call is covered.
+pub fn without_phase_spans<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PHASE_SPANS_OFF.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(PHASE_SPANS_OFF.with(|c| c.replace(true)));
+    f()
+}
+
 impl PhaseSpans {
     fn new() -> Self {
+        let off = PHASE_SPANS_OFF.with(|c| c.get());
         Self {
-            parent: tracing::Span::current(),
+            parent: if off {
+                tracing::Span::none()
+            } else {
+                tracing::Span::current()
+            },
             phase: None,
             steps: 0,
         }
@@ -635,6 +660,24 @@ mod tests {
             assert!(step < 100, "no progress");
         }
         log
+    }
+
+    #[test]
+    fn phase_spans_go_under_the_current_span_unless_turned_off_for_the_call() {
+        tracing::subscriber::with_default(tracing_subscriber::registry(), || {
+            let (out, _rx) = output_channel(1);
+            let span = tracing::info_span!("handle_payload");
+            let _entered = span.enter();
+            let seqs = || Seq::for_request(&request(0..6, 8, 1), &out, |_| ());
+            assert_eq!(seqs()[0].trace.parent.id(), span.id());
+            let off = without_phase_spans(seqs);
+            assert!(off[0].trace.parent.is_disabled());
+            assert_eq!(
+                seqs()[0].trace.parent.id(),
+                span.id(),
+                "only the wrapped call is affected"
+            );
+        });
     }
 
     #[tokio::test]

@@ -9,17 +9,22 @@
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` under `OTEL_SERVICE_NAME` (default: the binary's name);
 //! - the log output: with `DYN_LOGGING_JSONL` one JSON object per line on stderr ([`jsonl`],
 //!   carrying the span's `trace_id` / `span_id`), otherwise human-readable lines;
-//!   `DYN_LOG_USE_LOCAL_TZ` switches timestamps to local time.
+//!   `DYN_LOG_USE_LOCAL_TZ` switches timestamps to local time. Lines are handed to a writer
+//!   thread in batches ([`writer`]): a request's thread formats its line and never makes the
+//!   write system call; nothing is dropped when stderr is slow (loggers wait instead).
 //!
-//! [`propagation`] moves trace context through HTTP and NATS headers.
+//! [`propagation`] moves trace context through HTTP and NATS headers and says whether a span
+//! will be exported at all ([`propagation::is_exported`]), so work done only for a trace can
+//! be skipped.
 
 pub mod jsonl;
 pub mod otel;
 pub mod propagation;
+pub mod writer;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::filter::{FilterExt, FilterFn, LevelFilter, Targets, filter_fn};
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// Why logging could not be installed.
@@ -29,6 +34,8 @@ pub enum TelemetryError {
     Filter { value: String, reason: String },
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
+    #[error("log writer thread not started: {0}")]
+    Writer(String),
     #[error("OTLP exporter for {endpoint} not created: {reason}")]
     Exporter { endpoint: String, reason: String },
     #[error("{var}={value:?}: {reason}")]
@@ -113,7 +120,7 @@ pub struct TelemetryGuard {
     provider: SdkTracerProvider,
     logs: Option<opentelemetry_sdk::logs::SdkLoggerProvider>,
     /// Flushes the log lines still queued for stderr when dropped (last, after the exports).
-    _stderr: tracing_appender::non_blocking::WorkerGuard,
+    _stderr: writer::FlushGuard,
 }
 
 impl Drop for TelemetryGuard {
@@ -163,6 +170,15 @@ fn otel_targets() -> Targets {
         })
 }
 
+/// What becomes part of a span: the spans themselves, and only the warnings and errors among
+/// the log lines written inside them (a failed worker, a migration show on the trace). Every
+/// other line would be copied into its span's event list whether or not the span is ever
+/// exported; the lines reach a log store as log records instead (`OTEL_EXPORT_LOGS_ENABLED`).
+/// Decided per callsite from its metadata, so it is cached, not evaluated per event.
+fn spans_and_warnings() -> FilterFn {
+    filter_fn(|m| m.is_span() || *m.level() <= tracing::Level::WARN)
+}
+
 pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
     let filter = env_filter(&config.filter)?;
     // Read once: both exporters and the start-up line use it.
@@ -184,7 +200,7 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
         .with_context_activation(false)
         .with_tracked_inactivity(false)
         .with_threads(false)
-        .with_filter(otel_targets());
+        .with_filter(otel_targets().and(spans_and_warnings()));
     let logs = protocol
         .filter(|_| config.export_logs)
         .map(|p| otel::logger_provider(&config.service_name, p))
@@ -198,13 +214,10 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
         .with(filter)
         .with(otel_layer)
         .with(logs_layer);
-    // Lines are written to stderr by a thread of their own: a request never waits for the
-    // write system call. Not lossy: a full queue (10k lines) makes the logger wait rather
-    // than drop lines.
-    let (stderr, stderr_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("log-writer")
-        .finish(std::io::stderr());
+    // Lines are written to stderr in batches by a thread of their own ([`writer`]): a
+    // request neither waits for the write system call nor wakes a thread per line.
+    let (stderr, stderr_guard) =
+        writer::batched(std::io::stderr()).map_err(|e| TelemetryError::Writer(e.to_string()))?;
     let result = if config.jsonl {
         registry
             .with(jsonl::JsonlLayer::new(stderr, config.local_tz))
@@ -219,6 +232,7 @@ pub fn init_with(config: LogConfig) -> Result<TelemetryGuard, TelemetryError> {
             .try_init()
     };
     result.map_err(|_| TelemetryError::AlreadyInstalled)?;
+    propagation::EXPORTING.store(protocol.is_some(), std::sync::atomic::Ordering::Relaxed);
     if let Some(protocol) = protocol {
         tracing::info!(
             endpoint = %otel::traces_endpoint(protocol),

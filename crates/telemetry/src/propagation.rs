@@ -87,6 +87,17 @@ pub fn inject(span: &tracing::Span, headers: &mut Vec<(String, String)>) {
     TraceContextPropagator::new().inject_context(&cx, &mut Pairs(headers));
 }
 
+/// Set by [`crate::init_with`] when spans are exported over OTLP.
+pub(crate) static EXPORTING: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `span` will leave the process: export is on and its trace is sampled. Work done
+/// only for a trace (child spans nobody sees otherwise) can be skipped when it is not.
+pub fn is_exported(span: &tracing::Span) -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+        && span.context().span().span_context().is_sampled()
+}
+
 /// `span`'s trace id (32 hex digits), if it has a valid OpenTelemetry context.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
@@ -133,6 +144,26 @@ mod tests {
                 "the child's own span id goes out"
             );
             assert!(headers.contains(&("tracestate".into(), "vendor=1".into())));
+        });
+    }
+
+    /// The only test touching [`EXPORTING`]: no other test may race with it.
+    #[test]
+    fn exported_means_export_on_and_the_trace_sampled() {
+        with_otel(|| {
+            let child_of = |flags: &str| {
+                let span = tracing::info_span!("handle_payload");
+                let tp = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
+                set_remote_parent(&span, |k| (k == "traceparent").then_some(tp.as_str()));
+                span
+            };
+            let (sampled, unsampled) = (child_of("01"), child_of("00"));
+            assert!(!is_exported(&sampled), "export off: nothing is exported");
+            EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(is_exported(&sampled));
+            assert!(!is_exported(&unsampled));
+            assert!(!is_exported(&tracing::Span::none()));
+            EXPORTING.store(false, std::sync::atomic::Ordering::Relaxed);
         });
     }
 

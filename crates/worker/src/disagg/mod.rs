@@ -115,7 +115,7 @@ pub fn prefill_leg(
     let transfer_id = rand::random::<u64>();
     let transfer = engine.kv_transfer();
     let layout = transfer.layout();
-    let stream = engine.generate_leg(request, Disagg::Prefill { transfer_id })?;
+    let stream = start_leg(engine, request, Disagg::Prefill { transfer_id })?;
     let mut guard = UndeliveredRelease {
         transfer,
         transfer_id,
@@ -150,7 +150,7 @@ pub async fn decode_leg(
     metrics: &TransferMetrics,
 ) -> Result<EngineStream, EngineError> {
     let Some(prefill) = request.prefill_result.take() else {
-        return engine.generate(request);
+        return start_leg(engine, request, Disagg::Aggregated);
     };
     let span = tracing::info_span!(
         "kv_transfer",
@@ -170,12 +170,27 @@ pub async fn decode_leg(
         .await;
     unsettled.0 = None;
     match fetched {
-        Ok(import) => engine.generate_leg(request, Disagg::Decode(import)),
+        Ok(import) => start_leg(engine, request, Disagg::Decode(import)),
         Err(e) => {
             metrics.failed(e.reason());
             tracing::warn!(error = %e, "KV transfer failed; computing the prompt on this worker");
-            engine.generate(request)
+            start_leg(engine, request, Disagg::Aggregated)
         }
+    }
+}
+
+/// Hands a leg to the engine inside the request's `handle_payload` span. The engine's phase
+/// spans (`engine.queued`, `engine.prefill`, `engine.decode`) are only opened for a trace that
+/// is exported: an unsampled request, or any request with export off, costs none.
+fn start_leg(
+    engine: &dyn Engine,
+    request: PreprocessedRequest,
+    disagg: Disagg,
+) -> Result<EngineStream, EngineError> {
+    if tandem_telemetry::propagation::is_exported(&tracing::Span::current()) {
+        engine.generate_leg(request, disagg)
+    } else {
+        tandem_engine_api::without_phase_spans(|| engine.generate_leg(request, disagg))
     }
 }
 
