@@ -603,3 +603,34 @@ async fn sigterm_deregisters_at_once_and_exits_cleanly() -> Result<()> {
         .map_err(|e| anyhow::anyhow!("instance still listed after SIGTERM: {e}"))?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_ends_its_streams_within_a_probe_interval() -> Result<()> {
+    let stack = Stack::start().await?;
+    let (mut a, _) = serve(&stack, "echo-a", &[])?;
+    // Stall timeout 5 s; the instance probe runs after 1 s of silence (the default).
+    let (_drt, client) = client_runtime(&stack).await?;
+    client.wait_for_instances(Duration::from_secs(15)).await?;
+    let mut stream = client
+        .round_robin(echo_body(200, 100, 0), Default::default())
+        .await?;
+    assert!(matches!(stream.next().await, Some(Ok(_))), "first frame");
+    a.kill();
+    let killed_at = Instant::now();
+    let end = loop {
+        match stream.next().await {
+            Some(Ok(_)) => continue,
+            other => break other,
+        }
+    };
+    match end {
+        Some(Err(RuntimeError::InstanceGone(id))) => assert_eq!(id, stream.instance_id()),
+        other => panic!("expected InstanceGone, got {other:?}"),
+    }
+    let took = killed_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "found by the probe, not the 5 s stall timeout: {took:?}"
+    );
+    Ok(())
+}

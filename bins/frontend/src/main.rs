@@ -2,8 +2,9 @@
 
 use clap::Parser;
 use std::sync::Arc;
+use tandem_frontend::admission::Admission;
 use tandem_frontend::config::FrontendArgs;
-use tandem_frontend::http::{AppState, router};
+use tandem_frontend::http::{Access, AppState, router};
 use tandem_frontend::metrics::FrontendMetrics;
 use tandem_frontend::models::ModelManager;
 use tandem_runtime::{DistributedRuntime, RuntimeConfig};
@@ -33,13 +34,20 @@ async fn main() -> anyhow::Result<()> {
         &drt,
         metrics.clone(),
         cli.frontend.routing(),
-        cli.frontend.disagg(),
+        cli.frontend.exec_policy(),
     );
-    let app = router(AppState {
-        models,
-        metrics,
-        runtime_registry: Some(drt.metrics().registry().clone()),
-    });
+    let app = router(
+        AppState {
+            models,
+            metrics,
+            runtime_registry: Some(drt.metrics().registry().clone()),
+            admission: Arc::new(Admission::new(cli.frontend.admission())),
+        },
+        Access {
+            api_key: cli.frontend.api_key.clone(),
+            protect_metrics: cli.frontend.protect_metrics,
+        },
+    );
     let f = &cli.frontend;
     let listener = tokio::net::TcpListener::bind((f.http_host.as_str(), f.http_port)).await?;
     tracing::info!(addr = %listener.local_addr()?, "frontend listening");

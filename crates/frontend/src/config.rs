@@ -1,7 +1,10 @@
 //! The frontend's flags (Dynamo's names and environment variables), checked when parsed: an
 //! unknown `--router-mode` or a bad port stops the frontend at start-up, naming the flag.
 
+use crate::admission::AdmissionConfig;
+use crate::http::auth::ApiKey;
 use crate::models::Routing;
+use crate::pipeline::migrate::Inhibited;
 use std::sync::Arc;
 use tandem_kv_router::KvRouterArgs;
 use tandem_runtime::RouterMode;
@@ -45,6 +48,102 @@ pub struct FrontendArgs {
         default_value_t = 0
     )]
     pub max_local_prefill_length: u32,
+    /// How many times a choice may move to another worker when its worker fails (before or
+    /// during its stream). Unset: each model's value from its workers' cards (their own
+    /// `--migration-limit`, default 0 = off).
+    #[arg(long = "migration-limit", env = "DYN_MIGRATION_LIMIT")]
+    pub migration_limit: Option<u32>,
+    /// Seconds a worker that failed a request is left out of routing (0: never).
+    #[arg(
+        long = "inhibited-duration-secs",
+        env = "DYN_RUNTIME_INHIBITED_DURATION_SECS",
+        default_value_t = 5.0,
+        value_parser = non_negative_secs
+    )]
+    pub inhibited_duration_secs: f64,
+    /// Seconds a generation request may take, from its arrival to its last token; past it the
+    /// client gets 504 and the worker stops the request (its blocks are freed). Unset: none.
+    #[arg(
+        long = "request-timeout-secs",
+        env = "DYN_REQUEST_TIMEOUT_SECS",
+        value_parser = positive_secs
+    )]
+    pub request_timeout_secs: Option<f64>,
+    /// Generation requests running at once; beyond it they queue (`--queue-size`). Unset: no
+    /// limit.
+    #[arg(
+        long = "max-concurrent-requests",
+        env = "DYN_MAX_CONCURRENT_REQUESTS",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_concurrent_requests: Option<u32>,
+    /// Requests that may wait for a turn under `--max-concurrent-requests`; more get 503.
+    #[arg(long = "queue-size", env = "DYN_QUEUE_SIZE", default_value_t = 100)]
+    pub queue_size: u32,
+    /// Seconds a queued request waits for its turn before it gets 503.
+    #[arg(
+        long = "queue-timeout-secs",
+        env = "DYN_QUEUE_TIMEOUT_SECS",
+        default_value_t = 60.0,
+        value_parser = non_negative_secs
+    )]
+    pub queue_timeout_secs: f64,
+    /// Require `Authorization: Bearer <key>` on `/v1/*`.
+    #[arg(long = "api-key", env = "DYN_API_KEY")]
+    pub api_key: Option<ApiKey>,
+    /// With `--api-key`, require it on `/metrics` too.
+    #[arg(
+        long = "protect-metrics",
+        env = "DYN_PROTECT_METRICS",
+        requires = "api_key"
+    )]
+    pub protect_metrics: bool,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "expected seconds above 0, at most 86400, got {s:?}"
+        )),
+    }
+}
+
+fn non_negative_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected seconds between 0 and 86400, got {s:?}")),
+    }
+}
+
+/// What the execution of every request shares.
+#[derive(Clone)]
+pub struct ExecPolicy {
+    pub disagg: DisaggConfig,
+    /// `--migration-limit`, when given.
+    pub migration_limit: Option<u32>,
+    /// `--request-timeout-secs`.
+    pub request_timeout: Option<std::time::Duration>,
+    /// Workers that failed recently.
+    pub avoid: Arc<Inhibited>,
+}
+
+impl ExecPolicy {
+    /// The migration limit for a model whose cards say `card_limit`.
+    pub fn migration_limit(&self, card_limit: u32) -> u32 {
+        self.migration_limit.unwrap_or(card_limit)
+    }
+}
+
+impl Default for ExecPolicy {
+    fn default() -> Self {
+        Self {
+            disagg: DisaggConfig::default(),
+            migration_limit: None,
+            request_timeout: None,
+            avoid: Arc::new(Inhibited::new(std::time::Duration::ZERO)),
+        }
+    }
 }
 
 /// How requests use prefill workers when a model has them.
@@ -55,6 +154,29 @@ pub struct DisaggConfig {
 }
 
 impl FrontendArgs {
+    pub fn admission(&self) -> AdmissionConfig {
+        AdmissionConfig {
+            max_concurrent: self.max_concurrent_requests.map(|n| n as usize),
+            queue_size: self.queue_size as usize,
+            queue_timeout: std::time::Duration::from_secs_f64(self.queue_timeout_secs),
+        }
+    }
+
+    /// How requests are executed: disaggregation, migration, and the (empty) set of failed
+    /// workers they share.
+    pub fn exec_policy(&self) -> ExecPolicy {
+        ExecPolicy {
+            disagg: self.disagg(),
+            migration_limit: self.migration_limit,
+            request_timeout: self
+                .request_timeout_secs
+                .map(std::time::Duration::from_secs_f64),
+            avoid: Arc::new(Inhibited::new(std::time::Duration::from_secs_f64(
+                self.inhibited_duration_secs,
+            ))),
+        }
+    }
+
     pub fn disagg(&self) -> DisaggConfig {
         DisaggConfig {
             enforce: self.enforce_disagg,
@@ -99,6 +221,12 @@ mod tests {
             ("--busy-threshold", "1.5"),
             ("--kv-overlap-score-weight", "nan"),
             ("--router-ttl-secs", "-5"),
+            ("--migration-limit", "-1"),
+            ("--inhibited-duration-secs", "-1"),
+            ("--max-concurrent-requests", "0"),
+            ("--queue-timeout-secs", "inf"),
+            ("--api-key", " "),
+            ("--request-timeout-secs", "0"),
         ] {
             let arg = format!("{flag}={value}");
             let err = Cli::try_parse_from(["x", arg.as_str()])

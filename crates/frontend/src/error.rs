@@ -86,6 +86,23 @@ impl ApiError {
         Self::new(ErrorCode::Unavailable, message)
     }
 
+    /// The frontend's own limits refused the request (admission): 503, for clients and load
+    /// balancers that retry on it, with `Retry-After` added by the HTTP layer.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Overloaded, message).with_status(StatusCode::SERVICE_UNAVAILABLE)
+    }
+
+    /// `--request-timeout-secs` passed: 504, counted as `unavailable`.
+    pub fn timeout(limit: std::time::Duration) -> Self {
+        let mut e = Self::new(
+            ErrorCode::Unavailable,
+            format!("the request did not finish within {limit:?}"),
+        )
+        .with_status(StatusCode::GATEWAY_TIMEOUT);
+        e.code = Some("timeout".into());
+        e
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
     }
@@ -119,7 +136,7 @@ impl ApiError {
         match self.class {
             ErrorCode::InvalidRequest | ErrorCode::ContextLength => "invalid_request_error",
             ErrorCode::NotFound => "not_found_error",
-            ErrorCode::Overloaded => "overloaded_error",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::Unavailable => "service_unavailable",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal_error",
@@ -194,7 +211,7 @@ mod tests {
                 "validation",
             ),
             (ErrorCode::NotFound, 404, "not_found_error", "not_found"),
-            (ErrorCode::Overloaded, 529, "overloaded_error", "overload"),
+            (ErrorCode::Overloaded, 529, "overloaded", "overload"),
             (
                 ErrorCode::Unavailable,
                 503,

@@ -4,6 +4,7 @@
 //! [`pipeline`] (`prepare` → `route` → `execute` over the request plane → `postprocess`) →
 //! [`http`] again as SSE chunks or one JSON body. `docs/architecture.md` draws the whole path.
 //!
+//! - [`admission`]: `--max-concurrent-requests` and its queue; 503 + `Retry-After` beyond.
 //! - [`models`]: follows worker model cards in etcd; one preprocessor, worker client and
 //!   router per model name.
 //! - [`error`]: the single mapping from failure classes to HTTP statuses, OpenAI error bodies
@@ -12,6 +13,7 @@
 //! - [`metrics`]: `dynamo_frontend_*` with Dynamo's labels and buckets.
 //! - [`trace`]: the `http-request` span each generation request runs in.
 
+pub mod admission;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -41,6 +41,11 @@ pub struct FrontendMetrics {
     pub prefill_path: IntCounterVec,
     /// The prefill leg, from choosing a prefill worker to its transfer parameters.
     pub prefill_duration: HistogramVec,
+    /// Choices moved to another worker, by `migration_type` (`new_request`, `ongoing_request`).
+    pub migrations: IntCounterVec,
+    /// From a worker's failure to the choice's new stream (or to giving up), by
+    /// `migration_type` and `outcome` (`success`, `failure`).
+    pub migration_duration: HistogramVec,
     pub model_gauges: Vec<(&'static str, IntGaugeVec)>,
 }
 
@@ -165,6 +170,26 @@ impl FrontendMetrics {
                 "Duration of the remote prefill leg in seconds",
                 log_buckets(0.001, 480.0, 18),
             ),
+            migrations: counter_vec(
+                &r,
+                &format!("{p}_model_migration_total"),
+                "Requests (choices) moved to another worker after a worker failure",
+                &["model", "migration_type"],
+            ),
+            migration_duration: {
+                let name = format!("{p}_model_migration_duration_seconds");
+                let h = HistogramVec::new(
+                    HistogramOpts::new(name.as_str(), "Time to move a request to another worker")
+                        .buckets(vec![
+                            0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                            60.0,
+                        ]),
+                    &["model", "migration_type", "outcome"],
+                )
+                .unwrap_or_else(|e| unreachable!("static metric {name}: {e}"));
+                let _ = r.register(Box::new(h.clone()));
+                h
+            },
             disconnected,
             model_gauges,
             registry: r,

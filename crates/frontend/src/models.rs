@@ -11,7 +11,7 @@
 //! the model their decode workers serve, and requests then take the disaggregated path
 //! (`pipeline::prefill`). The last prefill worker leaving detaches it again.
 
-use crate::config::DisaggConfig;
+use crate::config::ExecPolicy;
 use crate::metrics::FrontendMetrics;
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -105,7 +105,7 @@ pub enum Lookup {
 pub struct ModelManager {
     state: Arc<RwLock<State>>,
     pub routing: Routing,
-    pub disagg: DisaggConfig,
+    pub exec: ExecPolicy,
     router_metrics: Option<RouterMetrics>,
 }
 
@@ -131,7 +131,7 @@ impl ModelManager {
         drt: &DistributedRuntime,
         metrics: Arc<FrontendMetrics>,
         routing: Routing,
-        disagg: DisaggConfig,
+        exec: ExecPolicy,
     ) -> Self {
         let router_metrics = match &routing {
             Routing::Kv(_) => match RouterMetrics::new(&metrics.registry) {
@@ -146,7 +146,7 @@ impl ModelManager {
         let mgr = Self {
             state: Arc::default(),
             routing,
-            disagg,
+            exec,
             router_metrics,
         };
         let mut rx = drt.discovery().watch_prefix(&format!("{MDC_ROOT}/"));
@@ -204,10 +204,15 @@ impl ModelManager {
             }
         }
         for (name, entries) in by_name {
-            if let Some(g) = metrics.model_gauge("workers", &name) {
-                g.set(entries.len() as i64);
-            }
+            // Counted once the model is served here, so that a nonzero count means requests
+            // for it can be answered.
+            let set_workers = || {
+                if let Some(g) = metrics.model_gauge("workers", &name) {
+                    g.set(entries.len() as i64);
+                }
+            };
             if matches!(self.lookup(&name), Lookup::Ready(_)) {
+                set_workers();
                 continue;
             }
             let Some(first) = entries.first() else {
@@ -215,11 +220,13 @@ impl ModelManager {
             };
             match load_model(drt, first, &self.routing, self.router_metrics.as_ref()).await {
                 Ok(model) => {
-                    set_card_gauges(metrics, &model.card);
+                    set_card_gauges(metrics, &model.card, &self.exec);
                     tracing::info!(model = %name, "model added");
                     let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
                     st.retired.remove(&name);
-                    st.models.insert(name, Arc::new(model));
+                    st.models.insert(name.clone(), Arc::new(model));
+                    drop(st);
+                    set_workers();
                 }
                 Err(e) => {
                     complete = false;
@@ -304,7 +311,7 @@ impl ModelManager {
     }
 }
 
-fn set_card_gauges(m: &FrontendMetrics, card: &ModelDeploymentCard) {
+fn set_card_gauges(m: &FrontendMetrics, card: &ModelDeploymentCard, exec: &ExecPolicy) {
     let rc = &card.runtime_config;
     let name = card.display_name.as_str();
     for (g, v) in [
@@ -313,7 +320,10 @@ fn set_card_gauges(m: &FrontendMetrics, card: &ModelDeploymentCard) {
         ("max_num_batched_tokens", rc.max_num_batched_tokens as i64),
         ("context_length", card.context_length as i64),
         ("kv_cache_block_size", card.kv_cache_block_size as i64),
-        ("migration_limit", card.migration_limit as i64),
+        (
+            "migration_limit",
+            exec.migration_limit(card.migration_limit) as i64,
+        ),
     ] {
         if let Some(gauge) = m.model_gauge(g, name) {
             gauge.set(v);

@@ -58,6 +58,8 @@ pub struct RequestOptions {
 pub(crate) struct ClientSettings {
     pub ack_timeout: Duration,
     pub stall_timeout: Duration,
+    /// After this long without a frame the instance itself is probed.
+    pub probe_interval: Duration,
 }
 
 #[derive(Clone)]
@@ -143,6 +145,30 @@ impl Client {
         timeout: Duration,
     ) -> Result<Vec<Instance>, RuntimeError> {
         self.wait_for(timeout, |v| !v.is_empty()).await
+    }
+
+    /// The instance `mode` would pick, leaving out those `skip` names unless that leaves
+    /// none (a caller avoiding failed instances still gets one to try). Round-robin and
+    /// random count among the instances left.
+    pub fn pick_id(
+        &self,
+        mode: RouterMode,
+        skip: impl Fn(u64) -> bool,
+    ) -> Result<u64, RuntimeError> {
+        if let RouterMode::Direct(id) = mode {
+            return self.pick(mode).map(|_| id);
+        }
+        let ids = self.instance_ids();
+        let kept: Vec<u64> = ids.iter().copied().filter(|id| !skip(*id)).collect();
+        let from = if kept.is_empty() { &ids } else { &kept };
+        if from.is_empty() {
+            return Err(RuntimeError::NoInstances(self.endpoint.to_string()));
+        }
+        let i = match mode {
+            RouterMode::Random => rand::rng().random_range(0..from.len()),
+            _ => self.next.fetch_add(1, Ordering::Relaxed) % from.len(),
+        };
+        Ok(from[i])
     }
 
     fn pick(&self, mode: RouterMode) -> Result<Instance, RuntimeError> {
@@ -282,7 +308,11 @@ impl Client {
             tx,
             stop.clone(),
             finished.clone(),
-            self.settings.stall_timeout,
+            Watch {
+                instance_id: instance.instance_id,
+                stall: self.settings.stall_timeout,
+                probe: self.settings.probe_interval,
+            },
         ));
         Ok(ResponseStream {
             _span: span,
@@ -311,26 +341,63 @@ fn parse_instances(keys: &KvSnapshot) -> Vec<Instance> {
     v
 }
 
+/// How a response stream watches its instance.
+struct Watch {
+    instance_id: u64,
+    /// Nothing at all for this long: the stream has stalled.
+    stall: Duration,
+    /// Nothing for this long: ask whether the instance is still connected.
+    probe: Duration,
+}
+
+/// Probes `instance_id` on its cancel subject: false only when NATS says nobody listens there
+/// any more (the instance's connection is gone). A timeout or a NATS error proves nothing.
+async fn instance_alive(nats: &async_nats::Client, instance_id: u64, timeout: Duration) -> bool {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(transport::HDR_KIND, transport::PING);
+    let request = async_nats::Request::new()
+        .headers(h)
+        .payload(Bytes::new())
+        .timeout(Some(timeout));
+    !matches!(
+        nats.send_request(transport::cancel_subject(instance_id), request).await,
+        Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders
+    )
+}
+
 async fn read_frames(
     nats: async_nats::Client,
     mut sub: async_nats::Subscriber,
     tx: mpsc::Sender<Result<Bytes, RuntimeError>>,
     stop: CancellationToken,
     finished: Arc<AtomicBool>,
-    stall: Duration,
+    watch: Watch,
 ) {
     let mut expected = 0u64;
+    let mut last_frame = tokio::time::Instant::now();
     let terminal: Result<(), RuntimeError> = loop {
+        let quiet_for = watch.probe.min(watch.stall);
         let msg = tokio::select! {
             _ = stop.cancelled() => return,
             _ = tx.closed() => return,
-            m = tokio::time::timeout(stall, sub.next()) => m,
+            m = tokio::time::timeout(quiet_for, sub.next()) => m,
         };
         let msg = match msg {
-            Err(_) => break Err(RuntimeError::StreamStalled(stall)),
+            Err(_) if last_frame.elapsed() >= watch.stall => {
+                break Err(RuntimeError::StreamStalled(watch.stall));
+            }
+            // Quiet (a long prefill, a queue): a live handler pings every probe interval, so
+            // this is rare; a killed one is found here instead of after the stall timeout.
+            Err(_) => {
+                if !instance_alive(&nats, watch.instance_id, watch.probe).await {
+                    break Err(RuntimeError::InstanceGone(watch.instance_id));
+                }
+                continue;
+            }
             Ok(None) => break Err(RuntimeError::Disconnected),
             Ok(Some(m)) => m,
         };
+        last_frame = tokio::time::Instant::now();
         let Some(frame) = transport::decode_frame(msg.headers.as_ref(), msg.payload) else {
             continue;
         };

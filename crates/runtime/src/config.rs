@@ -114,6 +114,17 @@ pub struct RuntimeConfig {
     )]
     pub caller_probe_interval_secs: f64,
 
+    /// On SIGTERM, how long in-flight requests may run to their end after the process has
+    /// stopped taking new ones; those still running then are handed back to their callers as
+    /// `unavailable` (a frontend with `--migration-limit` continues them on another worker).
+    #[arg(
+        long = "graceful-shutdown-timeout-secs",
+        env = "DYN_GRACEFUL_SHUTDOWN_TIMEOUT_SECS",
+        default_value_t = 30.0,
+        value_parser = positive_secs
+    )]
+    pub graceful_shutdown_timeout_secs: f64,
+
     /// Seconds a caller waits for an instance to acknowledge a request.
     #[arg(
         long = "request-ack-timeout-secs",
@@ -141,6 +152,7 @@ impl Default for RuntimeConfig {
             stream_stall_timeout_secs: 15.0,
             caller_probe_interval_secs: 1.0,
             request_ack_timeout_secs: 5.0,
+            graceful_shutdown_timeout_secs: 30.0,
         }
     }
 }
@@ -155,6 +167,10 @@ impl RuntimeConfig {
 
     pub fn stall_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.stream_stall_timeout_secs)
+    }
+
+    pub fn graceful_shutdown_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.graceful_shutdown_timeout_secs)
     }
 
     pub fn probe_interval(&self) -> Duration {

@@ -16,8 +16,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a graceful shutdown waits for in-flight requests.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long requests being handed over get to send their last frame.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct DistributedRuntime {
@@ -35,6 +35,8 @@ struct Inner {
     background: CancellationToken,
     /// Stops the endpoints' request loops.
     endpoints_stop: CancellationToken,
+    /// Hands the requests still running after the grace period back to their callers.
+    handover: CancellationToken,
     endpoint_tasks: TaskTracker,
     system_addr: Mutex<Option<SocketAddr>>,
 }
@@ -65,6 +67,7 @@ impl DistributedRuntime {
             .map_err(|e| RuntimeError::Nats(e.to_string()))?;
         let registry = inflight.clone();
         let stop = background.clone();
+        let nats_for_cancels = nats.clone();
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
@@ -72,6 +75,12 @@ impl DistributedRuntime {
                     m = cancels.next() => match m { Some(m) => m, None => return },
                 };
                 let headers = msg.headers.as_ref();
+                if transport::header(headers, transport::HDR_KIND) == Some(transport::PING) {
+                    if let Some(reply) = msg.reply {
+                        let _ = nats_for_cancels.publish(reply, bytes::Bytes::new()).await;
+                    }
+                    continue;
+                }
                 let Some(id) = transport::header(headers, transport::HDR_REQUEST_ID) else {
                     continue;
                 };
@@ -92,6 +101,7 @@ impl DistributedRuntime {
                 inflight,
                 background,
                 endpoints_stop: CancellationToken::new(),
+                handover: CancellationToken::new(),
                 endpoint_tasks: TaskTracker::new(),
                 system_addr: Mutex::new(None),
                 config,
@@ -191,14 +201,26 @@ impl DistributedRuntime {
         }
         inner.endpoints_stop.cancel();
         inner.endpoint_tasks.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, inner.endpoint_tasks.wait())
+        let grace = inner.config.graceful_shutdown_timeout();
+        if tokio::time::timeout(grace, inner.endpoint_tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 inflight = inner.inflight.len(),
-                "shutdown: in-flight requests did not finish in time"
+                grace_secs = grace.as_secs_f64(),
+                "shutdown: handing the requests still running back to their callers"
             );
+            inner.handover.cancel();
+            if tokio::time::timeout(HANDOVER_TIMEOUT, inner.endpoint_tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    inflight = inner.inflight.len(),
+                    "shutdown: in-flight requests did not end in time"
+                );
+            }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), inner.nats.flush()).await;
         inner.background.cancel();
@@ -313,6 +335,7 @@ impl Endpoint {
                 .endpoint(&self.id.namespace, &self.id.component, &self.id.name),
             inflight: inner.inflight.clone(),
             probe_interval: inner.config.probe_interval(),
+            handover: inner.handover.clone(),
             tasks: TaskTracker::new(),
         });
         let stop = inner.endpoints_stop.clone();
@@ -349,6 +372,7 @@ impl Endpoint {
             ClientSettings {
                 ack_timeout: inner.config.ack_timeout(),
                 stall_timeout: inner.config.stall_timeout(),
+                probe_interval: inner.config.probe_interval(),
             },
         )
     }

@@ -261,6 +261,9 @@ pub(crate) struct Ingress {
     pub metrics: EndpointMetrics,
     pub inflight: Arc<InflightRegistry>,
     pub probe_interval: Duration,
+    /// Cancelled when a shutdown's grace period is over: the requests still running end with
+    /// an `unavailable` error frame, which a caller may take elsewhere.
+    pub handover: CancellationToken,
     pub tasks: TaskTracker,
 }
 
@@ -404,6 +407,7 @@ impl Ingress {
         let m = &self.metrics;
         let stream = tokio::select! {
             _ = ctx.stopped() => return Outcome::Cancelled,
+            _ = self.handover.cancelled() => return self.hand_over(reply_to).await,
             s = self.handler.handle(body, ctx.clone()) => s,
         };
         let mut stream = match stream {
@@ -418,6 +422,7 @@ impl Ingress {
         loop {
             let item = tokio::select! {
                 _ = ctx.stopped() => return Outcome::Cancelled,
+                _ = self.handover.cancelled() => return self.hand_over(reply_to).await,
                 item = stream.next() => item,
             };
             match item {
@@ -458,6 +463,18 @@ impl Ingress {
             return Outcome::Failed;
         }
         Outcome::Done
+    }
+
+    /// Ends a request this instance will not finish (it is shutting down): the caller gets
+    /// `unavailable`, which it may retry elsewhere; dropping the handler's stream frees what
+    /// the request held here.
+    async fn hand_over(&self, reply_to: &str) -> Outcome {
+        let e = RemoteError::new(
+            ErrorCode::Unavailable,
+            "the worker is shutting down; the request was not finished here",
+        );
+        self.publish_error(reply_to, &e).await;
+        Outcome::Failed
     }
 
     async fn publish_error(&self, reply_to: &str, error: &RemoteError) {

@@ -121,6 +121,8 @@ pub enum RuntimeError {
     Decode(String),
     #[error("response stream ended before its final frame")]
     Disconnected,
+    #[error("instance {0:x} is gone: it no longer answers on NATS")]
+    InstanceGone(u64),
     #[error("key {0} already exists in etcd")]
     KeyExists(String),
     #[error("json: {0}")]
@@ -143,6 +145,7 @@ impl RuntimeError {
             | Self::AckTimeout(_)
             | Self::StreamStalled(_)
             | Self::Disconnected
+            | Self::InstanceGone(_)
             | Self::Shutdown => ErrorCode::Unavailable,
             Self::PayloadTooLarge { .. } => ErrorCode::InvalidRequest,
             _ => ErrorCode::Internal,
@@ -150,16 +153,22 @@ impl RuntimeError {
     }
 
     /// True when the same request may succeed on another instance: nothing reached a handler
-    /// that answered, or the one that did vanished mid-stream.
+    /// that answered, the one that did vanished mid-stream or lost frames, or it said it
+    /// cannot serve (shutting down, full). Never for a handler's own failure or a
+    /// cancellation.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Self::NoResponders(_)
-                | Self::AckTimeout(_)
-                | Self::StreamStalled(_)
-                | Self::Disconnected
-                | Self::InstanceNotFound(_)
-        )
+            | Self::AckTimeout(_)
+            | Self::StreamStalled(_)
+            | Self::StreamGap { .. }
+            | Self::Disconnected
+            | Self::InstanceGone(_)
+            | Self::InstanceNotFound(_) => true,
+            Self::Remote(e) => e.code == ErrorCode::Unavailable,
+            Self::Rejected(e) => matches!(e.code, ErrorCode::Unavailable | ErrorCode::Overloaded),
+            _ => false,
+        }
     }
 }
 
@@ -182,5 +191,34 @@ mod tests {
         assert_eq!(RuntimeError::Remote(e).code(), ErrorCode::ContextLength);
         assert_eq!(RuntimeError::Disconnected.code(), ErrorCode::Unavailable);
         assert_eq!(RuntimeError::Decode("x".into()).code(), ErrorCode::Internal);
+    }
+
+    #[test]
+    fn only_failures_another_instance_may_not_share_are_retryable() {
+        let remote = |c| RuntimeError::Remote(RemoteError::new(c, "m"));
+        let rejected = |c| RuntimeError::Rejected(RemoteError::new(c, "m"));
+        assert!(RuntimeError::InstanceGone(7).is_retryable());
+        assert!(
+            RuntimeError::StreamGap {
+                expected: 3,
+                got: 5
+            }
+            .is_retryable()
+        );
+        assert!(
+            remote(ErrorCode::Unavailable).is_retryable(),
+            "a worker shutting down"
+        );
+        assert!(rejected(ErrorCode::Overloaded).is_retryable());
+        for c in [
+            ErrorCode::Internal,
+            ErrorCode::Cancelled,
+            ErrorCode::InvalidRequest,
+            ErrorCode::ContextLength,
+        ] {
+            assert!(!remote(c).is_retryable(), "{c}");
+            assert!(!rejected(c).is_retryable(), "{c}");
+        }
+        assert!(!RuntimeError::Decode("x".into()).is_retryable());
     }
 }

@@ -8,7 +8,11 @@
 //! from NATS means the instance is gone.
 //!
 //! While a request runs, the caller may publish to the instance's cancel subject: without a
-//! kind, the request is cancelled; with kind `control`, the payload goes to the handler.
+//! kind, the request is cancelled; with kind `control`, the payload goes to the handler. A
+//! NATS request there with kind `ping` (no request id) is the caller's probe of the instance
+//! itself: the instance answers it, and NATS answers "no responders" once the instance's
+//! connection is gone — how a caller learns within a second that a killed worker will never
+//! finish its stream.
 //!
 //! Responses are messages on the reply subject, each with a frame kind and, for data and
 //! final frames, a sequence number starting at 0. `final` ends a successful stream; `error`
@@ -38,6 +42,9 @@ pub const QUEUE_GROUP: &str = "q";
 /// `tandem-kind` of a message on the cancel subject that is a control message for the
 /// request, not its cancellation.
 pub const CONTROL: &str = "control";
+
+/// `tandem-kind` of a caller's liveness probe of an instance, on its cancel subject.
+pub const PING: &str = "ping";
 
 /// Subject where an instance listens for cancellations of its in-flight requests (no
 /// `tandem-kind`) and control messages to them (`tandem-kind: control`, payload for the

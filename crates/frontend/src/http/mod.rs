@@ -1,20 +1,24 @@
 //! The HTTP layer: routes, extractors, response rendering and error mapping.
 //!
 //! `POST /v1/chat/completions` and `POST /v1/completions` read the body ([`body`]), run the
-//! request [`crate::pipeline`] and render its events ([`render`]); `GET /v1/models`, `/health`,
+//! request [`crate::pipeline`] once [`crate::admission`] gives it a turn and render its events
+//! ([`render`]); with an API key, `/v1/*` is behind [`auth`]; `GET /v1/models`, `/health`,
 //! `/live` and `/metrics` answer from the model list and the registries. Every error leaves
 //! as OpenAI's envelope through [`ApiError`], including 404 for unknown routes and 405 for a
 //! method a route does not serve; a refused request is counted in
 //! `dynamo_frontend_requests_total` with its `error_type`.
 
+pub mod auth;
 pub mod body;
 pub mod render;
 
+use crate::admission::Admission;
 use crate::error::ApiError;
 use crate::metrics::FrontendMetrics;
 use crate::models::ModelManager;
 use crate::pipeline::{self, Endpoint};
 use crate::trace::{GuardLogs, RequestIds, http_request_span};
+use auth::ApiKey;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -23,6 +27,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 pub use body::BODY_LIMIT;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tandem_protocols::openai::{ModelList, ModelObject};
@@ -32,21 +37,37 @@ pub struct AppState {
     pub models: ModelManager,
     pub metrics: Arc<FrontendMetrics>,
     pub runtime_registry: Option<prometheus::Registry>,
+    pub admission: Arc<Admission>,
 }
 
-pub fn router(state: AppState) -> Router {
+/// Who may call what: `api_key` guards `/v1/*` (and `/metrics` with `protect_metrics`).
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub api_key: Option<ApiKey>,
+    pub protect_metrics: bool,
+}
+
+pub fn router(state: AppState, access: Access) -> Router<()> {
     // Only generation requests get an `http-request` span: scrapes and health probes would
     // bury them in the trace store.
     let traced = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route_layer(axum::middleware::from_fn(http_request_span));
+    let mut v1 = traced.route("/v1/models", get(list_models));
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if let Some(key) = access.api_key.map(Arc::new) {
+        let guard = axum::middleware::from_fn_with_state(key, auth::require_key);
+        v1 = v1.route_layer(guard.clone());
+        if access.protect_metrics {
+            metrics_route = metrics_route.route_layer(guard);
+        }
+    }
     Router::new()
-        .merge(traced)
-        .route("/v1/models", get(list_models))
+        .merge(v1)
+        .merge(metrics_route)
         .route("/health", get(health))
         .route("/live", get(live))
-        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::route_not_found() })
         // Last, so that it reaches every route above.
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -81,11 +102,29 @@ async fn generation(
 ) -> Response {
     let started = body::json_body(headers, body)
         .and_then(|body| pipeline::start(&s.models, s.metrics.clone(), endpoint, &body, ids));
-    let result = match started {
-        // Failures after this point were counted (and logged) by the request's own guard.
-        Ok(g) => render::respond(endpoint, g).await,
+    let g = match started {
+        Ok(g) => g,
         Err(e) => return rejected(s, e, endpoint),
     };
+    // Validated first (so a bad request never takes a turn), then admitted.
+    let queued = s.metrics.queued.with_label_values(&[g.model.as_str()]);
+    let permit = match s.admission.admit(&queued).await {
+        Ok(p) => p,
+        Err(e) => return rejected(s, e, endpoint),
+    };
+    // The turn is held until the response has been sent, stream included.
+    let g = pipeline::Generation {
+        events: g.events.inspect(move |_| {
+            let _turn = &permit;
+        }),
+        request_id: g.request_id,
+        model: g.model,
+        stream: g.stream,
+        include_usage: g.include_usage,
+        n: g.n,
+    };
+    // Failures after this point were counted (and logged) by the request's own guard.
+    let result = render::respond(endpoint, g).await;
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
     resp.extensions_mut().insert(GuardLogs);
     resp
@@ -103,7 +142,15 @@ fn rejected(s: &AppState, e: ApiError, endpoint: Endpoint) -> Response {
             e.metric_error_type(),
         ])
         .inc();
-    e.into_response()
+    let overloaded = e.class == tandem_runtime::ErrorCode::Overloaded;
+    let mut resp = e.into_response();
+    if overloaded {
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(crate::admission::RETRY_AFTER_SECS),
+        );
+    }
+    resp
 }
 
 async fn list_models(State(s): State<AppState>) -> Response {

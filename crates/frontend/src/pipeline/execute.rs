@@ -6,11 +6,13 @@
 //! finished, a worker error (with its class), the client gone — is counted once. A choice that
 //! a stop string ended is stopped on the worker at once with a `stop_choice` control message.
 
+use super::legs::{Leg, LegEvent, Legs};
+use super::migrate::{MigrationType, resumed};
 use super::postprocess::{GenEvent, Postprocessor};
 use super::prefill::prefill;
 use super::prepare::Prepared;
 use super::route::route;
-use crate::config::DisaggConfig;
+use crate::config::ExecPolicy;
 use crate::error::ApiError;
 use crate::metrics::{FrontendMetrics, RequestGuard};
 use crate::models::ServedModel;
@@ -18,8 +20,9 @@ use crate::trace::RequestIds;
 use async_stream::stream;
 use futures::{Stream, StreamExt};
 use std::sync::Arc;
-use tandem_protocols::llm::{EngineOutput, GenerateControl};
-use tandem_runtime::{RequestOptions, TypedStream};
+use std::time::Instant;
+use tandem_protocols::llm::{GenerateControl, PreprocessedRequest};
+use tandem_runtime::{RequestOptions, RuntimeError};
 use tracing::Instrument;
 
 /// Counts a client that went away before its response was complete.
@@ -36,12 +39,15 @@ impl Drop for DisconnectGuard<'_> {
     }
 }
 
-/// One request to one worker. Call it inside the request's `http-request` span; the per-token
-/// loop does not enter the span (entering costs time on every token and the loop logs nothing).
+/// One request: its first leg (after the prefill leg, when the model has prefill workers),
+/// then the outputs of every leg it has (see [`super::legs`]), migrating the choices of a
+/// leg whose worker failed while they have migrations left. Call it inside the request's
+/// `http-request` span; the per-token loop does not enter the span (entering costs time on
+/// every token and the loop logs nothing).
 pub fn generate(
     metrics: Arc<FrontendMetrics>,
     model: Arc<ServedModel>,
-    disagg: DisaggConfig,
+    exec: ExecPolicy,
     mut p: Prepared,
     endpoint: &'static str,
     ids: RequestIds,
@@ -56,64 +62,100 @@ pub fn generate(
         let prompt_tokens = p.request.token_ids.len();
         guard.input_tokens(prompt_tokens);
         let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
-        let mut post = Postprocessor::new(&model.preprocessor, p.n(), &p.stops, prompt_tokens);
+        let n = p.n();
+        let mut post = Postprocessor::new(&model.preprocessor, n, &p.stops, prompt_tokens);
         let mut finish_reasons: Vec<String> = Vec::new();
         let opts = RequestOptions { id: Some(request_id), headers: ids.headers() };
-        let prefilled = prefill(&model, disagg, &p, opts.clone(), &span, &metrics).await;
-        let upstream = match prefilled.and_then(|r| {
-            let (result, held) = r.unzip();
-            p.request.prefill_result = result;
-            route(&model, &p, &span).map(|route| (route, held))
-        }) {
-            Ok((route, held)) => {
-                let call = model.client.call(route.mode(), &p.request, opts);
-                let called = call.instrument(span.clone()).await;
-                // The decode worker has it: the held blocks are its to fetch. Otherwise
-                // `held` drops here and frees them on the prefill worker.
-                if let (Ok(_), Some(held)) = (&called, held) {
-                    held.handed_over();
-                }
-                called.map(|s| (s, route)).map_err(ApiError::from)
-            }
-            Err(e) => Err(e),
+        let mut mover = Mover {
+            metrics: &metrics,
+            model: &model,
+            exec: &exec,
+            span: &span,
+            opts: &opts,
+            // A request pinned to a worker (`nvext.backend_instance_id`) stays there.
+            left: vec![
+                if p.worker.is_some() { 0 } else { exec.migration_limit(model.card.migration_limit) };
+                n as usize
+            ],
+            generated: vec![Vec::new(); n as usize],
         };
-        let (mut upstream, mut route): (TypedStream<EngineOutput>, _) = match upstream {
-            Ok(u) => u,
+        let deadline = exec.request_timeout.map(|t| (tokio::time::Instant::now() + t, t));
+        let mut legs = Legs::default();
+        match within(deadline, mover.first_leg(&mut p)).await.and_then(|r| r) {
+            Ok(leg) => legs.push(leg),
             Err(e) => {
                 guard.fail(&e);
                 disconnect.done = true;
                 yield Err(e);
                 return;
             }
-        };
-        while let Some(item) = upstream.next().await {
-            let out = match item {
-                Ok(out) => out,
+        }
+        loop {
+            let (i, event) = match within(deadline, legs.next()).await {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                // Returning drops the legs: each worker is told to stop and frees its blocks.
                 Err(e) => {
-                    let e = ApiError::from(e);
                     guard.fail(&e);
                     disconnect.done = true;
                     yield Err(e);
                     return;
                 }
             };
-            route.prefill_done();
-            let step = post.push(out);
-            guard.tokens(step.tokens, prompt_tokens);
-            // When it was the last open choice, ending the stream below cancels the request.
-            if let Some(index) = step.stop_choice.filter(|_| !post.all_finished())
-                && !upstream.control(&GenerateControl::StopChoice { index }).await
-            {
-                tracing::debug!(index, "stop_choice not sent: the request has ended");
-            }
-            for ev in step.events {
-                if let GenEvent::Finish { reason, .. } = &ev {
-                    finish_reasons.push(reason.to_string());
+            let failure = match event {
+                LegEvent::Output(out) => {
+                    legs.get_mut(i).route.prefill_done();
+                    if let Some(g) = mover.generated.get_mut(out.index as usize) {
+                        g.extend_from_slice(&out.token_ids);
+                    }
+                    let step = post.push(out);
+                    guard.tokens(step.tokens, prompt_tokens);
+                    // When it was the last open choice, ending the streams below cancels it.
+                    if let Some(choice) = step.stop_choice.filter(|_| !post.all_finished())
+                        && let Some((leg, index)) = legs.find(choice)
+                        && !leg.stream.control(&GenerateControl::StopChoice { index }).await
+                    {
+                        tracing::debug!(choice, "stop_choice not sent: the request has ended");
+                    }
+                    for ev in step.events {
+                        if let GenEvent::Finish { reason, .. } = &ev {
+                            finish_reasons.push(reason.to_string());
+                        }
+                        yield Ok(ev);
+                    }
+                    if post.all_finished() {
+                        break;
+                    }
+                    continue;
                 }
-                yield Ok(ev);
+                LegEvent::Failed(e) => e,
+                // Its choices all finished (or a stopped one's last output is moot).
+                LegEvent::Ended if legs_choices_done(&legs, i, &post) => {
+                    legs.remove(i);
+                    continue;
+                }
+                LegEvent::Ended => {
+                    let e = ApiError::internal("worker stream ended before every choice finished");
+                    guard.fail(&e);
+                    disconnect.done = true;
+                    yield Err(e);
+                    return;
+                }
+            };
+            let leg = legs.remove(i);
+            let open: Vec<u32> = leg.choices.iter().copied().filter(|c| !post.finished(*c)).collect();
+            if open.is_empty() {
+                // Failed after its choices had all finished: nothing is lost.
+                continue;
             }
-            if post.all_finished() {
-                break;
+            match mover.take_over(&p, &leg, open, failure).await {
+                Ok(new_legs) => new_legs.into_iter().for_each(|l| legs.push(l)),
+                Err(e) => {
+                    guard.fail(&e);
+                    disconnect.done = true;
+                    yield Err(e);
+                    return;
+                }
             }
         }
         if !post.all_finished() {
@@ -130,6 +172,243 @@ pub fn generate(
         guard.ok();
         disconnect.done = true;
         yield Ok(GenEvent::Usage(post.usage()));
+    }
+}
+
+/// `work`, or a 504 once `deadline` (`--request-timeout-secs`) has passed.
+async fn within<T>(
+    deadline: Option<(tokio::time::Instant, std::time::Duration)>,
+    work: impl Future<Output = T>,
+) -> Result<T, ApiError> {
+    match deadline {
+        None => Ok(work.await),
+        Some((at, limit)) => tokio::time::timeout_at(at, work)
+            .await
+            .map_err(|_| ApiError::timeout(limit)),
+    }
+}
+
+fn legs_choices_done(legs: &Legs, i: usize, post: &Postprocessor<'_>) -> bool {
+    legs.choices_of(i).iter().all(|c| post.finished(*c))
+}
+
+/// Why a leg did not start.
+enum Failed {
+    /// No worker to send it to: the client's answer.
+    Route(ApiError),
+    /// The call to `worker` failed.
+    Call(RuntimeError, u64),
+}
+
+/// Starts legs and moves choices between workers; what one request knows for that.
+struct Mover<'a> {
+    metrics: &'a FrontendMetrics,
+    model: &'a ServedModel,
+    exec: &'a ExecPolicy,
+    span: &'a tracing::Span,
+    opts: &'a RequestOptions,
+    /// Migrations left, per choice.
+    left: Vec<u32>,
+    /// Tokens produced so far, per choice.
+    generated: Vec<Vec<u32>>,
+}
+
+impl Mover<'_> {
+    /// The request's first leg: the prefill leg when the model has prefill workers, then the
+    /// whole request on one worker — on another while the call fails in a way another worker
+    /// may not (`new_request` migrations).
+    async fn first_leg(&mut self, p: &mut Prepared) -> Result<Leg, ApiError> {
+        let prefilled = prefill(
+            self.model,
+            self.exec.disagg,
+            &self.exec.avoid,
+            p,
+            self.opts.clone(),
+            self.span,
+            self.metrics,
+        )
+        .await?;
+        let (result, mut held) = prefilled.unzip();
+        p.request.prefill_result = result;
+        let choices: Vec<u32> = (0..p.n()).collect();
+        let mut failed_at = None;
+        loop {
+            let started = self.start(p, &p.request, choices.clone()).await;
+            // The decode worker has it: the held blocks are its to fetch. Otherwise `held`
+            // drops below and frees them on the prefill worker.
+            if started.is_ok()
+                && let Some(h) = held.take()
+            {
+                h.handed_over();
+            }
+            match started {
+                Ok(leg) => {
+                    self.observe(MigrationType::NewRequest, failed_at, "success");
+                    return Ok(leg);
+                }
+                Err(Failed::Route(e)) => {
+                    self.observe(MigrationType::NewRequest, failed_at, "failure");
+                    return Err(e);
+                }
+                Err(Failed::Call(e, worker)) => {
+                    // A retry computes the prompt on its new worker.
+                    held = None;
+                    p.request.prefill_result = None;
+                    self.before_retry(MigrationType::NewRequest, &choices, e, worker, failed_at)?;
+                    failed_at.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+    }
+
+    /// Routes and calls one leg carrying `choices`.
+    async fn start(
+        &self,
+        p: &Prepared,
+        request: &PreprocessedRequest,
+        choices: Vec<u32>,
+    ) -> Result<Leg, Failed> {
+        let route = route(
+            self.model,
+            p,
+            &request.token_ids,
+            self.span,
+            &self.exec.avoid,
+        )
+        .map_err(Failed::Route)?;
+        let worker = route.worker();
+        match self
+            .model
+            .client
+            .call(route.mode(), request, self.opts.clone())
+            .instrument(self.span.clone())
+            .await
+        {
+            Ok(stream) => Ok(Leg {
+                stream,
+                choices,
+                route,
+            }),
+            Err(e) => Err(Failed::Call(e, worker)),
+        }
+    }
+
+    /// `leg` failed with `failure` while `open` of its choices were unfinished: each goes on
+    /// from its tokens on another worker (`ongoing_request`), or the failure is the answer.
+    async fn take_over(
+        &mut self,
+        p: &Prepared,
+        leg: &Leg,
+        open: Vec<u32>,
+        failure: RuntimeError,
+    ) -> Result<Vec<Leg>, ApiError> {
+        let failed_at = Instant::now();
+        self.before_retry(
+            MigrationType::OngoingRequest,
+            &open,
+            failure,
+            leg.route.worker(),
+            None,
+        )?;
+        // The whole request again when nothing was produced and it is still whole; else one
+        // leg per choice, each from its own tokens.
+        let whole = open.len() == leg.choices.len() && open.len() == self.generated.len();
+        let groups: Vec<Vec<u32>> =
+            if whole && open.iter().all(|c| self.generated[*c as usize].is_empty()) {
+                vec![open]
+            } else {
+                open.into_iter().map(|c| vec![c]).collect()
+            };
+        let mut legs = Vec::new();
+        for choices in groups {
+            let request = if choices.len() == 1 {
+                resumed(&p.request, &self.generated[choices[0] as usize])
+            } else {
+                let mut r = p.request.clone();
+                r.prefill_result = None;
+                r
+            };
+            let first_failure = Some(failed_at);
+            loop {
+                match self.start(p, &request, choices.clone()).await {
+                    Ok(leg) => {
+                        self.observe(MigrationType::OngoingRequest, first_failure, "success");
+                        legs.push(leg);
+                        break;
+                    }
+                    Err(Failed::Route(e)) => {
+                        self.observe(MigrationType::OngoingRequest, first_failure, "failure");
+                        return Err(e);
+                    }
+                    Err(Failed::Call(e, worker)) => {
+                        self.before_retry(
+                            MigrationType::NewRequest,
+                            &choices,
+                            e,
+                            worker,
+                            first_failure,
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(legs)
+    }
+
+    /// Decides whether `choices` may move after `e`, the failure of `worker`: counts the
+    /// migration and marks the span, or gives the client its error. `failing_since`: when
+    /// the migration under way (if any) began.
+    fn before_retry(
+        &mut self,
+        kind: MigrationType,
+        choices: &[u32],
+        e: RuntimeError,
+        worker: u64,
+        failing_since: Option<Instant>,
+    ) -> Result<(), ApiError> {
+        if !e.is_retryable() {
+            self.observe(kind, failing_since, "failure");
+            return Err(ApiError::from(e));
+        }
+        self.exec.avoid.add(worker);
+        if choices.iter().any(|c| self.left[*c as usize] == 0) {
+            self.observe(kind, failing_since, "failure");
+            tracing::warn!(
+                parent: self.span,
+                worker_id = worker,
+                error = %e,
+                "worker failed; no migrations left (--migration-limit)"
+            );
+            return Err(ApiError::from(e));
+        }
+        for c in choices {
+            self.left[*c as usize] -= 1;
+        }
+        let model = self.model.name.as_str();
+        self.metrics
+            .migrations
+            .with_label_values(&[model, kind.label()])
+            .inc();
+        tracing::warn!(
+            parent: self.span,
+            migration_type = kind.label(),
+            worker_id = worker,
+            ?choices,
+            tokens_done = choices.iter().map(|c| self.generated[*c as usize].len()).sum::<usize>(),
+            error = %e,
+            "worker failed; moving the request to another worker"
+        );
+        Ok(())
+    }
+
+    /// Observes a migration's duration, when there was one.
+    fn observe(&self, kind: MigrationType, since: Option<Instant>, outcome: &str) {
+        if let Some(since) = since {
+            self.metrics
+                .migration_duration
+                .with_label_values(&[self.model.name.as_str(), kind.label(), outcome])
+                .observe(since.elapsed().as_secs_f64());
+        }
     }
 }
 

@@ -10,13 +10,16 @@
 //!   `prefill_routing`); its transfer parameters go on the decode request.
 //! - [`route`]: the worker: the client's pick, the KV router's, or round-robin / random.
 //! - [`execute`]: the typed call to the worker and the request's metrics; errors keep their
-//!   class from the worker to here.
+//!   class from the worker to here. A worker that fails a request another could finish
+//!   hands it over ([`migrate`]); the request's streams are its [`legs`].
 //! - [`postprocess`]: per-choice detokenization and stop strings; a choice a stop string ends
 //!   is stopped on the worker. Pure.
 //!
 //! The HTTP layer (`crate::http`) renders the [`GenEvent`]s as SSE chunks or one JSON body.
 
 pub mod execute;
+pub mod legs;
+pub mod migrate;
 pub mod postprocess;
 pub mod prefill;
 pub mod prepare;
@@ -101,7 +104,7 @@ pub fn start(
         events: execute::generate(
             metrics,
             model,
-            models.disagg,
+            models.exec.clone(),
             p,
             endpoint.label(),
             ids,

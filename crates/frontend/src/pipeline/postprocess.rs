@@ -103,6 +103,11 @@ impl<'a> Postprocessor<'a> {
         step
     }
 
+    /// Whether choice `index` has ended (an index the request does not have counts as ended).
+    pub fn finished(&self, index: u32) -> bool {
+        self.choices.get(index as usize).is_none_or(|c| c.finished)
+    }
+
     pub fn all_finished(&self) -> bool {
         self.choices.iter().all(|c| c.finished)
     }

@@ -21,6 +21,7 @@
 //!   decode worker computes the prompt, so the client still gets its answer — unless
 //!   `--enforce-disagg`, which answers 503 instead (as it does when no prefill worker exists).
 
+use super::migrate::Inhibited;
 use super::prepare::Prepared;
 use super::route::{Route, pick};
 use crate::config::DisaggConfig;
@@ -31,7 +32,7 @@ use futures::StreamExt;
 use std::time::Instant;
 use tandem_protocols::disagg::{PrefillResult, ReleaseRequest};
 use tandem_protocols::llm::{EngineOutput, PreprocessedRequest};
-use tandem_runtime::{Client, RequestOptions, RouterMode};
+use tandem_runtime::{Client, RequestOptions, RouterMode, RuntimeError};
 use tracing::Instrument;
 
 /// How a request's prompt was computed (the `path` label).
@@ -100,6 +101,7 @@ impl Drop for HeldTransfer {
 pub async fn prefill(
     model: &ServedModel,
     config: DisaggConfig,
+    avoid: &Inhibited,
     p: &Prepared,
     opts: RequestOptions,
     parent: &tracing::Span,
@@ -133,7 +135,7 @@ pub async fn prefill(
         path = tracing::field::Empty,
     );
     let started = Instant::now();
-    let outcome = run_leg(&target, model, config, p, opts, &span)
+    let outcome = run_leg(&target, model, config, avoid, p, opts, &span)
         .instrument(span.clone())
         .await;
     let path = match &outcome {
@@ -174,6 +176,7 @@ async fn run_leg(
     target: &PrefillTarget,
     model: &ServedModel,
     config: DisaggConfig,
+    avoid: &Inhibited,
     p: &Prepared,
     mut opts: RequestOptions,
     span: &tracing::Span,
@@ -185,7 +188,8 @@ async fn run_leg(
         target.total_kv_blocks,
         tokens,
         span,
-    );
+        avoid,
+    )?;
     if let Route::Kv {
         worker,
         overlap_blocks,
@@ -200,7 +204,7 @@ async fn run_leg(
             Route::Kv { overlap_blocks, .. } => {
                 *overlap_blocks as usize * model.card.kv_cache_block_size as usize
             }
-            Route::Client(_) => 0,
+            Route::Worker(_) => 0,
         };
         if tokens.len().saturating_sub(cached) <= config.max_local_prefill_length as usize {
             return Ok(None);
@@ -208,17 +212,26 @@ async fn run_leg(
     }
     opts.id = opts.id.map(|id| format!("{id}-prefill"));
     let request = prefill_request(&p.request);
+    // A prefill worker that vanished is avoided by the next requests' prefill legs.
+    let route_worker = route.worker();
+    let failed = |e: RuntimeError| {
+        if e.is_retryable() {
+            avoid.add(route_worker);
+        }
+        ApiError::from(e)
+    };
     let mut stream = target
         .client
         .call::<_, EngineOutput>(route.mode(), &request, opts)
-        .await?;
+        .await
+        .map_err(failed)?;
     let mut first_token = None;
     let mut cached_tokens = None;
     let mut params = None;
     let mut held = None;
     while let Some(item) = stream.next().await {
         // An error after the parameters still leaves a hold to free (`held` drops).
-        let out = item?;
+        let out = item.map_err(failed)?;
         route.prefill_done();
         first_token = first_token.or(out.token_ids.first().copied());
         cached_tokens = cached_tokens.or(out.cached_tokens);

@@ -2,8 +2,11 @@
 //!
 //! One enum for the choice ([`Route`]): the worker the client named (`nvext.backend_instance_id`),
 //! the KV router's pick (with the load it registered on that worker, released however the
-//! request ends), or the runtime client's own round-robin / random choice.
+//! request ends), or round-robin / random over the runtime client's instances. Either way the
+//! worker is known before the call, and workers that failed recently ([`Inhibited`]) are left
+//! out while others remain.
 
+use super::migrate::Inhibited;
 use super::prepare::Prepared;
 use crate::error::ApiError;
 use crate::models::{ModelRouter, ServedModel};
@@ -11,8 +14,8 @@ use tandem_kv_router::{Candidate, KvRouter, LoadGuard};
 use tandem_runtime::{Client, RouterMode};
 
 pub enum Route {
-    /// The runtime client picks (round-robin, random) or the client named the worker.
-    Client(RouterMode),
+    /// The worker picked round-robin or at random, or the one the client named.
+    Worker(u64),
     /// The KV router picked `worker`; `load` is the request's share of that worker's load.
     Kv {
         worker: u64,
@@ -23,11 +26,14 @@ pub enum Route {
 }
 
 impl Route {
-    pub fn mode(&self) -> RouterMode {
+    pub fn worker(&self) -> u64 {
         match self {
-            Self::Client(mode) => *mode,
-            Self::Kv { worker, .. } => RouterMode::Direct(*worker),
+            Self::Worker(w) | Self::Kv { worker: w, .. } => *w,
         }
+    }
+
+    pub fn mode(&self) -> RouterMode {
+        RouterMode::Direct(self.worker())
     }
 
     /// The prompt has been computed: the worker's prefill load is over.
@@ -38,8 +44,15 @@ impl Route {
     }
 }
 
-/// Chooses the worker for `p`, in the request's `http-request` span `parent`.
-pub fn route(model: &ServedModel, p: &Prepared, parent: &tracing::Span) -> Result<Route, ApiError> {
+/// Chooses the worker for `p` (or for `tokens`, a migrated choice's context), in the
+/// request's `http-request` span `parent`.
+pub fn route(
+    model: &ServedModel,
+    p: &Prepared,
+    tokens: &[u32],
+    parent: &tracing::Span,
+    avoid: &Inhibited,
+) -> Result<Route, ApiError> {
     if let Some(worker) = p.worker {
         if !model.client.instance_ids().contains(&worker) {
             return Err(ApiError::new(
@@ -48,30 +61,40 @@ pub fn route(model: &ServedModel, p: &Prepared, parent: &tracing::Span) -> Resul
             )
             .with_param(Some("nvext.backend_instance_id")));
         }
-        return Ok(Route::Client(RouterMode::Direct(worker)));
+        return Ok(Route::Worker(worker));
     }
-    Ok(pick(
+    pick(
         &model.router,
         &model.client,
         model.card.runtime_config.total_kv_blocks,
-        &p.request.token_ids,
+        tokens,
         parent,
-    ))
+        avoid,
+    )
 }
 
-/// The choice of `router` among `client`'s workers for a prompt of `tokens`.
+/// The choice of `router` among `client`'s workers for a prompt of `tokens`; unavailable
+/// when there is none.
 pub fn pick(
     router: &ModelRouter,
     client: &Client,
     total_blocks: u64,
     tokens: &[u32],
     parent: &tracing::Span,
-) -> Route {
+    avoid: &Inhibited,
+) -> Result<Route, ApiError> {
+    let basic = |mode| {
+        client
+            .pick_id(mode, |w| avoid.contains(w))
+            .map(Route::Worker)
+            .map_err(ApiError::from)
+    };
     match router {
-        ModelRouter::Basic(mode) => Route::Client(*mode),
-        ModelRouter::Kv(kv) => route_kv(kv, client, total_blocks, tokens, parent)
-            // No worker known: the runtime client reports that as unavailable.
-            .unwrap_or(Route::Client(RouterMode::RoundRobin)),
+        ModelRouter::Basic(mode) => basic(*mode),
+        ModelRouter::Kv(kv) => match route_kv(kv, client, total_blocks, tokens, parent, avoid) {
+            Some(route) => Ok(route),
+            None => basic(RouterMode::RoundRobin),
+        },
     }
 }
 
@@ -81,6 +104,7 @@ fn route_kv(
     total_blocks: u64,
     tokens: &[u32],
     parent: &tracing::Span,
+    avoid: &Inhibited,
 ) -> Option<Route> {
     let span = tracing::info_span!(
         parent: parent,
@@ -90,8 +114,13 @@ fn route_kv(
         cost = tracing::field::Empty,
     );
     let _entered = span.enter();
-    let candidates: Vec<Candidate> = client
-        .instance_ids()
+    let ids = client.instance_ids();
+    let kept: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|w| !avoid.contains(*w))
+        .collect();
+    let candidates: Vec<Candidate> = if kept.is_empty() { ids } else { kept }
         .into_iter()
         .map(|worker_id| Candidate {
             worker_id,
