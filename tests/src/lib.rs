@@ -185,6 +185,13 @@ impl Nats {
         self.stop();
         self.launch().await
     }
+
+    /// As [`Nats::restart`], with the server gone for `down` in between.
+    pub async fn restart_after(&mut self, down: Duration) -> Result<()> {
+        self.stop();
+        tokio::time::sleep(down).await;
+        self.launch().await
+    }
 }
 
 /// A real single-member `etcd` on 127.0.0.1 with its data in a temporary directory.

@@ -310,6 +310,7 @@ impl Client {
             finished.clone(),
             Watch {
                 instance_id: instance.instance_id,
+                request_id: id.clone(),
                 stall: self.settings.stall_timeout,
                 probe: self.settings.probe_interval,
             },
@@ -344,25 +345,46 @@ fn parse_instances(keys: &KvSnapshot) -> Vec<Instance> {
 /// How a response stream watches its instance.
 struct Watch {
     instance_id: u64,
+    request_id: String,
     /// Nothing at all for this long: the stream has stalled.
     stall: Duration,
     /// Nothing for this long: ask whether the instance is still connected.
     probe: Duration,
 }
 
-/// Probes `instance_id` on its cancel subject: false only when NATS says nobody listens there
-/// any more (the instance's connection is gone). A timeout or a NATS error proves nothing.
-async fn instance_alive(nats: &async_nats::Client, instance_id: u64, timeout: Duration) -> bool {
+/// What a probe of the instance serving a request found.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// The request still runs there (or the probe proved nothing: a timeout, NATS down).
+    Running,
+    /// The instance is up but no longer runs the request.
+    Lost,
+    /// Nobody listens on the instance's subject any more: its connection is gone.
+    Gone,
+}
+
+/// Probes `instance_id` on its cancel subject about `request_id`.
+async fn probe(
+    nats: &async_nats::Client,
+    instance_id: u64,
+    request_id: &str,
+    timeout: Duration,
+) -> Probe {
     let mut h = async_nats::HeaderMap::new();
     h.insert(transport::HDR_KIND, transport::PING);
+    h.insert(transport::HDR_REQUEST_ID, request_id);
     let request = async_nats::Request::new()
         .headers(h)
         .payload(Bytes::new())
         .timeout(Some(timeout));
-    !matches!(
-        nats.send_request(transport::cancel_subject(instance_id), request).await,
-        Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders
-    )
+    match nats
+        .send_request(transport::cancel_subject(instance_id), request)
+        .await
+    {
+        Ok(m) if m.payload.as_ref() == transport::NOT_RUNNING => Probe::Lost,
+        Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Probe::Gone,
+        _ => Probe::Running,
+    }
 }
 
 async fn read_frames(
@@ -388,12 +410,11 @@ async fn read_frames(
             }
             // Quiet (a long prefill, a queue): a live handler pings every probe interval, so
             // this is rare; a killed one is found here instead of after the stall timeout.
-            Err(_) => {
-                if !instance_alive(&nats, watch.instance_id, watch.probe).await {
-                    break Err(RuntimeError::InstanceGone(watch.instance_id));
-                }
-                continue;
-            }
+            Err(_) => match probe(&nats, watch.instance_id, &watch.request_id, watch.probe).await {
+                Probe::Running => continue,
+                Probe::Lost => break Err(RuntimeError::RequestLost(watch.instance_id)),
+                Probe::Gone => break Err(RuntimeError::InstanceGone(watch.instance_id)),
+            },
             Ok(None) => break Err(RuntimeError::Disconnected),
             Ok(Some(m)) => m,
         };

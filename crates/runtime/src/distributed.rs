@@ -77,7 +77,16 @@ impl DistributedRuntime {
                 let headers = msg.headers.as_ref();
                 if transport::header(headers, transport::HDR_KIND) == Some(transport::PING) {
                     if let Some(reply) = msg.reply {
-                        let _ = nats_for_cancels.publish(reply, bytes::Bytes::new()).await;
+                        let running = transport::header(headers, transport::HDR_REQUEST_ID)
+                            .is_none_or(|id| registry.contains(id));
+                        let answer = if running {
+                            transport::RUNNING
+                        } else {
+                            transport::NOT_RUNNING
+                        };
+                        let _ = nats_for_cancels
+                            .publish(reply, bytes::Bytes::from_static(answer))
+                            .await;
                     }
                     continue;
                 }

@@ -245,6 +245,10 @@ impl InflightRegistry {
             None => false,
         }
     }
+    /// Whether the request runs here.
+    pub fn contains(&self, id: &str) -> bool {
+        lock(&self.map).contains_key(id)
+    }
     pub fn len(&self) -> usize {
         lock(&self.map).len()
     }

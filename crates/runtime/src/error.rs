@@ -123,6 +123,8 @@ pub enum RuntimeError {
     Disconnected,
     #[error("instance {0:x} is gone: it no longer answers on NATS")]
     InstanceGone(u64),
+    #[error("instance {0:x} no longer runs the request, and its last frames never arrived")]
+    RequestLost(u64),
     #[error("key {0} already exists in etcd")]
     KeyExists(String),
     #[error("json: {0}")]
@@ -146,6 +148,7 @@ impl RuntimeError {
             | Self::StreamStalled(_)
             | Self::Disconnected
             | Self::InstanceGone(_)
+            | Self::RequestLost(_)
             | Self::Shutdown => ErrorCode::Unavailable,
             Self::PayloadTooLarge { .. } => ErrorCode::InvalidRequest,
             _ => ErrorCode::Internal,
@@ -164,6 +167,7 @@ impl RuntimeError {
             | Self::StreamGap { .. }
             | Self::Disconnected
             | Self::InstanceGone(_)
+            | Self::RequestLost(_)
             | Self::InstanceNotFound(_) => true,
             Self::Remote(e) => e.code == ErrorCode::Unavailable,
             Self::Rejected(e) => matches!(e.code, ErrorCode::Unavailable | ErrorCode::Overloaded),

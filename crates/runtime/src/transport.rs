@@ -9,10 +9,11 @@
 //!
 //! While a request runs, the caller may publish to the instance's cancel subject: without a
 //! kind, the request is cancelled; with kind `control`, the payload goes to the handler. A
-//! NATS request there with kind `ping` (no request id) is the caller's probe of the instance
-//! itself: the instance answers it, and NATS answers "no responders" once the instance's
-//! connection is gone — how a caller learns within a second that a killed worker will never
-//! finish its stream.
+//! NATS request there with kind `ping` is the caller's probe of the instance: the instance
+//! answers `1` when the request named by the request id header still runs there (or when no
+//! id is given) and `0` when it does not (it ended, or was stopped, and its last frames were
+//! lost — e.g. across a NATS restart); NATS answers "no responders" once the instance's
+//! connection is gone. So a caller learns within a second that a stream will never finish.
 //!
 //! Responses are messages on the reply subject, each with a frame kind and, for data and
 //! final frames, a sequence number starting at 0. `final` ends a successful stream; `error`
@@ -45,6 +46,10 @@ pub const CONTROL: &str = "control";
 
 /// `tandem-kind` of a caller's liveness probe of an instance, on its cancel subject.
 pub const PING: &str = "ping";
+/// A probe's answer: the request runs here.
+pub const RUNNING: &[u8] = b"1";
+/// A probe's answer: the instance is up, the request does not run here.
+pub const NOT_RUNNING: &[u8] = b"0";
 
 /// Subject where an instance listens for cancellations of its in-flight requests (no
 /// `tandem-kind`) and control messages to them (`tandem-kind: control`, payload for the

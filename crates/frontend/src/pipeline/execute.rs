@@ -277,10 +277,18 @@ impl Mover<'_> {
         )
         .map_err(Failed::Route)?;
         let worker = route.worker();
+        let mut opts = self.opts.clone();
+        // One choice of several on its own stream: an id of its own, so that two choices of
+        // one request on one worker do not share their cancellations.
+        if let [choice] = choices[..]
+            && self.generated.len() > 1
+        {
+            opts.id = opts.id.map(|id| format!("{id}-choice{choice}"));
+        }
         match self
             .model
             .client
-            .call(route.mode(), request, self.opts.clone())
+            .call(route.mode(), request, opts)
             .instrument(self.span.clone())
             .await
         {

@@ -8,6 +8,8 @@
 //! context-length arithmetic. Every refusal is an [`ApiError`] with OpenAI's `param`.
 
 pub mod fields;
+#[cfg(test)]
+mod fuzz;
 pub mod messages;
 pub mod params;
 pub mod prompt;
