@@ -352,6 +352,9 @@ struct Watch {
     probe: Duration,
 }
 
+/// How long frames that arrived before a probe's answer may take to be read.
+const LATE_FRAMES: Duration = Duration::from_millis(100);
+
 /// What a probe of the instance serving a request found.
 #[derive(Debug, PartialEq, Eq)]
 enum Probe {
@@ -410,11 +413,22 @@ async fn read_frames(
             }
             // Quiet (a long prefill, a queue): a live handler pings every probe interval, so
             // this is rare; a killed one is found here instead of after the stall timeout.
-            Err(_) => match probe(&nats, watch.instance_id, &watch.request_id, watch.probe).await {
-                Probe::Running => continue,
-                Probe::Lost => break Err(RuntimeError::RequestLost(watch.instance_id)),
-                Probe::Gone => break Err(RuntimeError::InstanceGone(watch.instance_id)),
-            },
+            Err(_) => {
+                let verdict =
+                    match probe(&nats, watch.instance_id, &watch.request_id, watch.probe).await {
+                        Probe::Running => continue,
+                        Probe::Lost => RuntimeError::RequestLost(watch.instance_id),
+                        Probe::Gone => RuntimeError::InstanceGone(watch.instance_id),
+                    };
+                // What the instance sent before its answer arrived before it too (one
+                // connection, in order), but on this subscription: a busy caller may not have
+                // read its last frames yet. Only an empty subscription confirms the verdict.
+                match tokio::time::timeout(LATE_FRAMES, sub.next()).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break Err(RuntimeError::Disconnected),
+                    Err(_) => break Err(verdict),
+                }
+            }
             Ok(None) => break Err(RuntimeError::Disconnected),
             Ok(Some(m)) => m,
         };

@@ -7,7 +7,11 @@
 //! The instance id stays the id of the first lease: subjects that embed it stay valid.
 //!
 //! Watches first read the whole prefix, then follow changes from that revision; on any error
-//! they start over with a fresh read, so a restarted etcd is resynchronised, not patched.
+//! they start over with a fresh read, so a restarted etcd is resynchronised, not patched. A
+//! key that a resynchronisation no longer finds — but that nobody deleted while the watch ran
+//! — is kept for [`RESYNC_GRACE`] before it is dropped: after an etcd that restarted empty,
+//! live processes need a moment to register again, and their records must not flicker out of
+//! every watcher's view (a frontend would drop a model whose workers never stopped).
 
 use crate::error::RuntimeError;
 use crate::lock;
@@ -66,10 +70,17 @@ struct Inner {
     lease_id: AtomicI64,
     /// Keys this process owns, re-written under a new lease when the old one is lost.
     owned: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// The owned keys are out of etcd on purpose ([`Discovery::withdraw`]): a new lease must
+    /// not write them back.
+    withdrawn: std::sync::atomic::AtomicBool,
     shutdown: CancellationToken,
 }
 
 const RETRY_DELAY: Duration = Duration::from_millis(250);
+
+/// How long a key missing after a watch's resynchronisation is still reported (see the
+/// module docs): long enough for a process to notice its lost lease and register again.
+pub const RESYNC_GRACE: Duration = Duration::from_secs(15);
 
 impl Discovery {
     /// Connects, grants the primary lease and starts keeping it alive until `shutdown`.
@@ -90,6 +101,7 @@ impl Discovery {
             instance_id: lease.id() as u64,
             lease_id: AtomicI64::new(lease.id()),
             owned: Mutex::new(BTreeMap::new()),
+            withdrawn: std::sync::atomic::AtomicBool::new(false),
             shutdown,
         });
         tokio::spawn(keep_lease_alive(inner.clone()));
@@ -126,6 +138,37 @@ impl Discovery {
     pub async fn unregister(&self, key: &str) -> Result<(), RuntimeError> {
         lock(&self.inner.owned).remove(key);
         self.inner.client.clone().delete(key, None).await?;
+        Ok(())
+    }
+
+    /// Takes every key this process registered out of etcd, keeping the lease and the keys'
+    /// values: nobody should find this process while it cannot answer (its NATS connection
+    /// is down), and [`Discovery::restore`] puts them back.
+    pub async fn withdraw(&self) -> Result<(), RuntimeError> {
+        self.inner.withdrawn.store(true, Ordering::SeqCst);
+        let keys: Vec<String> = lock(&self.inner.owned).keys().cloned().collect();
+        let mut client = self.inner.client.clone();
+        for key in keys {
+            client.delete(key.as_str(), None).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes back what [`Discovery::withdraw`] took out.
+    pub async fn restore(&self) -> Result<(), RuntimeError> {
+        let lease = self.lease_id();
+        let owned = lock(&self.inner.owned).clone();
+        let mut client = self.inner.client.clone();
+        for (key, value) in owned {
+            client
+                .put(
+                    key.as_str(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await?;
+        }
+        self.inner.withdrawn.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -258,6 +301,9 @@ async fn try_renew(inner: &Inner) -> Result<(), RuntimeError> {
     let mut client = inner.client.clone();
     let lease = client.lease_grant(inner.ttl, None).await?.id();
     inner.lease_id.store(lease, Ordering::SeqCst);
+    if inner.withdrawn.load(Ordering::SeqCst) {
+        return Ok(());
+    }
     let owned = lock(&inner.owned).clone();
     for (key, value) in owned {
         // A plain put: the key may still exist from the lost lease, and it is ours either way.
@@ -279,12 +325,14 @@ async fn follow_prefix(
     tx: watch::Sender<KvSnapshot>,
     shutdown: CancellationToken,
 ) {
+    let mut first = true;
     loop {
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tx.closed() => return,
-            r = follow_once(client.clone(), &prefix, &tx) => r,
+            r = follow_once(client.clone(), &prefix, &tx, first) => r,
         };
+        first = false;
         if let Err(e) = outcome {
             tracing::debug!(prefix = %prefix, error = %e, "etcd watch interrupted; resynchronising");
         }
@@ -296,10 +344,14 @@ async fn follow_prefix(
     }
 }
 
+/// One read of the prefix and the watch that follows it. On a resynchronisation (`first`
+/// false), keys the last view had and the read lacks are carried for [`RESYNC_GRACE`] unless a
+/// watch event settles them first.
 async fn follow_once(
     mut client: EtcdClient,
     prefix: &str,
     tx: &watch::Sender<KvSnapshot>,
+    first: bool,
 ) -> Result<(), RuntimeError> {
     let resp = client
         .get(prefix, Some(GetOptions::new().with_prefix()))
@@ -312,7 +364,25 @@ async fn follow_once(
             kv.value().to_vec(),
         );
     }
+    let mut carried: Vec<String> = Vec::new();
+    if !first {
+        for (k, v) in tx.borrow().iter() {
+            if !snapshot.contains_key(k) {
+                snapshot.insert(k.clone(), v.clone());
+                carried.push(k.clone());
+            }
+        }
+        if !carried.is_empty() {
+            tracing::info!(
+                prefix,
+                keys = carried.len(),
+                "etcd lost keys of live processes, kept while they register again"
+            );
+        }
+    }
     tx.send_replace(snapshot.clone());
+    let grace_over = tokio::time::sleep(RESYNC_GRACE);
+    tokio::pin!(grace_over);
     let mut stream = client
         .watch(
             prefix,
@@ -323,7 +393,20 @@ async fn follow_once(
             ),
         )
         .await?;
-    while let Some(resp) = stream.message().await? {
+    loop {
+        let resp = tokio::select! {
+            m = stream.message() => match m? {
+                Some(resp) => resp,
+                None => break,
+            },
+            _ = &mut grace_over, if !carried.is_empty() => {
+                for k in carried.drain(..) {
+                    snapshot.remove(&k);
+                }
+                tx.send_replace(snapshot.clone());
+                continue;
+            }
+        };
         if resp.canceled() {
             return Err(RuntimeError::Nats(format!(
                 "watch cancelled by etcd: {}",
@@ -334,6 +417,7 @@ async fn follow_once(
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
+            carried.retain(|k| *k != key);
             match event.event_type() {
                 EventType::Put => {
                     snapshot.insert(key, kv.value().to_vec());

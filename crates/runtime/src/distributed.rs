@@ -13,6 +13,7 @@ use futures::StreamExt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,7 +46,8 @@ impl DistributedRuntime {
     /// Connects to NATS and etcd, takes the primary lease, starts listening for cancellations
     /// and, when configured, the system status server.
     pub async fn connect(config: RuntimeConfig) -> Result<Self, RuntimeError> {
-        let nats = connect_nats(&config.nats_server).await?;
+        let (connected_tx, connected) = watch::channel(true);
+        let nats = connect_nats(&config.nats_server, connected_tx).await?;
         let background = CancellationToken::new();
         let discovery = Discovery::connect(
             &config.etcd_endpoints,
@@ -116,6 +118,12 @@ impl DistributedRuntime {
                 config,
             }),
         };
+        tokio::spawn(withdraw_while_disconnected(
+            connected,
+            drt.inner.discovery.clone(),
+            drt.inner.health.clone(),
+            drt.inner.background.clone(),
+        ));
         if let Some(port) = drt.inner.config.system_port() {
             let config = &drt.inner.config;
             let addr = system_status::start(
@@ -236,7 +244,66 @@ impl DistributedRuntime {
     }
 }
 
-async fn connect_nats(servers: &str) -> Result<async_nats::Client, RuntimeError> {
+/// How long a lost NATS connection may last before this process takes itself out of
+/// discovery (a reconnect usually takes well under a second).
+pub const WITHDRAW_AFTER: Duration = Duration::from_secs(2);
+
+/// A process whose NATS connection is down cannot answer requests, but its lease (on etcd,
+/// another connection) keeps its records alive, so callers would keep choosing it. After
+/// [`WITHDRAW_AFTER`] without NATS its records leave etcd and its endpoints report not ready;
+/// once NATS is back they return.
+async fn withdraw_while_disconnected(
+    mut connected: watch::Receiver<bool>,
+    discovery: Discovery,
+    health: Arc<HealthState>,
+    stop: CancellationToken,
+) {
+    loop {
+        // Wait for a disconnection that lasts.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = connected.wait_for(|c| !*c) => if r.is_err() { return },
+        }
+        let back = tokio::time::timeout(WITHDRAW_AFTER, connected.wait_for(|c| *c))
+            .await
+            .is_ok();
+        if back {
+            continue;
+        }
+        tracing::warn!(
+            "NATS unreachable for {WITHDRAW_AFTER:?}: withdrawing from discovery until it is back"
+        );
+        health.set_all(false);
+        if let Err(e) = discovery.withdraw().await {
+            tracing::warn!(error = %e, "could not withdraw from etcd");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = connected.wait_for(|c| *c) => if r.is_err() { return },
+        }
+        // Until etcd takes the records back, keep trying: the process is reachable again.
+        loop {
+            match discovery.restore().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not re-register in etcd; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+            }
+        }
+        health.set_all(true);
+        tracing::info!("NATS is back: registered in discovery again");
+    }
+}
+
+async fn connect_nats(
+    servers: &str,
+    connected: watch::Sender<bool>,
+) -> Result<async_nats::Client, RuntimeError> {
+    let connected = Arc::new(connected);
     let fail = |reason: String| RuntimeError::NatsConnect {
         url: servers.to_string(),
         reason,
@@ -253,13 +320,20 @@ async fn connect_nats(servers: &str) -> Result<async_nats::Client, RuntimeError>
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((attempts as u64 * 100).clamp(50, 1000))
         })
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS disconnected; reconnecting")
+        .event_callback(move |event| {
+            let connected = connected.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        connected.send_replace(false);
+                        tracing::warn!("NATS disconnected; reconnecting")
+                    }
+                    async_nats::Event::Connected => {
+                        connected.send_replace(true);
+                        tracing::info!("NATS connected")
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
                 }
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                other => tracing::debug!(event = %other, "NATS event"),
             }
         })
         .connect(addrs)

@@ -192,6 +192,9 @@ fn legs_choices_done(legs: &Legs, i: usize, post: &Postprocessor<'_>) -> bool {
     legs.choices_of(i).iter().all(|c| post.finished(*c))
 }
 
+/// How long a request being moved waits for some worker to exist.
+const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Why a leg did not start.
 enum Failed {
     /// No worker to send it to: the client's answer.
@@ -233,7 +236,9 @@ impl Mover<'_> {
         let choices: Vec<u32> = (0..p.n()).collect();
         let mut failed_at = None;
         loop {
-            let started = self.start(p, &p.request, choices.clone()).await;
+            let started = self
+                .start(p, &p.request, choices.clone(), failed_at.is_some())
+                .await;
             // The decode worker has it: the held blocks are its to fetch. Otherwise `held`
             // drops below and frees them on the prefill worker.
             if started.is_ok()
@@ -262,19 +267,32 @@ impl Mover<'_> {
     }
 
     /// Routes and calls one leg carrying `choices`.
+    /// Routes and calls one leg carrying `choices`. A request being moved (`moving`) that
+    /// finds no worker at all waits up to [`MOVE_WAIT`] for one to appear (workers that lost
+    /// NATS withdraw from discovery and come back with it) instead of failing at once.
     async fn start(
         &self,
         p: &Prepared,
         request: &PreprocessedRequest,
         choices: Vec<u32>,
+        moving: bool,
     ) -> Result<Leg, Failed> {
-        let route = route(
-            self.model,
-            p,
-            &request.token_ids,
-            self.span,
-            &self.exec.avoid,
-        )
+        let pick = || {
+            route(
+                self.model,
+                p,
+                &request.token_ids,
+                self.span,
+                &self.exec.avoid,
+            )
+        };
+        let route = match pick() {
+            Err(e) if moving && e.class == tandem_runtime::ErrorCode::Unavailable => {
+                let _ = self.model.client.wait_for_instances(MOVE_WAIT).await;
+                pick()
+            }
+            other => other,
+        }
         .map_err(Failed::Route)?;
         let worker = route.worker();
         let mut opts = self.opts.clone();
@@ -338,7 +356,7 @@ impl Mover<'_> {
             };
             let first_failure = Some(failed_at);
             loop {
-                match self.start(p, &request, choices.clone()).await {
+                match self.start(p, &request, choices.clone(), true).await {
                     Ok(leg) => {
                         self.observe(MigrationType::OngoingRequest, first_failure, "success");
                         legs.push(leg);
