@@ -233,7 +233,8 @@ impl Etcd {
         self.proc = Some(Proc::spawn("etcd", &mut cmd, &self.dir)?);
         let health = format!("{}/health", self.url());
         let http = reqwest::Client::new();
-        wait_for(Duration::from_secs(20), "etcd to report healthy", || {
+        // Generous: a test binary starts one etcd per test, all at once, on two cores.
+        wait_for(Duration::from_secs(60), "etcd to report healthy", || {
             let (http, health) = (http.clone(), health.clone());
             async move {
                 let r = http.get(&health).send().await.ok()?;

@@ -210,3 +210,58 @@ async fn a_request_past_its_deadline_gets_504_and_its_blocks_are_freed() -> Resu
     assert_eq!(status, 200, "{body}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_every_worker_over_the_busy_threshold_a_request_waits_for_one() -> Result<()> {
+    // One worker of 40 blocks of 16 tokens: a ~250-token prompt holds 16 of them (0.4 of the
+    // worker, over the 0.2 threshold) for as long as it runs.
+    let c = Cluster::start(
+        1,
+        |_| {
+            let mut a = slow_mocker();
+            a.extend(["--num-gpu-blocks-override".into(), "40".into()]);
+            a
+        },
+        &[
+            "--router-mode",
+            "kv",
+            "--busy-threshold",
+            "0.2",
+            "--queue-timeout-secs",
+            "30",
+        ],
+        Duration::from_secs(60),
+    )
+    .await?;
+    let url = c.url("/v1/chat/completions");
+    let long = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "word ".repeat(240)}],
+        "max_tokens": 150,
+    });
+    let first = tokio::spawn(post(url.clone(), long, None));
+    wait_for(
+        Duration::from_secs(30),
+        "the long request generating",
+        || async {
+            let labels = [("model", MODEL)];
+            let running = frontend_metric(&c, "dynamo_frontend_inflight_requests", &labels)
+                .await
+                .ok()??;
+            let waiting = frontend_metric(&c, "dynamo_frontend_queued_requests", &labels)
+                .await
+                .ok()??;
+            (running == 1.0 && waiting == 0.0).then_some(())
+        },
+    )
+    .await?;
+    let (status, _, body) = post(url, chat(5), None).await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        first.is_finished(),
+        "the second request ran only once the busy worker's long request had ended"
+    );
+    let (status, _, body) = first.await??;
+    assert_eq!(status, 200, "{body}");
+    Ok(())
+}

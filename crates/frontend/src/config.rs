@@ -124,6 +124,9 @@ pub struct ExecPolicy {
     pub migration_limit: Option<u32>,
     /// `--request-timeout-secs`.
     pub request_timeout: Option<std::time::Duration>,
+    /// How long a request may wait while every worker is over `--busy-threshold`
+    /// (`--queue-timeout-secs`).
+    pub busy_wait: std::time::Duration,
     /// Workers that failed recently.
     pub avoid: Arc<Inhibited>,
 }
@@ -141,6 +144,7 @@ impl Default for ExecPolicy {
             disagg: DisaggConfig::default(),
             migration_limit: None,
             request_timeout: None,
+            busy_wait: std::time::Duration::ZERO,
             avoid: Arc::new(Inhibited::new(std::time::Duration::ZERO)),
         }
     }
@@ -171,6 +175,7 @@ impl FrontendArgs {
             request_timeout: self
                 .request_timeout_secs
                 .map(std::time::Duration::from_secs_f64),
+            busy_wait: std::time::Duration::from_secs_f64(self.queue_timeout_secs),
             avoid: Arc::new(Inhibited::new(std::time::Duration::from_secs_f64(
                 self.inhibited_duration_secs,
             ))),

@@ -158,6 +158,20 @@ impl KvRouter {
 
     /// Picks the worker for a prompt of `tokens` among `candidates` and registers the
     /// request's load on it. `None` when there is no candidate.
+    /// Whether every candidate is over `--busy-threshold` (its decode blocks, as this router
+    /// counts them, over that share of its KV blocks); false without a threshold.
+    pub fn all_busy(&self, candidates: &[Candidate]) -> bool {
+        let Some(t) = self.config.busy_threshold else {
+            return false;
+        };
+        !candidates.is_empty()
+            && candidates.iter().all(|c| {
+                c.total_blocks > 0
+                    && self.active.load(c.worker_id).decode_blocks as f64 / c.total_blocks as f64
+                        > t
+            })
+    }
+
     pub fn route(&self, tokens: &[u32], candidates: &[Candidate]) -> Option<Decision> {
         let started = Instant::now();
         if candidates.is_empty() {

@@ -11,7 +11,7 @@ use super::migrate::{MigrationType, resumed};
 use super::postprocess::{GenEvent, Postprocessor};
 use super::prefill::prefill;
 use super::prepare::Prepared;
-use super::route::route;
+use super::route::{route, wait_while_busy};
 use crate::config::ExecPolicy;
 use crate::error::ApiError;
 use crate::metrics::{FrontendMetrics, RequestGuard};
@@ -277,6 +277,14 @@ impl Mover<'_> {
         choices: Vec<u32>,
         moving: bool,
     ) -> Result<Leg, Failed> {
+        if p.worker.is_none()
+            && !wait_while_busy(self.model, &self.exec.avoid, self.exec.busy_wait).await
+        {
+            return Err(Failed::Route(ApiError::overloaded(format!(
+                "every worker is over --busy-threshold and none freed up within {:?}",
+                self.exec.busy_wait
+            ))));
+        }
         let pick = || {
             route(
                 self.model,

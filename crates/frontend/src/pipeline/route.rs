@@ -98,6 +98,45 @@ pub fn pick(
     }
 }
 
+/// With `--busy-threshold`, waits while every worker of `model` is busy, up to `limit`;
+/// false when they still all are (the request gets 503 `overloaded`). The request waits as a
+/// queued request (`dynamo_frontend_queued_requests` counts it until its first token).
+pub async fn wait_while_busy(
+    model: &ServedModel,
+    avoid: &Inhibited,
+    limit: std::time::Duration,
+) -> bool {
+    let ModelRouter::Kv(kv) = &model.router else {
+        return true;
+    };
+    let busy = || {
+        let ids = model.client.instance_ids();
+        let kept: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|w| !avoid.contains(*w))
+            .collect();
+        let candidates: Vec<Candidate> = if kept.is_empty() { ids } else { kept }
+            .into_iter()
+            .map(|worker_id| Candidate {
+                worker_id,
+                total_blocks: model.card.runtime_config.total_kv_blocks,
+            })
+            .collect();
+        kv.all_busy(&candidates)
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    while busy() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        // The router's loads change as requests end; a short poll is cheaper than a channel
+        // every request would have to notify.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    true
+}
+
 fn route_kv(
     kv: &KvRouter,
     client: &Client,
