@@ -42,6 +42,11 @@ struct Cli {
     context_length: Option<u32>,
     #[arg(long = "migration-limit", default_value_t = 0)]
     migration_limit: u32,
+    /// How the model marks its reasoning, so that the frontend returns it as
+    /// `reasoning_content`: `basic` / `qwen3` (`<think>…</think>`), `deepseek_r1` (reasoning
+    /// until `</think>`).
+    #[arg(long = "dyn-reasoning-parser", env = "DYN_REASONING_PARSER", value_parser = reasoning_parser)]
+    reasoning_parser: Option<String>,
     #[command(flatten)]
     runtime: RuntimeConfig,
     #[command(flatten)]
@@ -199,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
         model_name: cli.model_name.clone().unwrap_or_else(|| model.name.clone()),
         context_length,
         migration_limit: cli.migration_limit,
+        reasoning_parser: cli.reasoning_parser.clone(),
         publish_kv_events: mode != DisaggregationMode::Decode,
         kv_events_config: cli.kv_events_config.clone(),
         mode,
@@ -220,4 +226,10 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     drt.shutdown().await;
     Ok(())
+}
+
+/// Checks a `--dyn-reasoning-parser` name at start-up.
+fn reasoning_parser(name: &str) -> Result<String, String> {
+    name.parse::<tandem_preprocessor::reasoning::ReasoningParser>()
+        .map(|_| name.to_string())
 }

@@ -51,6 +51,15 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
+    /// The reasoning parser the model's workers named (`--dyn-reasoning-parser`).
+    pub fn reasoning_parser(&self) -> Option<tandem_preprocessor::reasoning::ReasoningParser> {
+        self.card
+            .runtime_config
+            .reasoning_parser
+            .as_deref()
+            .and_then(|name| name.parse().ok())
+    }
+
     pub fn prefill(&self) -> Option<Arc<PrefillTarget>> {
         self.prefill
             .read()

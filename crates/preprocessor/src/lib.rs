@@ -8,6 +8,7 @@
 //! → deltas for the client.
 
 pub mod detokenize;
+pub mod reasoning;
 pub mod stop;
 pub mod template;
 

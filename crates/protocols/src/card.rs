@@ -20,6 +20,10 @@ pub struct ModelRuntimeConfig {
     /// A prefill worker's KV data plane, where decode workers fetch blocks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disaggregated_endpoint: Option<crate::disagg::DataPlaneEndpoint>,
+    /// How the model marks its reasoning (`--dyn-reasoning-parser`: `basic`, `qwen3`,
+    /// `deepseek_r1`), for the frontend to split it into `reasoning_content`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_parser: Option<String>,
 }
 
 /// A ZMQ PUB endpoint of KV events, as routers should connect to it.

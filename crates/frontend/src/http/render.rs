@@ -51,12 +51,17 @@ pub async fn respond(
 ) -> Result<Response, ApiError> {
     let created = now();
     if !g.stream {
-        let (texts, reasons, usage) = execute::collect(g.events, g.n).await?;
+        let c = execute::collect(g.events, g.n).await?;
         return Ok(match endpoint {
-            Endpoint::Chat => chat_unary(&g.request_id, &g.model, created, texts, reasons, usage),
-            Endpoint::Completions => {
-                completion_unary(&g.request_id, &g.model, created, texts, reasons, usage)
-            }
+            Endpoint::Chat => chat_unary(&g.request_id, &g.model, created, c),
+            Endpoint::Completions => completion_unary(
+                &g.request_id,
+                &g.model,
+                created,
+                c.texts,
+                c.reasons,
+                c.usage,
+            ),
         });
     }
     let mut events = Box::pin(g.events);
@@ -108,9 +113,10 @@ struct Chunks {
 
 impl Chunks {
     fn render(&mut self, ev: GenEvent) -> Option<Bytes> {
-        let (index, text, reason) = match ev {
-            GenEvent::Text { index, text } => (index, Some(text), None),
-            GenEvent::Finish { index, reason } => (index, None, Some(reason.to_string())),
+        let (index, text, thought, reason) = match ev {
+            GenEvent::Text { index, text } => (index, Some(text), None, None),
+            GenEvent::Reasoning { index, text } => (index, None, Some(text), None),
+            GenEvent::Finish { index, reason } => (index, None, None, Some(reason.to_string())),
             GenEvent::Usage(u) => return self.include_usage.then(|| self.usage(u)),
         };
         Some(match self.endpoint {
@@ -125,6 +131,7 @@ impl Chunks {
                     delta: Delta {
                         role: first.then(|| "assistant".to_string()),
                         content: text,
+                        reasoning_content: thought,
                     },
                     finish_reason: reason,
                     logprobs: None,
@@ -183,7 +190,7 @@ impl Chunks {
 fn per_choice<T>(
     texts: Vec<String>,
     reasons: Vec<Option<String>>,
-    make: impl Fn(u32, String, Option<String>) -> T,
+    mut make: impl FnMut(u32, String, Option<String>) -> T,
 ) -> Vec<T> {
     texts
         .into_iter()
@@ -193,22 +200,20 @@ fn per_choice<T>(
         .collect()
 }
 
-fn chat_unary(
-    request_id: &str,
-    model: &str,
-    created: u64,
-    texts: Vec<String>,
-    reasons: Vec<Option<String>>,
-    usage: Usage,
-) -> Response {
-    let choices = per_choice(texts, reasons, |index, content, finish_reason| ChatChoice {
-        index,
-        message: AssistantMessage {
-            role: "assistant".into(),
-            content,
-        },
-        finish_reason,
-        logprobs: None,
+fn chat_unary(request_id: &str, model: &str, created: u64, c: execute::Collected) -> Response {
+    let usage = c.usage;
+    let mut reasoning = c.reasoning.into_iter();
+    let choices = per_choice(c.texts, c.reasons, |index, content, finish_reason| {
+        ChatChoice {
+            index,
+            message: AssistantMessage {
+                role: "assistant".into(),
+                content,
+                reasoning_content: reasoning.next().flatten(),
+            },
+            finish_reason,
+            logprobs: None,
+        }
     });
     axum::Json(ChatCompletionResponse {
         id: format!("chatcmpl-{request_id}"),

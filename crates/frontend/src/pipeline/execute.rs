@@ -63,7 +63,9 @@ pub fn generate(
         guard.input_tokens(prompt_tokens);
         let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
         let n = p.n();
-        let mut post = Postprocessor::new(&model.preprocessor, n, &p.stops, prompt_tokens);
+        // Reasoning is split from the answer in chat responses only (completions return text).
+        let reasoning = (endpoint == "chat_completions").then(|| model.reasoning_parser()).flatten();
+        let mut post = Postprocessor::with_reasoning(&model.preprocessor, n, &p.stops, prompt_tokens, reasoning);
         let mut finish_reasons: Vec<String> = Vec::new();
         let opts = RequestOptions { id: Some(request_id), headers: ids.headers() };
         let mut mover = Mover {
@@ -463,28 +465,37 @@ fn record_gen_ai_request(span: &tracing::Span, model: &str, endpoint: &str, p: &
     }
 }
 
-/// Gathers a whole generation for a unary response: text and finish reason per choice, usage.
+/// A whole generation, for a unary response.
+pub struct Collected {
+    pub texts: Vec<String>,
+    /// Per choice, the reasoning split from its answer (chat with a reasoning parser).
+    pub reasoning: Vec<Option<String>>,
+    pub reasons: Vec<Option<String>>,
+    pub usage: tandem_protocols::openai::Usage,
+}
+
+/// Gathers a whole generation for a unary response: text, reasoning and finish reason per
+/// choice, usage.
 pub async fn collect(
     events: impl Stream<Item = Result<GenEvent, ApiError>>,
     n: u32,
-) -> Result<
-    (
-        Vec<String>,
-        Vec<Option<String>>,
-        tandem_protocols::openai::Usage,
-    ),
-    ApiError,
-> {
-    let mut texts = vec![String::new(); n as usize];
-    let mut reasons: Vec<Option<String>> = vec![None; n as usize];
-    let mut usage = Default::default();
+) -> Result<Collected, ApiError> {
+    let mut c = Collected {
+        texts: vec![String::new(); n as usize],
+        reasoning: vec![None; n as usize],
+        reasons: vec![None; n as usize],
+        usage: Default::default(),
+    };
     let mut events = std::pin::pin!(events);
     while let Some(ev) = events.next().await {
         match ev? {
-            GenEvent::Text { index, text } => texts[index as usize].push_str(&text),
-            GenEvent::Finish { index, reason } => reasons[index as usize] = Some(reason.into()),
-            GenEvent::Usage(u) => usage = u,
+            GenEvent::Text { index, text } => c.texts[index as usize].push_str(&text),
+            GenEvent::Reasoning { index, text } => c.reasoning[index as usize]
+                .get_or_insert_with(String::new)
+                .push_str(&text),
+            GenEvent::Finish { index, reason } => c.reasons[index as usize] = Some(reason.into()),
+            GenEvent::Usage(u) => c.usage = u,
         }
     }
-    Ok((texts, reasons, usage))
+    Ok(c)
 }

@@ -9,6 +9,7 @@
 
 use tandem_preprocessor::Preprocessor;
 use tandem_preprocessor::detokenize::IncrementalDecoder;
+use tandem_preprocessor::reasoning::{ReasoningParser, ReasoningSplitter};
 use tandem_preprocessor::stop::StopMatcher;
 use tandem_protocols::llm::EngineOutput;
 use tandem_protocols::openai::{PromptTokensDetails, Usage};
@@ -16,8 +17,19 @@ use tandem_protocols::openai::{PromptTokensDetails, Usage};
 /// What generation produces, whatever the response format.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
-    Text { index: u32, text: String },
-    Finish { index: u32, reason: &'static str },
+    Text {
+        index: u32,
+        text: String,
+    },
+    /// Thinking of a reasoning model (`--dyn-reasoning-parser`), apart from its answer.
+    Reasoning {
+        index: u32,
+        text: String,
+    },
+    Finish {
+        index: u32,
+        reason: &'static str,
+    },
     Usage(Usage),
 }
 
@@ -34,6 +46,8 @@ pub struct Step {
 struct Choice<'a> {
     decoder: IncrementalDecoder<'a>,
     stops: StopMatcher,
+    /// Chat with a reasoning parser: the answer's text, split.
+    reasoning: Option<ReasoningSplitter>,
     finished: bool,
 }
 
@@ -46,11 +60,23 @@ pub struct Postprocessor<'a> {
 
 impl<'a> Postprocessor<'a> {
     pub fn new(pre: &'a Preprocessor, n: u32, stops: &[String], prompt_tokens: usize) -> Self {
+        Self::with_reasoning(pre, n, stops, prompt_tokens, None)
+    }
+
+    /// As [`Self::new`], splitting each choice's reasoning from its answer with `reasoning`.
+    pub fn with_reasoning(
+        pre: &'a Preprocessor,
+        n: u32,
+        stops: &[String],
+        prompt_tokens: usize,
+        reasoning: Option<ReasoningParser>,
+    ) -> Self {
         Self {
             choices: (0..n.max(1))
                 .map(|_| Choice {
                     decoder: pre.decoder(),
                     stops: StopMatcher::new(stops.to_vec()),
+                    reasoning: reasoning.map(ReasoningSplitter::new),
                     finished: false,
                 })
                 .collect(),
@@ -93,6 +119,24 @@ impl<'a> Postprocessor<'a> {
         } else {
             None
         };
+        let (thought, text) = match &mut c.reasoning {
+            None => (String::new(), text),
+            Some(r) => {
+                let mut split = r.push(&text);
+                if reason.is_some() {
+                    let last = r.finish();
+                    split.reasoning.push_str(&last.reasoning);
+                    split.content.push_str(&last.content);
+                }
+                (split.reasoning, split.content)
+            }
+        };
+        if !thought.is_empty() {
+            step.events.push(GenEvent::Reasoning {
+                index,
+                text: thought,
+            });
+        }
         if !text.is_empty() {
             step.events.push(GenEvent::Text { index, text });
         }
@@ -158,7 +202,7 @@ mod tests {
                 match e {
                     GenEvent::Text { text, .. } => sent.push_str(&text),
                     GenEvent::Finish { reason: r, .. } => reason = Some(r),
-                    GenEvent::Usage(_) => {}
+                    GenEvent::Reasoning { .. } | GenEvent::Usage(_) => {}
                 }
             }
         }
@@ -212,6 +256,52 @@ mod tests {
             assert_eq!(stop.is_some(), *told, "{text:?} / {stops:?}");
             assert!(p.all_finished());
         }
+    }
+
+    #[test]
+    fn a_reasoning_parser_splits_thinking_from_the_answer_token_by_token() {
+        let pre = preprocessor();
+        let ids = pre
+            .encode("<think>\nTwo and two make four.\n</think>\n\nThe answer is 4.")
+            .unwrap();
+        let stops = vec!["never".to_string()];
+        let mut p =
+            Postprocessor::with_reasoning(pre, 1, &stops, 3, Some(ReasoningParser::ThinkTags));
+        let (mut thought, mut text) = (String::new(), String::new());
+        for (i, id) in ids.iter().enumerate() {
+            let finish = (i == ids.len() - 1).then_some(FinishReason::Stop);
+            for e in p.push(out(0, vec![*id], finish)).events {
+                match e {
+                    GenEvent::Reasoning { text: t, .. } => thought.push_str(&t),
+                    GenEvent::Text { text: t, .. } => text.push_str(&t),
+                    GenEvent::Finish { .. } | GenEvent::Usage(_) => {}
+                }
+            }
+        }
+        assert_eq!(thought, "\nTwo and two make four.\n");
+        assert_eq!(text, "The answer is 4.");
+        assert_eq!(
+            p.usage().completion_tokens as usize,
+            ids.len(),
+            "every token counted once"
+        );
+        // Without a parser the tags are text.
+        let mut plain = Postprocessor::new(pre, 1, &stops, 3);
+        let last = ids.len() - 1;
+        let events: Vec<GenEvent> = ids
+            .iter()
+            .enumerate()
+            .flat_map(|(i, id)| {
+                plain
+                    .push(out(0, vec![*id], (i == last).then_some(FinishReason::Stop)))
+                    .events
+            })
+            .collect();
+        assert!(
+            events
+                .iter()
+                .all(|e| !matches!(e, GenEvent::Reasoning { .. }))
+        );
     }
 
     #[test]
