@@ -369,6 +369,23 @@ pub fn mocker_args(extra: &[&str]) -> Vec<String> {
     .collect()
 }
 
+/// Worker arguments for the mocker at half Dynamo's timing (~10 ms a decode step, so a
+/// 300-token answer takes ~3 s) with 16-token blocks: slow enough for a test to act while
+/// requests run.
+pub fn slow_mocker_args() -> Vec<String> {
+    [
+        "--engine",
+        "mocker",
+        "--speedup-ratio",
+        "2",
+        "--block-size",
+        "16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Reads a child's stdout line by line on a thread, so a test can wait for a line.
 pub struct LineReader {
     rx: mpsc::Receiver<String>,

@@ -7,24 +7,9 @@
 use anyhow::Result;
 use serde_json::{Value, json};
 use std::time::Duration;
-use tandem_tests::{BUNDLED_MODEL_NAME, Cluster, metric_value, scrape, wait_for};
+use tandem_tests::{BUNDLED_MODEL_NAME, Cluster, metric_value, scrape, slow_mocker_args, wait_for};
 
 const MODEL: &str = BUNDLED_MODEL_NAME;
-
-/// The mocker at half Dynamo's timing: a 300-token answer takes ~3 s.
-fn slow_mocker() -> Vec<String> {
-    [
-        "--engine",
-        "mocker",
-        "--speedup-ratio",
-        "2",
-        "--block-size",
-        "16",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
 
 fn chat(max_tokens: u32) -> Value {
     json!({
@@ -56,11 +41,31 @@ async fn frontend_metric(c: &Cluster, name: &str, labels: &[(&str, &str)]) -> Re
     ))
 }
 
+/// Waits until `n` requests run and all of them are past their first token (the gauge of
+/// waiting requests counts those before it too).
+async fn generating(c: &Cluster, n: usize) -> Result<()> {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("{n} requests generating"),
+        || async {
+            let labels = [("model", MODEL)];
+            let running = frontend_metric(c, "dynamo_frontend_inflight_requests", &labels)
+                .await
+                .ok()??;
+            let waiting = frontend_metric(c, "dynamo_frontend_queued_requests", &labels)
+                .await
+                .ok()??;
+            (running == n as f64 && waiting == 0.0).then_some(())
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn beyond_the_concurrency_and_queue_limits_requests_get_503_with_retry_after() -> Result<()> {
     let c = Cluster::start(
         1,
-        |_| slow_mocker(),
+        |_| slow_mocker_args(),
         &[
             "--max-concurrent-requests",
             "2",
@@ -76,22 +81,7 @@ async fn beyond_the_concurrency_and_queue_limits_requests_get_503_with_retry_aft
     let running: Vec<_> = (0..2)
         .map(|_| tokio::spawn(post(url.clone(), chat(300), None)))
         .collect();
-    // Both past their first token (the gauge of waiting requests counts those before it too).
-    wait_for(
-        Duration::from_secs(30),
-        "two requests generating",
-        || async {
-            let labels = [("model", MODEL)];
-            let running = frontend_metric(&c, "dynamo_frontend_inflight_requests", &labels)
-                .await
-                .ok()??;
-            let waiting = frontend_metric(&c, "dynamo_frontend_queued_requests", &labels)
-                .await
-                .ok()??;
-            (running == 2.0 && waiting == 0.0).then_some(())
-        },
-    )
-    .await?;
+    generating(&c, 2).await?;
     let queued = tokio::spawn(post(url.clone(), chat(5), None));
     wait_for(Duration::from_secs(30), "one request queued", || async {
         let n = frontend_metric(&c, "dynamo_frontend_queued_requests", &[("model", MODEL)])
@@ -130,7 +120,7 @@ async fn beyond_the_concurrency_and_queue_limits_requests_get_503_with_retry_aft
 async fn an_api_key_guards_v1_but_not_health_live_or_metrics() -> Result<()> {
     let c = Cluster::start(
         1,
-        |_| slow_mocker(),
+        |_| slow_mocker_args(),
         &["--api-key", "sk-tandem-test"],
         Duration::from_secs(60),
     )
@@ -180,7 +170,7 @@ async fn an_api_key_guards_v1_but_not_health_live_or_metrics() -> Result<()> {
 async fn a_request_past_its_deadline_gets_504_and_its_blocks_are_freed() -> Result<()> {
     let c = Cluster::start(
         1,
-        |_| slow_mocker(),
+        |_| slow_mocker_args(),
         &["--request-timeout-secs", "1"],
         Duration::from_secs(60),
     )
@@ -218,7 +208,7 @@ async fn with_every_worker_over_the_busy_threshold_a_request_waits_for_one() -> 
     let c = Cluster::start(
         1,
         |_| {
-            let mut a = slow_mocker();
+            let mut a = slow_mocker_args();
             a.extend(["--num-gpu-blocks-override".into(), "40".into()]);
             a
         },
@@ -240,21 +230,7 @@ async fn with_every_worker_over_the_busy_threshold_a_request_waits_for_one() -> 
         "max_tokens": 150,
     });
     let first = tokio::spawn(post(url.clone(), long, None));
-    wait_for(
-        Duration::from_secs(30),
-        "the long request generating",
-        || async {
-            let labels = [("model", MODEL)];
-            let running = frontend_metric(&c, "dynamo_frontend_inflight_requests", &labels)
-                .await
-                .ok()??;
-            let waiting = frontend_metric(&c, "dynamo_frontend_queued_requests", &labels)
-                .await
-                .ok()??;
-            (running == 1.0 && waiting == 0.0).then_some(())
-        },
-    )
-    .await?;
+    generating(&c, 1).await?;
     let (status, _, body) = post(url, chat(5), None).await?;
     assert_eq!(status, 200, "{body}");
     assert!(

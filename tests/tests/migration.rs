@@ -9,24 +9,9 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tandem_tests::{BUNDLED_MODEL_NAME, Cluster, metric_value, scrape, wait_for};
+use tandem_tests::{BUNDLED_MODEL_NAME, Cluster, metric_value, scrape, slow_mocker_args, wait_for};
 
 const MODEL: &str = BUNDLED_MODEL_NAME;
-
-/// The mocker at half Dynamo's timing: ~10 ms a decode step, so a 300-token stream runs ~3 s.
-fn slow_mocker() -> Vec<String> {
-    [
-        "--engine",
-        "mocker",
-        "--speedup-ratio",
-        "2",
-        "--block-size",
-        "16",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
 
 /// What a client saw of one streamed chat.
 #[derive(Debug, Default)]
@@ -160,7 +145,7 @@ async fn blocks_freed(c: &Cluster, i: usize) -> Result<()> {
 async fn killing_one_of_two_workers_mid_stream_costs_no_answer() -> Result<()> {
     let mut c = Cluster::start(
         2,
-        |_| slow_mocker(),
+        |_| slow_mocker_args(),
         &["--migration-limit", "2"],
         Duration::from_secs(60),
     )
@@ -217,7 +202,7 @@ async fn killing_one_of_two_workers_mid_stream_costs_no_answer() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_a_migration_limit_a_killed_worker_fails_its_streams() -> Result<()> {
-    let mut c = Cluster::start(1, |_| slow_mocker(), &[], Duration::from_secs(60)).await?;
+    let mut c = Cluster::start(1, |_| slow_mocker_args(), &[], Duration::from_secs(60)).await?;
     let tasks = start_streams(&c, 2, 300, 5).await?;
     c.workers[0].kill();
     for t in tasks {
@@ -286,7 +271,7 @@ async fn a_worker_stopped_under_load_hands_its_streams_over() -> Result<()> {
     let mut c = Cluster::start(
         2,
         |i| {
-            let mut a = slow_mocker();
+            let mut a = slow_mocker_args();
             if i == 0 {
                 a.extend(["--graceful-shutdown-timeout-secs".into(), "0.5".into()]);
             }

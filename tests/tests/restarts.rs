@@ -7,28 +7,13 @@
 use anyhow::Result;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
-use tandem_tests::{BUNDLED_MODEL_NAME, Cluster, metric_value, scrape, wait_for};
+use tandem_tests::{BUNDLED_MODEL_NAME, Cluster, metric_value, scrape, slow_mocker_args, wait_for};
 
 const MODEL: &str = BUNDLED_MODEL_NAME;
 
 /// One test at a time: each restarts infrastructure against timing-sensitive reconnects, and
 /// three clusters at once on a two-core machine would measure the machine, not tandem.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// The mocker at half Dynamo's timing: ~10 ms a decode step.
-fn slow_mocker() -> Vec<String> {
-    [
-        "--engine",
-        "mocker",
-        "--speedup-ratio",
-        "2",
-        "--block-size",
-        "16",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
 
 /// One unary chat; the completion tokens, or the error as text.
 async fn chat(url: String, max_tokens: u32) -> Result<u64, String> {
@@ -59,7 +44,7 @@ async fn a_nats_restart_under_load_loses_no_request_in_flight() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let mut c = Cluster::start(
         2,
-        |_| slow_mocker(),
+        |_| slow_mocker_args(),
         &["--migration-limit", "3"],
         Duration::from_secs(60),
     )
@@ -119,7 +104,7 @@ async fn an_etcd_restart_without_its_data_under_load_fails_no_request() -> Resul
     use std::sync::{Arc, Mutex};
     let mut c = Cluster::start(
         2,
-        |_| slow_mocker(),
+        |_| slow_mocker_args(),
         &["--migration-limit", "3"],
         Duration::from_secs(60),
     )
@@ -245,7 +230,7 @@ async fn a_worker_cut_off_from_nats_leaves_discovery_until_it_is_back() -> Resul
     let stack = tandem_tests::Stack::start().await?;
     let mut proxy = Proxy::start(stack.nats.port).await?;
     let via_proxy = format!("nats://127.0.0.1:{}", proxy.port);
-    let args = slow_mocker();
+    let args = slow_mocker_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let ttl = ("DYN_LEASE_TTL_SECS", "2");
     let (_cut, _) =

@@ -67,9 +67,9 @@ impl Admission {
         }
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.config.queue_size {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(overloaded(format!(
+            return Err(ApiError::overloaded(format!(
                 "the server is at its limit of {} concurrent requests and its queue of {} is full",
-                permits_total(&self.config),
+                self.config.max_concurrent.unwrap_or(0),
                 self.config.queue_size
             )));
         }
@@ -78,22 +78,13 @@ impl Admission {
         match tokio::time::timeout(self.config.queue_timeout, permits.clone().acquire_owned()).await
         {
             Ok(Ok(p)) => Ok(Permit { _held: Some(p) }),
-            Ok(Err(_)) => Err(overloaded("the server is shutting down".into())),
-            Err(_) => Err(overloaded(format!(
+            Ok(Err(_)) => Err(ApiError::overloaded("the server is shutting down")),
+            Err(_) => Err(ApiError::overloaded(format!(
                 "no turn within the queue timeout of {:?}",
                 self.config.queue_timeout
             ))),
         }
     }
-}
-
-fn permits_total(c: &AdmissionConfig) -> usize {
-    c.max_concurrent.unwrap_or(0)
-}
-
-/// 503 with the `overloaded` type; the HTTP layer adds `Retry-After`.
-pub fn overloaded(message: String) -> ApiError {
-    ApiError::overloaded(message)
 }
 
 #[cfg(test)]

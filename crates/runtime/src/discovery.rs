@@ -156,18 +156,7 @@ impl Discovery {
 
     /// Writes back what [`Discovery::withdraw`] took out.
     pub async fn restore(&self) -> Result<(), RuntimeError> {
-        let lease = self.lease_id();
-        let owned = lock(&self.inner.owned).clone();
-        let mut client = self.inner.client.clone();
-        for (key, value) in owned {
-            client
-                .put(
-                    key.as_str(),
-                    value,
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-                .await?;
-        }
+        put_owned(&self.inner, self.lease_id()).await?;
         self.inner.withdrawn.store(false, Ordering::SeqCst);
         Ok(())
     }
@@ -304,9 +293,17 @@ async fn try_renew(inner: &Inner) -> Result<(), RuntimeError> {
     if inner.withdrawn.load(Ordering::SeqCst) {
         return Ok(());
     }
+    put_owned(inner, lease).await?;
+    tracing::info!(lease = format!("{lease:x}"), "re-registered in etcd");
+    Ok(())
+}
+
+/// Writes every key this process owns under `lease`.
+async fn put_owned(inner: &Inner, lease: i64) -> Result<(), RuntimeError> {
     let owned = lock(&inner.owned).clone();
+    let mut client = inner.client.clone();
     for (key, value) in owned {
-        // A plain put: the key may still exist from the lost lease, and it is ours either way.
+        // A plain put: the key may still exist from a lost lease, and it is ours either way.
         client
             .put(
                 key.as_str(),
@@ -315,7 +312,6 @@ async fn try_renew(inner: &Inner) -> Result<(), RuntimeError> {
             )
             .await?;
     }
-    tracing::info!(lease = format!("{lease:x}"), "re-registered in etcd");
     Ok(())
 }
 

@@ -107,9 +107,7 @@ pub fn generate(
             let failure = match event {
                 LegEvent::Output(out) => {
                     legs.get_mut(i).route.prefill_done();
-                    if let Some(g) = mover.generated.get_mut(out.index as usize) {
-                        g.extend_from_slice(&out.token_ids);
-                    }
+                    mover.record(out.index, &out.token_ids);
                     let step = post.push(out);
                     guard.tokens(step.tokens, prompt_tokens);
                     // When it was the last open choice, ending the streams below cancels it.
@@ -214,11 +212,20 @@ struct Mover<'a> {
     opts: &'a RequestOptions,
     /// Migrations left, per choice.
     left: Vec<u32>,
-    /// Tokens produced so far, per choice.
+    /// Tokens produced so far, per choice that may still move.
     generated: Vec<Vec<u32>>,
 }
 
 impl Mover<'_> {
+    /// Keeps a choice's new tokens, which a migration would resume from; a choice that can
+    /// no longer move (the default limit of 0) keeps none.
+    fn record(&mut self, choice: u32, tokens: &[u32]) {
+        let i = choice as usize;
+        if self.left.get(i).is_some_and(|l| *l > 0) {
+            self.generated[i].extend_from_slice(tokens);
+        }
+    }
+
     /// The request's first leg: the prefill leg when the model has prefill workers, then the
     /// whole request on one worker — on another while the call fails in a way another worker
     /// may not (`new_request` migrations).

@@ -110,20 +110,11 @@ pub async fn wait_while_busy(
         return true;
     };
     let busy = || {
-        let ids = model.client.instance_ids();
-        let kept: Vec<u64> = ids
-            .iter()
-            .copied()
-            .filter(|w| !avoid.contains(*w))
-            .collect();
-        let candidates: Vec<Candidate> = if kept.is_empty() { ids } else { kept }
-            .into_iter()
-            .map(|worker_id| Candidate {
-                worker_id,
-                total_blocks: model.card.runtime_config.total_kv_blocks,
-            })
-            .collect();
-        kv.all_busy(&candidates)
+        kv.all_busy(&candidates(
+            &model.client,
+            model.card.runtime_config.total_kv_blocks,
+            avoid,
+        ))
     };
     let deadline = tokio::time::Instant::now() + limit;
     while busy() {
@@ -135,6 +126,24 @@ pub async fn wait_while_busy(
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     true
+}
+
+/// The KV router's candidates: `client`'s workers, less those failed recently unless that
+/// leaves none.
+fn candidates(client: &Client, total_blocks: u64, avoid: &Inhibited) -> Vec<Candidate> {
+    let ids = client.instance_ids();
+    let kept: Vec<u64> = ids
+        .iter()
+        .copied()
+        .filter(|w| !avoid.contains(*w))
+        .collect();
+    if kept.is_empty() { ids } else { kept }
+        .into_iter()
+        .map(|worker_id| Candidate {
+            worker_id,
+            total_blocks,
+        })
+        .collect()
 }
 
 fn route_kv(
@@ -153,20 +162,7 @@ fn route_kv(
         cost = tracing::field::Empty,
     );
     let _entered = span.enter();
-    let ids = client.instance_ids();
-    let kept: Vec<u64> = ids
-        .iter()
-        .copied()
-        .filter(|w| !avoid.contains(*w))
-        .collect();
-    let candidates: Vec<Candidate> = if kept.is_empty() { ids } else { kept }
-        .into_iter()
-        .map(|worker_id| Candidate {
-            worker_id,
-            total_blocks,
-        })
-        .collect();
-    let d = kv.route(tokens, &candidates)?;
+    let d = kv.route(tokens, &candidates(client, total_blocks, avoid))?;
     span.record("worker_id", d.worker_id);
     span.record("overlap_blocks", d.overlap_blocks);
     span.record("cost", d.cost);
