@@ -54,33 +54,31 @@ async fn unimplemented_fields_and_bad_token_ids_are_refused_by_name() -> Result<
     let cases = [
         (
             &chat,
-            c(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
-            "tools",
-            Some("unsupported_parameter"),
+            c(json!({"tools": [{"type": "function", "function": {"name": "f b"}}]})),
+            "tools[0].function.name",
+            None,
         ),
         (
             &chat,
             c(json!({"tool_choice": "auto"})),
             "tool_choice",
+            None,
+        ),
+        (
+            &chat,
+            c(
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}),
+            ),
+            "tool_choice",
             Some("unsupported_parameter"),
         ),
         (
             &chat,
-            c(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}})),
-            "response_format",
-            Some("unsupported_parameter"),
-        ),
-        (
-            &chat,
-            c(json!({"logprobs": true})),
-            "logprobs",
-            Some("unsupported_parameter"),
-        ),
-        (
-            &chat,
-            c(json!({"logprobs": true, "top_logprobs": 3})),
-            "logprobs",
-            Some("unsupported_parameter"),
+            c(
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}),
+            ),
+            "response_format.json_schema.schema",
+            None,
         ),
         (
             &chat,
@@ -137,12 +135,7 @@ async fn unimplemented_fields_and_bad_token_ids_are_refused_by_name() -> Result<
             "best_of",
             Some("unsupported_parameter"),
         ),
-        (
-            &cmpl,
-            p(json!({"logprobs": 2})),
-            "logprobs",
-            Some("unsupported_parameter"),
-        ),
+        (&cmpl, p(json!({"logprobs": 6})), "logprobs", None),
         (
             &cmpl,
             p(json!({"echo": true})),
@@ -189,6 +182,21 @@ async fn unimplemented_fields_and_bad_token_ids_are_refused_by_name() -> Result<
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await?;
     assert_eq!(v["usage"]["completion_tokens"], 4);
+    // The mocker follows no grammar: refused by the worker as the client's error.
+    let r = post(
+        &chat,
+        c(json!({"response_format": {"type": "json_object"}})),
+    )
+    .await?;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await?;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("mocker engine cannot follow a grammar"),
+        "{v}"
+    );
     Ok(())
 }
 
@@ -208,7 +216,7 @@ async fn worker_errors_keep_their_class_across_the_request_plane() -> Result<()>
             max_tokens: Some(2),
             ..Default::default()
         },
-        prefill_result: None,
+        ..Default::default()
     };
     let cases = [
         (

@@ -47,6 +47,11 @@ struct Cli {
     /// until `</think>`).
     #[arg(long = "dyn-reasoning-parser", env = "DYN_REASONING_PARSER", value_parser = reasoning_parser)]
     reasoning_parser: Option<String>,
+    /// How the model writes tool calls, so that the frontend returns them as `tool_calls`
+    /// with `tool_choice: "auto"`: `hermes` / `qwen` (`<tool_call>` blocks), `llama3_json`,
+    /// `mistral` (`[TOOL_CALLS]`).
+    #[arg(long = "dyn-tool-call-parser", env = "DYN_TOOL_CALL_PARSER", value_parser = tool_call_parser)]
+    tool_call_parser: Option<String>,
     #[command(flatten)]
     runtime: RuntimeConfig,
     #[command(flatten)]
@@ -192,8 +197,18 @@ async fn main() -> anyhow::Result<()> {
                 cli.candle.clone(),
                 cli.batching.clone(),
             );
+            let guides = Arc::new(tandem_engine::Guides::new(
+                model.tokenizer.clone(),
+                model.prompt.eos_token_ids.clone(),
+            ));
             tokio::task::spawn_blocking(move || {
-                CandleEngine::start(&weights, &candle, &batching, context_length as usize)
+                CandleEngine::start_with(
+                    &weights,
+                    &candle,
+                    &batching,
+                    context_length as usize,
+                    Some(guides),
+                )
             })
             .await??
         }
@@ -205,6 +220,7 @@ async fn main() -> anyhow::Result<()> {
         context_length,
         migration_limit: cli.migration_limit,
         reasoning_parser: cli.reasoning_parser.clone(),
+        tool_call_parser: cli.tool_call_parser.clone(),
         publish_kv_events: mode != DisaggregationMode::Decode,
         kv_events_config: cli.kv_events_config.clone(),
         mode,
@@ -226,6 +242,12 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     drt.shutdown().await;
     Ok(())
+}
+
+/// Checks a `--dyn-tool-call-parser` name at start-up.
+fn tool_call_parser(name: &str) -> Result<String, String> {
+    name.parse::<tandem_preprocessor::tools::ToolCallParser>()
+        .map(|_| name.to_string())
 }
 
 /// Checks a `--dyn-reasoning-parser` name at start-up.

@@ -32,7 +32,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tandem_kv::{BlockPool, EventTap, SeqBlocks};
 use tandem_protocols::disagg::DisaggregatedParams;
-use tandem_protocols::llm::{EngineOutput, FinishReason, PreprocessedRequest, StopConditions};
+use tandem_protocols::llm::{
+    EngineOutput, FinishReason, PreprocessedRequest, StopConditions, TokenLogprob,
+};
+
+/// What a step computed for one running sequence: its next token (with its logprobs when
+/// the request asked for them), or why that sequence alone cannot go on (its grammar
+/// allows nothing).
+pub type Computed = Result<(u32, Option<TokenLogprob>), EngineError>;
 
 /// What reaches an engine's scheduler.
 pub enum Intake<X> {
@@ -474,6 +481,7 @@ impl<X> Batcher<X> {
             token_ids: vec![first],
             finish_reason: finish,
             cached_tokens: import.cached_tokens,
+            logprobs: import.first_logprob.map(|l| vec![l]),
             ..Default::default()
         });
         // Not counted in `generated`: the prefill worker's step produced it.
@@ -482,7 +490,13 @@ impl<X> Batcher<X> {
 
     /// Step 4: `tokens[i]` is the token computed for `running[i]`.
     pub fn complete(&mut self, tokens: &[u32]) {
-        debug_assert_eq!(tokens.len(), self.running.len());
+        self.complete_each(tokens.iter().map(|t| Ok((*t, None))).collect());
+    }
+
+    /// Step 4 with each sequence's own outcome: `computed[i]` is `running[i]`'s. A sequence
+    /// that failed gets its error and frees its blocks; the others go on.
+    pub fn complete_each(&mut self, computed: Vec<Computed>) {
+        debug_assert_eq!(computed.len(), self.running.len());
         let step_tokens: usize = self
             .running
             .iter()
@@ -490,7 +504,7 @@ impl<X> Batcher<X> {
             .sum();
         self.steps.observe(step_tokens as u64);
         let mut finished = Vec::new();
-        for (i, &token) in tokens.iter().enumerate() {
+        for (i, result) in computed.into_iter().enumerate() {
             let Some(seq) = self.running.get_mut(i) else {
                 break;
             };
@@ -498,6 +512,15 @@ impl<X> Batcher<X> {
             if let Some(b) = seq.blocks.as_mut() {
                 self.pool.commit(b, &seq.tokens[..seq.computed]);
             }
+            let (token, logprob) = match result {
+                Ok(t) => t,
+                Err(e) => {
+                    // Its blocks hold what this step computed: they stay cached, freed.
+                    seq.out.fail(e);
+                    finished.push((i, false));
+                    continue;
+                }
+            };
             seq.tokens.push(token);
             seq.generated += 1;
             self.generated += 1;
@@ -522,6 +545,7 @@ impl<X> Batcher<X> {
                 token_ids: vec![token],
                 finish_reason: finish,
                 cached_tokens: seq.cached_tokens.take(),
+                logprobs: logprob.map(|l| vec![l]),
                 disaggregated_params: params,
             });
             if finish.is_some() || !sent {
@@ -628,7 +652,7 @@ mod tests {
                 stop_token_ids: vec![9999],
                 ..Default::default()
             },
-            prefill_result: None,
+            ..Default::default()
         }
     }
 

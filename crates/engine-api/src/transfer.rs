@@ -37,6 +37,8 @@ pub enum Disagg {
 pub struct KvImport {
     /// The token the prefill worker sampled; emitted first.
     pub first_token: u32,
+    /// Its logprobs, when the request asked for them.
+    pub first_logprob: Option<tandem_protocols::llm::TokenLogprob>,
     /// Prompt tokens the prefill worker found cached (reported in the first output).
     pub cached_tokens: Option<u32>,
     /// Index of the prompt block `blocks[0]` is: the blocks before it were in this engine's

@@ -67,7 +67,7 @@ async fn tandem(
                 ignore_eos: true,
                 ..Default::default()
             },
-            prefill_result: None,
+            ..Default::default()
         })
         .collect();
     let streams: Vec<_> = requests

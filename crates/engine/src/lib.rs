@@ -29,6 +29,7 @@ use tandem_protocols::llm::PreprocessedRequest;
 use tokio::sync::mpsc;
 
 pub use model::{KvCache, Model, StepSeq, WeightFormat};
+pub use tandem_structured::Guides;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -124,6 +125,8 @@ pub struct CandleEngine {
     runtime: ModelRuntimeConfig,
     block_size: usize,
     vocab_size: usize,
+    /// Compiles requests' grammars; `None` refuses structured output.
+    guides: Option<Arc<Guides>>,
 }
 
 impl CandleEngine {
@@ -134,6 +137,17 @@ impl CandleEngine {
         args: &CandleArgs,
         batching: &BatchingArgs,
         max_model_len: usize,
+    ) -> Result<Arc<Self>, LoadError> {
+        Self::start_with(weights, args, batching, max_model_len, None)
+    }
+
+    /// [`Self::start`] with the model's [`Guides`], for structured output.
+    pub fn start_with(
+        weights: &WeightsSource,
+        args: &CandleArgs,
+        batching: &BatchingArgs,
+        max_model_len: usize,
+        guides: Option<Arc<Guides>>,
     ) -> Result<Arc<Self>, LoadError> {
         // The CLI checks these when parsing; arguments built in code are checked here.
         if batching.block_size == Some(0) || batching.max_num_seqs == 0 {
@@ -248,6 +262,7 @@ impl CandleEngine {
             runtime,
             block_size,
             vocab_size,
+            guides,
         }))
     }
 
@@ -265,7 +280,7 @@ impl Engine for CandleEngine {
     ) -> Result<EngineStream, EngineError> {
         tandem_engine_api::check_leg(&request.token_ids, &disagg, self.vocab_size)?;
         let (out, stream) = tandem_engine_api::output_channel(request.sampling.n);
-        for seq in scheduler::sequences(&request, disagg, &out)? {
+        for seq in scheduler::sequences(&request, disagg, &out, self.guides.as_deref())? {
             self.tx
                 .send(Intake::Seq(Box::new(seq)))
                 .map_err(|_| EngineError::Stopped)?;

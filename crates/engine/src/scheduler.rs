@@ -3,8 +3,10 @@
 //! The step skeleton (cancellations, preemption of the newest admitted sequence, admission,
 //! outputs and finish reasons) is the shared [`Batcher`]; what is the candle engine's own is
 //! the compute: all decodes and admitted prefills run as one [`Model::forward`], and each
-//! sequence samples its token with its choice's sampler. A failed forward pass fails the
-//! sequences of that step with [`EngineError::StepFailed`] and the engine goes on.
+//! sequence samples its token with its choice's sampler (its grammar's mask first, when it
+//! has one). A failed forward pass fails the sequences of that step with
+//! [`EngineError::StepFailed`] and the engine goes on; a choice whose grammar allows nothing
+//! fails alone.
 //!
 //! Blocks a decode leg imported are written into the cache at the start of the step that
 //! admitted it, before the forward pass.
@@ -15,12 +17,13 @@
 
 use std::sync::{Arc, Mutex};
 use tandem_engine_api::{
-    Batcher, BatchingArgs, CacheIndex, Disagg, EngineError, EngineStats, Intake, OutputSender,
-    Scheduled, Seq,
+    Batcher, BatchingArgs, CacheIndex, Computed, Disagg, EngineError, EngineStats, Intake,
+    OutputSender, Scheduled, Seq,
 };
 use tandem_kv::{BlockPool, EventTap};
 use tandem_protocols::llm::PreprocessedRequest;
 use tandem_sampling::Sampler;
+use tandem_structured::Guides;
 use tokio::sync::mpsc;
 
 use crate::model::{KvCache, Model, StepSeq};
@@ -29,23 +32,57 @@ use crate::model::{KvCache, Model, StepSeq};
 /// choice's sampler.
 pub type CandleSeq = Seq<Sampler>;
 
-/// The sequences of one request (or one leg of it), one per choice.
+/// The sequences of one request (or one leg of it), one per choice. Each choice's sampler
+/// reports logprobs when asked, follows the request's grammar (compiled by `guides`), and
+/// has seen the tokens the choice produced before this leg: a migrated request's resumed
+/// tokens, a decode leg's first token.
 pub fn sequences(
     request: &PreprocessedRequest,
     disagg: Disagg,
     out: &OutputSender,
+    guides: Option<&Guides>,
 ) -> Result<Vec<CandleSeq>, EngineError> {
-    let resumed = match &disagg {
-        Disagg::Decode(import) => Some(import.first_token),
-        _ => None,
-    };
-    Seq::for_leg(request, disagg, out, |index| {
-        let mut sampler = Sampler::new(request.sampling.clone(), index as u64);
-        if let Some(first) = resumed {
-            sampler.resume_after(first);
-        }
-        sampler
+    let ids = &request.token_ids;
+    let mut before: Vec<u32> =
+        ids[ids.len().saturating_sub(request.resumed_tokens as usize)..].to_vec();
+    if let Disagg::Decode(import) = &disagg {
+        before.push(import.first_token);
+    }
+    let samplers = (0..request.sampling.n.max(1))
+        .map(|index| sampler(request, index, &before, guides))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut samplers = samplers.into_iter();
+    Seq::for_leg(request, disagg, out, |_| {
+        samplers
+            .next()
+            .unwrap_or_else(|| Sampler::new(request.sampling.clone(), 0))
     })
+}
+
+fn sampler(
+    request: &PreprocessedRequest,
+    index: u32,
+    before: &[u32],
+    guides: Option<&Guides>,
+) -> Result<Sampler, EngineError> {
+    let mut s = Sampler::new(request.sampling.clone(), u64::from(index))
+        .with_logprobs(request.output_options.logprobs);
+    if let Some(g) = &request.sampling.guided_decoding {
+        let guides = guides.ok_or_else(|| {
+            EngineError::Invalid(
+                "structured output: this engine has no tokenizer to compile grammars with".into(),
+            )
+        })?;
+        let guide = guides
+            .guide(g)
+            .map_err(|e| EngineError::Invalid(format!("structured output: {e}")))?;
+        s = s.with_constraint(Box::new(guide));
+    }
+    for t in before {
+        s.resume_after(*t)
+            .map_err(|e| EngineError::Invalid(format!("resumed token {t}: {e}")))?;
+    }
+    Ok(s)
 }
 
 pub struct Scheduler {
@@ -145,15 +182,18 @@ impl Scheduler {
                 return;
             }
         };
-        let tokens: Vec<u32> = running
+        let computed: Vec<Computed> = running
             .iter_mut()
             .zip(logits)
             .map(|(seq, mut row)| {
-                let token = seq.ext.sample(&mut row, &seq.tokens[..seq.prompt_len]);
-                seq.ext.observe(token);
-                token
+                let s = seq.ext.sample(&mut row, &seq.tokens[..seq.prompt_len])?;
+                seq.ext.observe(s.token)?;
+                Ok((s.token, s.logprob))
+            })
+            .map(|r: Result<_, tandem_sampling::SampleError>| {
+                r.map_err(|e| EngineError::StepFailed(e.to_string()))
             })
             .collect();
-        self.batcher.complete(&tokens);
+        self.batcher.complete_each(computed);
     }
 }

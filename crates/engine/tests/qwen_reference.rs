@@ -165,7 +165,7 @@ async fn check(qwen3: bool) {
                 max_tokens: Some(12),
                 ..Default::default()
             },
-            prefill_result: None,
+            ..Default::default()
         };
         let got: Vec<u32> = engine
             .generate(request)

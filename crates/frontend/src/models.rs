@@ -41,6 +41,8 @@ pub struct ServedModel {
     pub name: String,
     pub card: ModelDeploymentCard,
     pub preprocessor: Preprocessor,
+    /// Structured-output grammars and logprob token bytes, for this model's vocabulary.
+    pub guides: tandem_structured::Guides,
     pub client: Client,
     pub router: ModelRouter,
     /// Stops the KV router's event intake when the model goes.
@@ -56,6 +58,15 @@ impl ServedModel {
         self.card
             .runtime_config
             .reasoning_parser
+            .as_deref()
+            .and_then(|name| name.parse().ok())
+    }
+
+    /// The tool-call parser the model's workers named (`--dyn-tool-call-parser`).
+    pub fn tool_call_parser(&self) -> Option<tandem_preprocessor::tools::ToolCallParser> {
+        self.card
+            .runtime_config
+            .tool_call_parser
             .as_deref()
             .and_then(|name| name.parse().ok())
     }
@@ -391,12 +402,17 @@ async fn load_model(
         &gen_ep,
         &kv_stop,
     )?;
+    let guides = tandem_structured::Guides::new(
+        preprocessor.tokenizer().clone(),
+        preprocessor.eos_token_ids().to_vec(),
+    );
     Ok(ServedModel {
         name: card.display_name.clone(),
         client: drt.endpoint(gen_ep).client(),
         router,
         kv_stop,
         preprocessor,
+        guides,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

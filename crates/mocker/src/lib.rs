@@ -15,19 +15,23 @@
 //! wire); instead a transfer is made to last `blocks × block_size × kv_bytes_per_token /
 //! kv_transfer_bandwidth` ([`KvTransfer::simulated_delay`], divided by the speedup ratio).
 //!
+//! Its tokens are drawn uniformly from the plain ids, so the logprobs it reports when asked
+//! are those of that uniform distribution (every alternative as likely as the token drawn).
+//! It follows no grammar: structured output is refused (the candle engine has it).
+//!
 //! For testing failure paths, `fail_after_tokens` makes a step fail (as a forward pass can)
 //! as soon as a sequence in it has generated that many tokens.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_engine_api::{
-    Batcher, BatchingArgs, CacheIndex, Disagg, Engine, EngineError, EngineStats, EngineStream,
-    Intake, KvTransfer, Scheduled, Seq,
+    Batcher, BatchingArgs, CacheIndex, Computed, Disagg, Engine, EngineError, EngineStats,
+    EngineStream, Intake, KvTransfer, Scheduled, Seq,
 };
 use tandem_kv::{BlockPool, EventTap};
 use tandem_protocols::card::ModelRuntimeConfig;
 use tandem_protocols::disagg::KvLayout;
-use tandem_protocols::llm::PreprocessedRequest;
+use tandem_protocols::llm::{PreprocessedRequest, TokenLogprob};
 use tokio::sync::mpsc;
 
 /// The mocker's settings: the shared batching flags plus its timing.
@@ -83,7 +87,7 @@ const DEFAULT_MAX_TOKENS: u32 = 16;
 pub struct MockEngine {
     args: MockerArgs,
     vocab: u32,
-    tx: mpsc::UnboundedSender<Intake<u64>>,
+    tx: mpsc::UnboundedSender<Intake<MockSeq>>,
     transfer: Arc<MockTransfer>,
     stats: Arc<Mutex<EngineStats>>,
     events: EventTap,
@@ -143,6 +147,11 @@ impl Engine for MockEngine {
         disagg: Disagg,
     ) -> Result<EngineStream, EngineError> {
         tandem_engine_api::check_leg(&request.token_ids, &disagg, self.vocab as usize)?;
+        if request.sampling.guided_decoding.is_some() {
+            return Err(EngineError::Invalid(
+                "structured output: the mocker engine cannot follow a grammar; use the candle engine".into(),
+            ));
+        }
         request.stop.max_tokens.get_or_insert(DEFAULT_MAX_TOKENS);
         // Its tokens are random: an end-of-sequence id among them would end choices at random
         // lengths. Like Dynamo's mocker, it generates until the length limit.
@@ -154,15 +163,17 @@ impl Engine for MockEngine {
                 .fold(0x9e37_79b9, |h, t| h ^ (*t as u64 + h.rotate_left(5)))
         });
         let (out, stream) = tandem_engine_api::output_channel(request.sampling.n);
-        let mut seqs = Seq::for_leg(&request, disagg, &out, |index| {
-            seed ^ (index as u64).wrapping_mul(0xa076_1d64_78bd_642f)
+        let logprobs = request.output_options.logprobs;
+        let mut seqs = Seq::for_leg(&request, disagg, &out, |index| MockSeq {
+            rng: seed ^ (index as u64).wrapping_mul(0xa076_1d64_78bd_642f),
+            logprobs,
         })?;
         let vocab = self.vocab.max(FIRST_PLAIN_TOKEN + 1);
         for mut seq in seqs.drain(..) {
             // A decode leg continues the generator where the prefill worker's left it, so
             // that disaggregated output equals aggregated output.
             for _ in 0..seq.generated {
-                next_token(&mut seq.ext, vocab);
+                next_token(&mut seq.ext.rng, vocab);
             }
             self.tx
                 .send(Intake::Seq(Box::new(seq)))
@@ -200,7 +211,7 @@ impl Engine for MockEngine {
 
 /// The mocker's transfers: real block accounting, no data, simulated time.
 struct MockTransfer {
-    tx: mpsc::UnboundedSender<Intake<u64>>,
+    tx: mpsc::UnboundedSender<Intake<MockSeq>>,
     index: CacheIndex,
     block_size: usize,
     bytes_per_block: f64,
@@ -243,7 +254,7 @@ impl KvTransfer for MockTransfer {
 }
 
 struct Scheduler {
-    batcher: Batcher<u64>,
+    batcher: Batcher<MockSeq>,
     speedup_ratio: f64,
     fail_after_tokens: Option<u32>,
     vocab: u32,
@@ -260,6 +271,26 @@ fn decode_ms(p: f64) -> f64 {
     -5.47 * p * p + 43.88 * p + 19.44
 }
 
+/// One choice as the mocker keeps it: its generator, and how many alternatives its logprobs
+/// list (when asked for).
+pub struct MockSeq {
+    rng: u64,
+    logprobs: Option<u32>,
+}
+
+/// The logprobs of `token` drawn uniformly from the plain ids below `vocab`: every one is
+/// equally likely, so the alternatives are the token and the ids after it.
+fn uniform_logprob(token: u32, vocab: u32, top: u32) -> TokenLogprob {
+    let n = vocab - FIRST_PLAIN_TOKEN;
+    let lp = -(n as f32).ln();
+    TokenLogprob {
+        logprob: lp,
+        top: (0..top.min(n))
+            .map(|i| (FIRST_PLAIN_TOKEN + (token - FIRST_PLAIN_TOKEN + i) % n, lp))
+            .collect(),
+    }
+}
+
 fn next_token(rng: &mut u64, vocab: u32) -> u32 {
     // splitmix64
     *rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -271,7 +302,7 @@ fn next_token(rng: &mut u64, vocab: u32) -> u32 {
 }
 
 impl Scheduler {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Intake<u64>>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Intake<MockSeq>>) {
         loop {
             while let Ok(item) = rx.try_recv() {
                 self.batcher.intake(item);
@@ -337,11 +368,15 @@ impl Scheduler {
             return;
         }
         let vocab = self.vocab;
-        let tokens: Vec<u32> = running
+        let computed: Vec<Computed> = running
             .iter_mut()
-            .map(|s| next_token(&mut s.ext, vocab))
+            .map(|s| {
+                let token = next_token(&mut s.ext.rng, vocab);
+                let lp = s.ext.logprobs.map(|k| uniform_logprob(token, vocab, k));
+                Ok((token, lp))
+            })
             .collect();
-        self.batcher.complete(&tokens);
+        self.batcher.complete_each(computed);
     }
 }
 
@@ -368,7 +403,7 @@ mod tests {
                 max_tokens: Some(max_tokens),
                 ..Default::default()
             },
-            prefill_result: None,
+            ..Default::default()
         }
     }
 
@@ -379,6 +414,31 @@ mod tests {
             speedup_ratio: 0.0,
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn logprobs_are_those_of_its_uniform_draw_and_grammars_are_refused() {
+        let engine = MockEngine::start(args(64), 1000);
+        let mut req = request((0..10).collect(), 4, 1);
+        req.output_options.logprobs = Some(3);
+        let outs = outputs(engine.generate(req.clone()).unwrap()).await;
+        assert_eq!(outs.len(), 4);
+        for o in &outs {
+            let lp = &o.logprobs.as_ref().unwrap()[0];
+            assert!((lp.logprob - -(968f32).ln()).abs() < 1e-6);
+            assert_eq!(lp.top.len(), 3);
+            assert_eq!(
+                lp.top[0].0, o.token_ids[0],
+                "the token drawn is among the likeliest"
+            );
+            assert!(
+                lp.top
+                    .iter()
+                    .all(|(t, l)| *t >= FIRST_PLAIN_TOKEN && *t < 1000 && *l == lp.logprob)
+            );
+        }
+        req.sampling.guided_decoding = Some(tandem_protocols::llm::GuidedDecoding::JsonObject);
+        assert!(matches!(engine.generate(req), Err(EngineError::Invalid(_))));
     }
 
     #[tokio::test]

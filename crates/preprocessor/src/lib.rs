@@ -11,6 +11,7 @@ pub mod detokenize;
 pub mod reasoning;
 pub mod stop;
 pub mod template;
+pub mod tools;
 
 use serde_json::Value;
 use tandem_protocols::card::PromptFormat;

@@ -24,6 +24,10 @@ pub struct ModelRuntimeConfig {
     /// `deepseek_r1`), for the frontend to split it into `reasoning_content`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_parser: Option<String>,
+    /// How the model writes tool calls (`--dyn-tool-call-parser`: `hermes`, `llama3_json`,
+    /// `mistral`), for the frontend to return them as `tool_calls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_parser: Option<String>,
 }
 
 /// A ZMQ PUB endpoint of KV events, as routers should connect to it.

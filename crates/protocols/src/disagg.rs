@@ -72,7 +72,7 @@ pub struct DisaggregatedParams {
 }
 
 /// The prefill leg's outcome, sent with the decode request (Dynamo's `prefill_result`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrefillResult {
     pub disaggregated_params: DisaggregatedParams,
     /// The token the prefill worker sampled; the decode worker emits it first.
@@ -80,6 +80,9 @@ pub struct PrefillResult {
     /// Prompt tokens the prefill worker found in its prefix cache (usage's `cached_tokens`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u32>,
+    /// The first token's logprobs, when the request asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_logprob: Option<crate::llm::TokenLogprob>,
 }
 
 /// The request-plane call (`kv_release` beside a prefill worker's `generate`) that frees a

@@ -25,10 +25,53 @@ pub struct SamplingOptions {
     /// Number of choices to generate for this prompt.
     #[serde(default = "one")]
     pub n: u32,
+    /// Structured output: the grammar every choice's tokens must follow (Dynamo's
+    /// `guided_decoding`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided_decoding: Option<GuidedDecoding>,
+}
+
+/// What a constrained choice must match. The frontend checks that it compiles before any
+/// worker sees it; the engine compiles it again per choice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuidedDecoding {
+    /// A JSON document valid against this JSON Schema.
+    JsonSchema(serde_json::Value),
+    /// Any JSON object (`response_format: json_object`).
+    JsonObject,
+    /// Text matching this regular expression (whole output).
+    Regex(String),
+    /// Text derived from this Lark grammar (llguidance's dialect).
+    Grammar(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+}
+
+/// What each output carries besides its tokens (Dynamo's `output_options`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutputOptions {
+    /// `Some(k)`: every generated token's log-probability, with the `k` most likely
+    /// alternatives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+}
+
+/// A generated token's log-probability under the distribution it was sampled from, and the
+/// most likely tokens of that distribution, most likely first, as `(token id, logprob)`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<(u32, f32)>,
 }
 
 fn one() -> u32 {
     1
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -55,6 +98,13 @@ pub struct PreprocessedRequest {
     pub sampling: SamplingOptions,
     #[serde(default)]
     pub stop: StopConditions,
+    #[serde(default)]
+    pub output_options: OutputOptions,
+    /// The last `resumed_tokens` of `token_ids` are this choice's own output from an earlier
+    /// worker (a migrated request): penalties and the structured-output grammar count them
+    /// as generated, not as prompt.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resumed_tokens: u32,
     /// Decode leg of a disaggregated request: where the prompt's KV blocks are and the first
     /// token (Dynamo's `prefill_result`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +149,9 @@ pub struct EngineOutput {
     /// Prompt tokens found in the prefix cache (sent once, with the first output).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u32>,
+    /// One entry per token of `token_ids`, when the request asked for logprobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
     /// A prefill worker's last output: where the prompt's KV blocks wait for the decode
     /// worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -54,6 +54,11 @@ pub struct NvExt {
     pub greed_sampling: Option<bool>,
     /// Route to this worker instance.
     pub backend_instance_id: Option<u64>,
+    /// Structured output, as the top-level `guided_*` fields.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
     /// Everything else `nvext` may carry (rejected by name until implemented).
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -84,6 +89,12 @@ pub struct CommonParams {
     pub logit_bias: Option<BTreeMap<String, f64>>,
     pub user: Option<String>,
     pub response_format: Option<ResponseFormat>,
+    /// vLLM's structured-output fields: a JSON Schema (object or JSON text), a regex, a list
+    /// of choices, a Lark grammar.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
     pub nvext: Option<NvExt>,
 }
 
@@ -159,13 +170,84 @@ pub struct Usage {
     pub prompt_tokens_details: Option<PromptTokensDetails>,
 }
 
+/// A call the model made: `function.arguments` is JSON text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A streamed piece of a tool call: the first carries `id`, `type` and the name, later ones
+/// argument text to append.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FunctionCallDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+/// One alternative in `top_logprobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// One generated token in chat `logprobs.content`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatLogprobToken {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// Chat `logprobs`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatLogprobs {
+    pub content: Option<Vec<ChatLogprobToken>>,
+    pub refusal: Option<Vec<ChatLogprobToken>>,
+}
+
+/// Completions `logprobs` (the legacy shape).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    pub text_offset: Vec<usize>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssistantMessage {
     pub role: String,
-    pub content: String,
+    /// Null when the message is only tool calls.
+    pub content: Option<String>,
     /// A reasoning model's thinking (vLLM's and Dynamo's field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,7 +255,7 @@ pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
     pub finish_reason: Option<String>,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +278,8 @@ pub struct Delta {
     /// A reasoning model's thinking (vLLM's and Dynamo's field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,7 +287,7 @@ pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: Delta,
     pub finish_reason: Option<String>,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -223,7 +307,7 @@ pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
     pub finish_reason: Option<String>,
-    pub logprobs: Option<Value>,
+    pub logprobs: Option<CompletionLogprobs>,
 }
 
 /// Used for both the whole response and stream chunks (`object` = `text_completion`).

@@ -1,21 +1,52 @@
 //! Choosing the next token from a row of logits, per request.
 //!
-//! Order of operations (as vLLM applies them): repetition penalty over prompt and output
-//! tokens, then OpenAI's frequency and presence penalties over output tokens; with no
-//! temperature (or 0) the highest logit wins; otherwise logits are divided by the temperature,
-//! turned into probabilities, cut by top-k, top-p and min-p, renormalised and sampled with the
+//! Order of operations (as vLLM applies them): the structured-output [`Constraint`]'s mask
+//! (tokens the grammar forbids get −∞), repetition penalty over prompt and output tokens,
+//! then OpenAI's frequency and presence penalties over output tokens; with no temperature
+//! (or 0) the highest logit wins; otherwise logits are divided by the temperature, turned
+//! into probabilities, cut by top-k, top-p and min-p, renormalised and sampled with the
 //! request's own random generator, so the same seed gives the same tokens.
+//!
+//! Logprobs, when asked for, are read from the distribution after the mask, the penalties
+//! and the temperature (temperature 1 for greedy requests) and before top-k/top-p/min-p
+//! truncation — the distribution the sampler drew from, without the cut that would make most
+//! alternatives −∞.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use tandem_protocols::llm::SamplingOptions;
+use tandem_protocols::llm::{SamplingOptions, TokenLogprob};
+
+/// A per-choice rule over which tokens may come next (a structured-output grammar).
+pub trait Constraint: Send {
+    /// Sets the logits of tokens that may not come next to −∞.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), String>;
+    /// Moves past `token`, which the sampler (or an earlier worker) chose.
+    fn advance(&mut self, token: u32) -> Result<(), String>;
+}
+
+/// The chosen token and, when asked for, its logprobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// Why no token could be chosen.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SampleError {
+    #[error("structured output: {0}")]
+    Constraint(String),
+}
 
 pub struct Sampler {
     opts: SamplingOptions,
     rng: StdRng,
     /// Output tokens so far and how often each occurred.
     counts: HashMap<u32, u32>,
+    /// `Some(k)`: report each token's logprob with the `k` most likely alternatives.
+    logprobs: Option<u32>,
+    constraint: Option<Box<dyn Constraint>>,
 }
 
 impl Sampler {
@@ -31,35 +62,73 @@ impl Sampler {
             opts,
             rng,
             counts: HashMap::new(),
+            logprobs: None,
+            constraint: None,
         }
+    }
+
+    /// Reports each chosen token's logprob with the `top` most likely alternatives.
+    pub fn with_logprobs(mut self, top: Option<u32>) -> Self {
+        self.logprobs = top;
+        self
+    }
+
+    /// Restricts every choice to what `constraint` allows.
+    pub fn with_constraint(mut self, constraint: Box<dyn Constraint>) -> Self {
+        self.constraint = Some(constraint);
+        self
     }
 
     pub fn is_greedy(&self) -> bool {
         self.opts.temperature.is_none_or(|t| t <= 0.0)
     }
 
-    /// Records a generated token (penalties count output tokens).
-    pub fn observe(&mut self, token: u32) {
+    /// Records a generated token: penalties count output tokens, and the constraint moves
+    /// past it. Fails when the constraint does not allow it.
+    pub fn observe(&mut self, token: u32) -> Result<(), SampleError> {
         *self.counts.entry(token).or_insert(0) += 1;
+        match &mut self.constraint {
+            Some(c) => c.advance(token).map_err(SampleError::Constraint),
+            None => Ok(()),
+        }
     }
 
     /// Continues after `token`, which another sampler with the same options picked (a prefill
-    /// worker's first token): counted for penalties, and the random stream moved past the
-    /// draw that picked it, so that a seeded request samples what it would have in one piece.
-    pub fn resume_after(&mut self, token: u32) {
-        self.observe(token);
+    /// worker's first token): observed, and the random stream moved past the draw that
+    /// picked it, so that a seeded request samples what it would have in one piece.
+    pub fn resume_after(&mut self, token: u32) -> Result<(), SampleError> {
+        self.observe(token)?;
         if !self.is_greedy() {
             let _: f32 = self.rng.random();
         }
+        Ok(())
     }
 
-    /// Picks the next token. `prompt` feeds the repetition penalty; `logits` is modified.
-    pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32]) -> u32 {
+    /// Picks the next token (not yet observed). `prompt` feeds the repetition penalty;
+    /// `logits` is modified.
+    pub fn sample(&mut self, logits: &mut [f32], prompt: &[u32]) -> Result<Sampled, SampleError> {
+        if let Some(c) = &mut self.constraint {
+            c.mask(logits).map_err(SampleError::Constraint)?;
+        }
         self.apply_penalties(logits, prompt);
+        let t = self.opts.temperature.filter(|t| *t > 0.0).unwrap_or(1.0);
+        let token = self.pick(logits, t);
+        if logits
+            .get(token as usize)
+            .is_none_or(|l| *l == f32::NEG_INFINITY)
+        {
+            return Err(SampleError::Constraint(
+                "no token is allowed next".to_string(),
+            ));
+        }
+        let logprob = self.logprobs.map(|k| logprobs(logits, t, token, k));
+        Ok(Sampled { token, logprob })
+    }
+
+    fn pick(&mut self, logits: &[f32], t: f32) -> u32 {
         if self.is_greedy() {
             return argmax(logits);
         }
-        let t = self.opts.temperature.unwrap_or(1.0);
         let mut probs = softmax(logits, t);
         self.filter(&mut probs);
         let total: f32 = probs.iter().sum();
@@ -150,6 +219,32 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// `token`'s logprob under softmax(`logits` / `t`), and the `top` most likely tokens, most
+/// likely first (ties by lower id).
+fn logprobs(logits: &[f32], t: f32, token: u32, top: u32) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| f64::from((l - max) / t).exp()).sum();
+    let lse = f64::from(max / t) + sum.ln();
+    let lp = |i: usize| (f64::from(logits[i] / t) - lse) as f32;
+    let k = (top as usize).min(logits.len());
+    let mut ids: Vec<usize> = (0..logits.len()).collect();
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    if k > 0 && k < ids.len() {
+        ids.select_nth_unstable_by(k - 1, by_logit);
+    }
+    ids.truncate(k);
+    ids.sort_unstable_by(by_logit);
+    TokenLogprob {
+        logprob: lp(token as usize),
+        // Tokens a constraint forbids are not alternatives.
+        top: ids
+            .into_iter()
+            .filter(|i| logits[*i] > f32::NEG_INFINITY)
+            .map(|i| (i as u32, lp(i)))
+            .collect(),
+    }
+}
+
 fn softmax(logits: &[f32], temperature: f32) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut out: Vec<f32> = logits
@@ -179,7 +274,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_highest_logit_after_penalties() {
         let mut s = Sampler::new(opts(), 0);
-        assert_eq!(s.sample(&mut [0.1, 3.0, 2.9], &[]), 1);
+        assert_eq!(s.sample(&mut [0.1, 3.0, 2.9], &[]).unwrap().token, 1);
         let mut s = Sampler::new(
             SamplingOptions {
                 repetition_penalty: Some(1.2),
@@ -188,7 +283,7 @@ mod tests {
             0,
         );
         assert_eq!(
-            s.sample(&mut [0.1, 3.0, 2.9], &[1]),
+            s.sample(&mut [0.1, 3.0, 2.9], &[1]).unwrap().token,
             2,
             "token 1 was in the prompt"
         );
@@ -199,9 +294,9 @@ mod tests {
             },
             0,
         );
-        s.observe(1);
+        s.observe(1).unwrap();
         assert_eq!(
-            s.sample(&mut [0.1, 3.0, 2.9], &[]),
+            s.sample(&mut [0.1, 3.0, 2.9], &[]).unwrap().token,
             2,
             "token 1 was generated before"
         );
@@ -212,9 +307,9 @@ mod tests {
             },
             0,
         );
-        s.observe(0);
+        s.observe(0).unwrap();
         assert_eq!(
-            s.sample(&mut [2.5, 3.0, 2.9], &[]),
+            s.sample(&mut [2.5, 3.0, 2.9], &[]).unwrap().token,
             0,
             "a negative presence penalty favours it"
         );
@@ -231,7 +326,7 @@ mod tests {
         let run = |stream| {
             let mut s = Sampler::new(o.clone(), stream);
             (0..32)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .map(|_| s.sample(&mut logits.clone(), &[]).unwrap().token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(0), run(0));
@@ -251,18 +346,18 @@ mod tests {
         let mut whole = Sampler::new(o.clone(), 0);
         let all: Vec<u32> = (0..16)
             .map(|_| {
-                let t = whole.sample(&mut logits.clone(), &[]);
-                whole.observe(t);
+                let t = whole.sample(&mut logits.clone(), &[]).unwrap().token;
+                whole.observe(t).unwrap();
                 t
             })
             .collect();
         // Two legs: the first token from one sampler, the rest from a fresh one resumed.
         let mut rest = Sampler::new(o, 0);
-        rest.resume_after(all[0]);
+        rest.resume_after(all[0]).unwrap();
         let tail: Vec<u32> = (1..16)
             .map(|_| {
-                let t = rest.sample(&mut logits.clone(), &[]);
-                rest.observe(t);
+                let t = rest.sample(&mut logits.clone(), &[]).unwrap().token;
+                rest.observe(t).unwrap();
                 t
             })
             .collect();
@@ -303,7 +398,7 @@ mod tests {
         ] {
             let mut s = Sampler::new(o, 0);
             for _ in 0..200 {
-                let t = s.sample(&mut logits.clone(), &[]);
+                let t = s.sample(&mut logits.clone(), &[]).unwrap().token;
                 assert!(allowed.contains(&t), "{t} not in {allowed:?}");
             }
         }
@@ -322,7 +417,7 @@ mod tests {
         );
         let n = 4000;
         let zeros = (0..n)
-            .filter(|_| s.sample(&mut [3f32.ln(), 0.0], &[]) == 0)
+            .filter(|_| s.sample(&mut [3f32.ln(), 0.0], &[]).unwrap().token == 0)
             .count();
         let share = zeros as f64 / n as f64;
         assert!((share - 0.75).abs() < 0.03, "{share}");
@@ -336,8 +431,115 @@ mod tests {
             0,
         );
         let zeros = (0..n)
-            .filter(|_| s.sample(&mut [3f32.ln(), 0.0], &[]) == 0)
+            .filter(|_| s.sample(&mut [3f32.ln(), 0.0], &[]).unwrap().token == 0)
             .count();
         assert!(zeros as f64 / n as f64 > 0.97);
+    }
+
+    #[test]
+    fn logprobs_come_from_the_distribution_sampled_from() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0, 0.5];
+        // Greedy: temperature 1, the chosen token is the most likely one.
+        let mut s = Sampler::new(opts(), 0).with_logprobs(Some(3));
+        let got = s.sample(&mut logits.clone(), &[]).unwrap();
+        let lp = got.logprob.unwrap();
+        assert_eq!(got.token, 1);
+        let ids: Vec<u32> = lp.top.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![1, 2, 0], "most likely first");
+        assert_eq!(lp.logprob, lp.top[0].1);
+        let lse = logits.iter().map(|l| (*l as f64).exp()).sum::<f64>().ln();
+        assert!((lp.logprob as f64 - (3.0 - lse)).abs() < 1e-5);
+        let mass: f64 = lp.top.iter().map(|(_, l)| (*l as f64).exp()).sum();
+        assert!(mass <= 1.0 && mass > 0.9, "{mass}");
+        // Sampled at temperature 0.5: logits halved in temperature means doubled.
+        let mut s = Sampler::new(
+            SamplingOptions {
+                temperature: Some(0.5),
+                seed: Some(3),
+                ..opts()
+            },
+            0,
+        )
+        .with_logprobs(Some(0));
+        let got = s.sample(&mut logits.clone(), &[]).unwrap();
+        let lp = got.logprob.unwrap();
+        assert!(lp.top.is_empty());
+        let lse = logits
+            .iter()
+            .map(|l| (*l as f64 * 2.0).exp())
+            .sum::<f64>()
+            .ln();
+        let want = logits[got.token as usize] as f64 * 2.0 - lse;
+        assert!((lp.logprob as f64 - want).abs() < 1e-5);
+        // Penalties change the distribution logprobs are read from.
+        let mut s = Sampler::new(
+            SamplingOptions {
+                repetition_penalty: Some(3.0),
+                ..opts()
+            },
+            0,
+        )
+        .with_logprobs(Some(1));
+        let got = s.sample(&mut logits.clone(), &[1]).unwrap();
+        assert_eq!(got.token, 2, "token 1 penalised from 3.0 to 1.0");
+        assert_eq!(got.logprob.unwrap().top[0].0, 2);
+    }
+
+    /// Allows only even tokens and records what it was told.
+    struct EvenOnly(std::sync::Arc<std::sync::Mutex<Vec<u32>>>);
+
+    impl Constraint for EvenOnly {
+        fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+            for (i, l) in logits.iter_mut().enumerate() {
+                if i % 2 == 1 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            Ok(())
+        }
+        fn advance(&mut self, token: u32) -> Result<(), String> {
+            if token % 2 == 1 {
+                return Err(format!("{token} is odd"));
+            }
+            self.0.lock().unwrap().push(token);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_constraint_masks_before_sampling_and_sees_every_token() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let logits = [1.0f32, 5.0, 2.0, 6.0, 0.0, 1.5];
+        for temperature in [None, Some(1.5)] {
+            let mut s = Sampler::new(
+                SamplingOptions {
+                    temperature,
+                    seed: Some(9),
+                    ..opts()
+                },
+                0,
+            )
+            .with_constraint(Box::new(EvenOnly(seen.clone())))
+            .with_logprobs(Some(5));
+            for _ in 0..50 {
+                let got = s.sample(&mut logits.clone(), &[]).unwrap();
+                assert_eq!(got.token % 2, 0);
+                let lp = got.logprob.unwrap();
+                assert!(lp.logprob.is_finite());
+                assert_eq!(lp.top.len(), 3, "forbidden tokens are no alternatives");
+                let mass: f32 = lp.top.iter().map(|(_, l)| l.exp()).sum();
+                assert!(
+                    (mass - 1.0).abs() < 1e-4,
+                    "the allowed tokens hold all the mass"
+                );
+                s.observe(got.token).unwrap();
+            }
+        }
+        assert_eq!(seen.lock().unwrap().len(), 100);
+        let mut s = Sampler::new(opts(), 0).with_constraint(Box::new(EvenOnly(seen)));
+        assert!(
+            s.resume_after(3).is_err(),
+            "a resumed token the grammar refuses"
+        );
     }
 }

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub migration_limit: u32,
     /// `--dyn-reasoning-parser`, validated by the binary, published in the card.
     pub reasoning_parser: Option<String>,
+    /// `--dyn-tool-call-parser`, validated by the binary, published in the card.
+    pub tool_call_parser: Option<String>,
     /// Publish KV block events (off for decode-only workers).
     pub publish_kv_events: bool,
     /// vLLM's `--kv-events-config`: also publish over ZMQ.
@@ -179,6 +181,7 @@ pub async fn serve(
     let mut runtime_config = engine.runtime_config();
     runtime_config.kv_events_zmq = kv_events_zmq;
     runtime_config.reasoning_parser = config.reasoning_parser.clone();
+    runtime_config.tool_call_parser = config.tool_call_parser.clone();
     runtime_config.disaggregated_endpoint = prefill_side.as_ref().map(|s| s.endpoint.clone());
     let model_type = match config.mode {
         DisaggregationMode::Prefill => vec!["prefill".into()],

@@ -167,7 +167,7 @@ pub fn greedy_request(prompt: &[u32], n: u32) -> PreprocessedRequest {
             max_tokens: Some(n),
             ..Default::default()
         },
-        prefill_result: None,
+        ..Default::default()
     }
 }
 

@@ -1,8 +1,8 @@
 //! The HTTP layer: routes, extractors, response rendering and error mapping.
 //!
-//! `POST /v1/chat/completions` and `POST /v1/completions` read the body ([`body`]), run the
-//! request [`crate::pipeline`] once [`crate::admission`] gives it a turn and render its events
-//! ([`render`]); with an API key, `/v1/*` is behind [`auth`]; `GET /v1/models`, `/health`,
+//! `POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/responses` read the body
+//! ([`body`]), run the request [`crate::pipeline`] once [`crate::admission`] gives it a turn
+//! and render its events ([`render`]; [`responses`] for the Responses API); with an API key, `/v1/*` is behind [`auth`]; `GET /v1/models`, `/health`,
 //! `/live` and `/metrics` answer from the model list and the registries. Every error leaves
 //! as OpenAI's envelope through [`ApiError`], including 404 for unknown routes and 405 for a
 //! method a route does not serve; a refused request is counted in
@@ -10,7 +10,9 @@
 
 pub mod auth;
 pub mod body;
+pub mod logprobs;
 pub mod render;
+pub mod responses;
 
 use crate::admission::Admission;
 use crate::error::ApiError;
@@ -53,6 +55,7 @@ pub fn router(state: AppState, access: Access) -> Router<()> {
     let traced = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses_api))
         .route_layer(axum::middleware::from_fn(http_request_span));
     let mut v1 = traced.route("/v1/models", get(list_models));
     let mut metrics_route = Router::new().route("/metrics", get(metrics));
@@ -93,6 +96,15 @@ async fn completions(
     generation(&s, Endpoint::Completions, ids, &headers, body).await
 }
 
+async fn responses_api(
+    State(s): State<AppState>,
+    Extension(ids): Extension<RequestIds>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generation(&s, Endpoint::Responses, ids, &headers, body).await
+}
+
 async fn generation(
     s: &AppState,
     endpoint: Endpoint,
@@ -100,9 +112,11 @@ async fn generation(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let started = body::json_body(headers, body)
-        .and_then(|body| pipeline::start(&s.models, s.metrics.clone(), endpoint, &body, ids));
-    let g = match started {
+    let body = match body::json_body(headers, body) {
+        Ok(b) => b,
+        Err(e) => return rejected(s, e, endpoint),
+    };
+    let g = match pipeline::start(&s.models, s.metrics.clone(), endpoint, &body, ids) {
         Ok(g) => g,
         Err(e) => return rejected(s, e, endpoint),
     };
@@ -122,9 +136,13 @@ async fn generation(
         stream: g.stream,
         include_usage: g.include_usage,
         n: g.n,
+        logprobs: g.logprobs,
     };
     // Failures after this point were counted (and logged) by the request's own guard.
-    let result = render::respond(endpoint, g).await;
+    let result = match endpoint {
+        Endpoint::Responses => responses::respond(g, body).await,
+        _ => render::respond(endpoint, g).await,
+    };
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
     resp.extensions_mut().insert(GuardLogs);
     resp

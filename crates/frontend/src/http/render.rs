@@ -1,13 +1,17 @@
 //! Generation events → OpenAI responses: SSE chunks (`chat.completion.chunk`,
 //! `text_completion`) ending in `data: [DONE]`, or one JSON body.
 //!
+//! A token's logprobs ride on the chunk that carries the text (or tool call, or finish) it
+//! produced, so that a client reading `delta` and `logprobs` together sees them agree.
+//!
 //! A failure before the first event is an HTTP error status with OpenAI's envelope, for
 //! either kind of client. A failure mid-stream reaches a streaming client as an SSE
 //! `event: error` whose data is the envelope, and the stream ends there without `[DONE]`, so
 //! no client mistakes it for a normal end; a unary client gets the error status.
 
+use super::logprobs;
 use crate::error::ApiError;
-use crate::pipeline::{Endpoint, GenEvent, Generation, execute};
+use crate::pipeline::{Endpoint, GenEvent, Generation, TokenLogprobs, execute};
 use axum::body::{Body, Bytes};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -51,17 +55,10 @@ pub async fn respond(
 ) -> Result<Response, ApiError> {
     let created = now();
     if !g.stream {
-        let c = execute::collect(g.events, g.n).await?;
+        let c = execute::collect(g.events, g.n, g.logprobs).await?;
         return Ok(match endpoint {
-            Endpoint::Chat => chat_unary(&g.request_id, &g.model, created, c),
-            Endpoint::Completions => completion_unary(
-                &g.request_id,
-                &g.model,
-                created,
-                c.texts,
-                c.reasons,
-                c.usage,
-            ),
+            Endpoint::Chat | Endpoint::Responses => chat_unary(&g.request_id, &g.model, created, c),
+            Endpoint::Completions => completion_unary(&g.request_id, &g.model, created, c),
         });
     }
     let mut events = Box::pin(g.events);
@@ -69,13 +66,15 @@ pub async fn respond(
     let mut chunks = Chunks {
         endpoint,
         id: match endpoint {
-            Endpoint::Chat => format!("chatcmpl-{}", g.request_id),
+            Endpoint::Chat | Endpoint::Responses => format!("chatcmpl-{}", g.request_id),
             Endpoint::Completions => format!("cmpl-{}", g.request_id),
         },
         model: g.model,
         created,
         include_usage: g.include_usage,
         started: vec![false; g.n as usize],
+        pending: vec![Vec::new(); g.n as usize],
+        offsets: vec![0; g.n as usize],
     };
     let body = async_stream::stream! {
         if let Some(b) = head.and_then(|ev| chunks.render(ev)) {
@@ -109,18 +108,67 @@ struct Chunks {
     include_usage: bool,
     /// Per choice: its first chat chunk (which carries the role) has gone out.
     started: Vec<bool>,
+    /// Per choice: logprobs waiting for the chunk with their text.
+    pending: Vec<Vec<TokenLogprobs>>,
+    /// Per choice: bytes of token text so far (completions' `text_offset`).
+    offsets: Vec<usize>,
+}
+
+/// What one chunk carries for one choice.
+#[derive(Default)]
+struct Piece {
+    text: Option<String>,
+    thought: Option<String>,
+    call: Option<ToolCallDelta>,
+    reason: Option<String>,
 }
 
 impl Chunks {
     fn render(&mut self, ev: GenEvent) -> Option<Bytes> {
-        let (index, text, thought, reason) = match ev {
-            GenEvent::Text { index, text } => (index, Some(text), None, None),
-            GenEvent::Reasoning { index, text } => (index, None, Some(text), None),
-            GenEvent::Finish { index, reason } => (index, None, None, Some(reason.to_string())),
+        let (index, piece) = match ev {
+            GenEvent::Text { index, text } => (
+                index,
+                Piece {
+                    text: Some(text),
+                    ..Piece::default()
+                },
+            ),
+            GenEvent::Reasoning { index, text } => (
+                index,
+                Piece {
+                    thought: Some(text),
+                    ..Piece::default()
+                },
+            ),
+            GenEvent::ToolCall { index, call } => (
+                index,
+                Piece {
+                    call: Some(call),
+                    ..Piece::default()
+                },
+            ),
+            GenEvent::Finish { index, reason } => (
+                index,
+                Piece {
+                    reason: Some(reason.to_string()),
+                    ..Piece::default()
+                },
+            ),
+            GenEvent::Logprobs { index, tokens } => {
+                if let Some(p) = self.pending.get_mut(index as usize) {
+                    p.extend(tokens);
+                }
+                return None;
+            }
             GenEvent::Usage(u) => return self.include_usage.then(|| self.usage(u)),
         };
+        let lps = self
+            .pending
+            .get_mut(index as usize)
+            .map(std::mem::take)
+            .filter(|l| !l.is_empty());
         Some(match self.endpoint {
-            Endpoint::Chat => {
+            Endpoint::Chat | Endpoint::Responses => {
                 let first = self
                     .started
                     .get_mut(index as usize)
@@ -130,20 +178,22 @@ impl Chunks {
                     index,
                     delta: Delta {
                         role: first.then(|| "assistant".to_string()),
-                        content: text,
-                        reasoning_content: thought,
+                        content: piece.text,
+                        reasoning_content: piece.thought,
+                        tool_calls: piece.call.map(|c| vec![c]),
                     },
-                    finish_reason: reason,
-                    logprobs: None,
+                    finish_reason: piece.reason,
+                    logprobs: lps.map(logprobs::chat),
                 };
                 sse_data(&self.chat(vec![choice], None))
             }
             Endpoint::Completions => {
+                let offset = self.offsets.get_mut(index as usize);
                 let choice = CompletionChoice {
                     index,
-                    text: text.unwrap_or_default(),
-                    finish_reason: reason,
-                    logprobs: None,
+                    text: piece.text.unwrap_or_default(),
+                    finish_reason: piece.reason,
+                    logprobs: lps.zip(offset).map(|(l, o)| logprobs::completion(l, o)),
                 };
                 sse_data(&self.completion(vec![choice], None))
             }
@@ -152,7 +202,7 @@ impl Chunks {
 
     fn usage(&self, u: Usage) -> Bytes {
         match self.endpoint {
-            Endpoint::Chat => sse_data(&self.chat(vec![], Some(u))),
+            Endpoint::Chat | Endpoint::Responses => sse_data(&self.chat(vec![], Some(u))),
             Endpoint::Completions => sse_data(&self.completion(vec![], Some(u))),
         }
     }
@@ -186,35 +236,32 @@ impl Chunks {
     }
 }
 
-/// One value per choice from its text and finish reason, in choice order.
-fn per_choice<T>(
-    texts: Vec<String>,
-    reasons: Vec<Option<String>>,
-    mut make: impl FnMut(u32, String, Option<String>) -> T,
-) -> Vec<T> {
-    texts
-        .into_iter()
-        .zip(reasons)
-        .enumerate()
-        .map(|(i, (text, reason))| make(i as u32, text, reason))
-        .collect()
-}
-
 fn chat_unary(request_id: &str, model: &str, created: u64, c: execute::Collected) -> Response {
     let usage = c.usage;
-    let mut reasoning = c.reasoning.into_iter();
-    let choices = per_choice(c.texts, c.reasons, |index, content, finish_reason| {
-        ChatChoice {
-            index,
-            message: AssistantMessage {
-                role: "assistant".into(),
-                content,
-                reasoning_content: reasoning.next().flatten(),
-            },
-            finish_reason,
-            logprobs: None,
-        }
-    });
+    let choices = c
+        .texts
+        .into_iter()
+        .zip(c.reasons)
+        .zip(c.reasoning)
+        .zip(c.tool_calls)
+        .zip(c.logprobs)
+        .enumerate()
+        .map(|(i, ((((text, reason), thought), calls), lps))| {
+            // A message that only calls tools has no content (OpenAI's null).
+            let content = (calls.is_empty() || !text.is_empty()).then_some(text);
+            ChatChoice {
+                index: i as u32,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content,
+                    reasoning_content: thought,
+                    tool_calls: (!calls.is_empty()).then_some(calls),
+                },
+                finish_reason: reason,
+                logprobs: lps.map(logprobs::chat),
+            }
+        })
+        .collect();
     axum::Json(ChatCompletionResponse {
         id: format!("chatcmpl-{request_id}"),
         object: "chat.completion".into(),
@@ -231,25 +278,28 @@ fn completion_unary(
     request_id: &str,
     model: &str,
     created: u64,
-    texts: Vec<String>,
-    reasons: Vec<Option<String>>,
-    usage: Usage,
+    c: execute::Collected,
 ) -> Response {
-    let choices = per_choice(texts, reasons, |index, text, finish_reason| {
-        CompletionChoice {
-            index,
+    let choices = c
+        .texts
+        .into_iter()
+        .zip(c.reasons)
+        .zip(c.logprobs)
+        .enumerate()
+        .map(|(i, ((text, finish_reason), lps))| CompletionChoice {
+            index: i as u32,
             text,
             finish_reason,
-            logprobs: None,
-        }
-    });
+            logprobs: lps.map(|l| logprobs::completion(l, &mut 0)),
+        })
+        .collect();
     axum::Json(CompletionResponse {
         id: format!("cmpl-{request_id}"),
         object: "text_completion".into(),
         created,
         model: model.to_string(),
         choices,
-        usage: Some(usage),
+        usage: Some(c.usage),
         system_fingerprint: None,
     })
     .into_response()

@@ -8,7 +8,7 @@
 
 use super::legs::{Leg, LegEvent, Legs};
 use super::migrate::{MigrationType, resumed};
-use super::postprocess::{GenEvent, Postprocessor};
+use super::postprocess::{GenEvent, Postprocessor, TokenLogprobs};
 use super::prefill::prefill;
 use super::prepare::Prepared;
 use super::route::{route, wait_while_busy};
@@ -22,6 +22,7 @@ use futures::{Stream, StreamExt};
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_protocols::llm::{GenerateControl, PreprocessedRequest};
+use tandem_protocols::openai::{FunctionCall, ToolCall, ToolCallDelta};
 use tandem_runtime::{RequestOptions, RuntimeError};
 use tracing::Instrument;
 
@@ -64,8 +65,12 @@ pub fn generate(
         let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
         let n = p.n();
         // Reasoning is split from the answer in chat responses only (completions return text).
-        let reasoning = (endpoint == "chat_completions").then(|| model.reasoning_parser()).flatten();
-        let mut post = Postprocessor::with_reasoning(&model.preprocessor, n, &p.stops, prompt_tokens, reasoning);
+        let reasoning = (endpoint != "completions").then(|| model.reasoning_parser()).flatten();
+        let mut post = Postprocessor::with_reasoning(&model.preprocessor, n, &p.stops, prompt_tokens, reasoning)
+            .with_tools(p.tools.as_ref());
+        if p.request.output_options.logprobs.is_some() {
+            post = post.with_logprobs(&model.guides);
+        }
         let mut finish_reasons: Vec<String> = Vec::new();
         let opts = RequestOptions { id: Some(request_id), headers: ids.headers() };
         let mut mover = Mover {
@@ -457,7 +462,7 @@ impl Mover<'_> {
 
 /// The GenAI semantic-convention attributes known before the worker is called.
 fn record_gen_ai_request(span: &tracing::Span, model: &str, endpoint: &str, p: &Prepared) {
-    let operation = if endpoint == "chat_completions" {
+    let operation = if endpoint != "completions" {
         "chat"
     } else {
         "text_completion"
@@ -478,19 +483,27 @@ pub struct Collected {
     /// Per choice, the reasoning split from its answer (chat with a reasoning parser).
     pub reasoning: Vec<Option<String>>,
     pub reasons: Vec<Option<String>>,
+    /// Per choice, its tool calls, whole.
+    pub tool_calls: Vec<Vec<ToolCall>>,
+    /// Per choice, its tokens' logprobs (when the request asked for them).
+    pub logprobs: Vec<Option<Vec<TokenLogprobs>>>,
     pub usage: tandem_protocols::openai::Usage,
 }
 
-/// Gathers a whole generation for a unary response: text, reasoning and finish reason per
-/// choice, usage.
+/// Gathers a whole generation for a unary response: text, reasoning, tool calls, logprobs
+/// and finish reason per choice, usage. `logprobs`: the request asked for them.
 pub async fn collect(
     events: impl Stream<Item = Result<GenEvent, ApiError>>,
     n: u32,
+    logprobs: bool,
 ) -> Result<Collected, ApiError> {
+    let n = n as usize;
     let mut c = Collected {
-        texts: vec![String::new(); n as usize],
-        reasoning: vec![None; n as usize],
-        reasons: vec![None; n as usize],
+        texts: vec![String::new(); n],
+        reasoning: vec![None; n],
+        reasons: vec![None; n],
+        tool_calls: vec![Vec::new(); n],
+        logprobs: vec![logprobs.then(Vec::new); n],
         usage: Default::default(),
     };
     let mut events = std::pin::pin!(events);
@@ -500,9 +513,33 @@ pub async fn collect(
             GenEvent::Reasoning { index, text } => c.reasoning[index as usize]
                 .get_or_insert_with(String::new)
                 .push_str(&text),
+            GenEvent::ToolCall { index, call } => add_call(&mut c.tool_calls[index as usize], call),
+            GenEvent::Logprobs { index, tokens } => {
+                if let Some(l) = &mut c.logprobs[index as usize] {
+                    l.extend(tokens);
+                }
+            }
             GenEvent::Finish { index, reason } => c.reasons[index as usize] = Some(reason.into()),
             GenEvent::Usage(u) => c.usage = u,
         }
     }
     Ok(c)
+}
+
+/// Assembles a streamed tool call: a new index starts a call, later pieces add arguments.
+fn add_call(calls: &mut Vec<ToolCall>, d: ToolCallDelta) {
+    let i = d.index as usize;
+    if i >= calls.len() {
+        calls.push(ToolCall {
+            id: d.id.unwrap_or_default(),
+            kind: d.kind.unwrap_or_else(|| "function".into()),
+            function: FunctionCall {
+                name: d.function.name.unwrap_or_default(),
+                arguments: String::new(),
+            },
+        });
+    }
+    if let (Some(call), Some(args)) = (calls.last_mut(), d.function.arguments) {
+        call.function.arguments.push_str(&args);
+    }
 }

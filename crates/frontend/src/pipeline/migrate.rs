@@ -39,11 +39,13 @@ impl MigrationType {
 }
 
 /// The request that continues one choice elsewhere: `original`'s prompt followed by the
-/// `generated` tokens, one choice, limits reduced by what was generated, no prefill result
+/// `generated` tokens (marked as resumed: penalties and a structured-output grammar count
+/// them as output), one choice, limits reduced by what was generated, no prefill result
 /// (the new worker computes the whole context; its prefix cache may hold some of it).
 pub fn resumed(original: &PreprocessedRequest, generated: &[u32]) -> PreprocessedRequest {
     let mut r = original.clone();
     r.token_ids.extend_from_slice(generated);
+    r.resumed_tokens += generated.len() as u32;
     let done = generated.len() as u32;
     r.stop.max_tokens = r.stop.max_tokens.map(|m| m.saturating_sub(done).max(1));
     r.stop.min_tokens = r
@@ -125,6 +127,9 @@ mod tests {
         assert_eq!(r.stop.min_tokens, Some(2));
         assert_eq!(r.sampling.n, 1, "one choice per resumed request");
         assert!(r.prefill_result.is_none());
+        assert_eq!(r.resumed_tokens, 4, "the worker counts them as output");
+        let again = resumed(&r, &[11]);
+        assert_eq!(again.resumed_tokens, 5, "a second move resumes from both");
 
         let r = resumed(&request(vec![1], Some(4), Some(2), 1), &[5, 6, 7]);
         assert_eq!(r.stop.max_tokens, Some(1));

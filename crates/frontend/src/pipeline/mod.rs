@@ -32,7 +32,7 @@ use crate::metrics::FrontendMetrics;
 use crate::models::{Lookup, ModelManager, ServedModel};
 use crate::trace::RequestIds;
 use futures::Stream;
-pub use postprocess::GenEvent;
+pub use postprocess::{GenEvent, TokenLogprobs};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -41,6 +41,8 @@ use std::sync::Arc;
 pub enum Endpoint {
     Chat,
     Completions,
+    /// The Responses API, prepared as the chat request it stands for.
+    Responses,
 }
 
 impl Endpoint {
@@ -48,6 +50,7 @@ impl Endpoint {
     pub fn label(self) -> &'static str {
         match self {
             Self::Chat => "chat_completions",
+            Self::Responses => "responses",
             Self::Completions => "completions",
         }
     }
@@ -61,6 +64,8 @@ pub struct Generation<S> {
     pub stream: bool,
     pub include_usage: bool,
     pub n: u32,
+    /// The request asked for logprobs.
+    pub logprobs: bool,
     pub events: S,
 }
 
@@ -83,15 +88,25 @@ pub fn start(
     body: &Value,
     ids: RequestIds,
 ) -> Result<Generation<impl Stream<Item = Result<GenEvent, ApiError>> + Send + use<>>, ApiError> {
+    let translated;
+    let body = match endpoint {
+        Endpoint::Responses => {
+            translated = prepare::responses::to_chat(body)?;
+            &translated
+        }
+        _ => body,
+    };
     let common = prepare::common(body)?;
     let model = find_model(models, &common.model)?;
     let view = prepare::ModelView {
         name: &model.name,
         preprocessor: &model.preprocessor,
         context_length: model.card.context_length,
+        guides: &model.guides,
+        tool_parser: model.tool_call_parser(),
     };
     let p = match endpoint {
-        Endpoint::Chat => prepare::chat(&view, body, &common)?,
+        Endpoint::Chat | Endpoint::Responses => prepare::chat(&view, body, &common)?,
         Endpoint::Completions => prepare::completion(&view, body, &common)?,
     };
     let request_id = uuid::Uuid::new_v4().simple().to_string();
@@ -101,6 +116,7 @@ pub fn start(
         stream: p.stream,
         include_usage: p.include_usage,
         n: p.n(),
+        logprobs: p.request.output_options.logprobs.is_some(),
         events: execute::generate(
             metrics,
             model,

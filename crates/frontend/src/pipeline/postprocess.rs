@@ -1,18 +1,40 @@
-//! Stage 4, `postprocess`: engine outputs → text per choice.
+//! Stage 4, `postprocess`: engine outputs → text, reasoning, tool calls and logprobs per
+//! choice.
 //!
 //! Each choice has its own incremental detokenizer (never splits a UTF-8 character) and stop
 //! matcher (holds back text that may still become a stop string). A choice ends with the
 //! engine's finish reason, or with `stop` when one of its stop strings appears; in that case
 //! [`Step::stop_choice`] asks the caller to stop the choice on the worker too, since the engine
 //! cannot see stop strings and would otherwise go on generating it until every choice ends.
+//! After stop strings, a chat choice's text is split into reasoning and answer (with the
+//! model's reasoning parser), and the answer read for tool calls ([`ToolMode`]): a choice that
+//! called tools and stopped ends with `tool_calls`. Each token's logprobs (when asked for) go
+//! out with the token's bytes and text.
 //! Pure: unit-tested without NATS.
 
 use tandem_preprocessor::Preprocessor;
 use tandem_preprocessor::detokenize::IncrementalDecoder;
 use tandem_preprocessor::reasoning::{ReasoningParser, ReasoningSplitter};
 use tandem_preprocessor::stop::StopMatcher;
-use tandem_protocols::llm::EngineOutput;
-use tandem_protocols::openai::{PromptTokensDetails, Usage};
+use tandem_preprocessor::tools::{ParsedCall, ToolCallSplitter, ToolMode, parse_required};
+use tandem_protocols::llm::{EngineOutput, TokenLogprob};
+use tandem_protocols::openai::{FunctionCallDelta, PromptTokensDetails, ToolCallDelta, Usage};
+use tandem_structured::Guides;
+
+/// A token as logprobs show it: its text, its bytes, its logprob.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenText {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// One generated token's logprobs: the token and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub chosen: TokenText,
+    pub top: Vec<TokenText>,
+}
 
 /// What generation produces, whatever the response format.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +47,16 @@ pub enum GenEvent {
     Reasoning {
         index: u32,
         text: String,
+    },
+    /// A tool call's first piece (id, name) or more of its arguments.
+    ToolCall {
+        index: u32,
+        call: ToolCallDelta,
+    },
+    /// Logprobs of tokens of choice `index`, in order (before the text they produced).
+    Logprobs {
+        index: u32,
+        tokens: Vec<TokenLogprobs>,
     },
     Finish {
         index: u32,
@@ -48,7 +80,103 @@ struct Choice<'a> {
     stops: StopMatcher,
     /// Chat with a reasoning parser: the answer's text, split.
     reasoning: Option<ReasoningSplitter>,
+    /// Chat with tools: how the answer is read for calls.
+    tools: Option<ToolReader>,
     finished: bool,
+}
+
+/// Reads one choice's answer for tool calls.
+enum ToolReader {
+    /// The answer is this function's arguments; `started` once its first piece went out.
+    Named { name: String, started: bool },
+    /// The answer is a JSON list of calls, read when complete.
+    Required { text: String },
+    /// The model's own format, read as it streams.
+    Auto(ToolCallSplitter),
+}
+
+impl ToolReader {
+    fn new(mode: &ToolMode) -> Self {
+        match mode {
+            ToolMode::Named(name) => Self::Named {
+                name: name.clone(),
+                started: false,
+            },
+            ToolMode::Required => Self::Required {
+                text: String::new(),
+            },
+            ToolMode::Auto(parser) => Self::Auto(ToolCallSplitter::new(*parser)),
+        }
+    }
+
+    /// `text` of the answer (`end`: the choice's last) → content, and tool-call deltas from
+    /// call number `calls` on.
+    fn push(&mut self, text: &str, end: bool, calls: u32) -> (String, Vec<ToolCallDelta>) {
+        match self {
+            Self::Named { name, started } => {
+                if text.is_empty() {
+                    return (String::new(), Vec::new());
+                }
+                let mut d = ToolCallDelta {
+                    index: 0,
+                    function: FunctionCallDelta {
+                        name: None,
+                        arguments: Some(text.to_string()),
+                    },
+                    ..Default::default()
+                };
+                if !std::mem::replace(started, true) {
+                    d.id = Some(call_id());
+                    d.kind = Some("function".into());
+                    d.function.name = Some(name.clone());
+                }
+                (String::new(), vec![d])
+            }
+            Self::Required { text: all } => {
+                all.push_str(text);
+                if !end {
+                    return (String::new(), Vec::new());
+                }
+                let all = std::mem::take(all);
+                match parse_required(&all) {
+                    Some(parsed) => (String::new(), whole_calls(parsed, calls)),
+                    // Cut short (a length limit): the text as it is, nothing lost.
+                    None => (all, Vec::new()),
+                }
+            }
+            Self::Auto(splitter) => {
+                let mut split = splitter.push(text);
+                if end {
+                    let last = splitter.finish();
+                    split.content.push_str(&last.content);
+                    split.calls.extend(last.calls);
+                }
+                (split.content, whole_calls(split.calls, calls))
+            }
+        }
+    }
+}
+
+/// A tool call id, as OpenAI's look.
+fn call_id() -> String {
+    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
+}
+
+/// Complete calls as one delta each, numbered from `first`.
+fn whole_calls(calls: Vec<ParsedCall>, first: u32) -> Vec<ToolCallDelta> {
+    calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ToolCallDelta {
+            index: first + i as u32,
+            id: Some(call_id()),
+            kind: Some("function".into()),
+            function: FunctionCallDelta {
+                name: Some(c.name),
+                arguments: Some(c.arguments),
+            },
+        })
+        .collect()
 }
 
 pub struct Postprocessor<'a> {
@@ -56,6 +184,10 @@ pub struct Postprocessor<'a> {
     prompt_tokens: u32,
     completion_tokens: u32,
     cached_tokens: Option<u32>,
+    /// Token bytes for logprobs.
+    vocab: Option<&'a Guides>,
+    /// Tool calls sent so far, per choice.
+    calls: Vec<u32>,
 }
 
 impl<'a> Postprocessor<'a> {
@@ -77,18 +209,61 @@ impl<'a> Postprocessor<'a> {
                     decoder: pre.decoder(),
                     stops: StopMatcher::new(stops.to_vec()),
                     reasoning: reasoning.map(ReasoningSplitter::new),
+                    tools: None,
                     finished: false,
                 })
                 .collect(),
             prompt_tokens: prompt_tokens as u32,
             completion_tokens: 0,
             cached_tokens: None,
+            vocab: None,
+            calls: vec![0; n.max(1) as usize],
         }
+    }
+
+    /// Reads every choice's answer for tool calls as `mode` says.
+    pub fn with_tools(mut self, mode: Option<&ToolMode>) -> Self {
+        for c in &mut self.choices {
+            c.tools = mode.map(ToolReader::new);
+        }
+        self
+    }
+
+    /// Renders logprobs the engine sends with the tokens' bytes from `vocab`.
+    pub fn with_logprobs(mut self, vocab: &'a Guides) -> Self {
+        self.vocab = Some(vocab);
+        self
+    }
+
+    fn token_text(&self, id: u32, logprob: f32) -> TokenText {
+        let bytes = self
+            .vocab
+            .and_then(|v| v.token_bytes(id).ok())
+            .unwrap_or_default();
+        TokenText {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob,
+        }
+    }
+
+    fn logprobs(&self, ids: &[u32], lps: Vec<TokenLogprob>) -> Vec<TokenLogprobs> {
+        ids.iter()
+            .zip(lps)
+            .map(|(id, lp)| TokenLogprobs {
+                chosen: self.token_text(*id, lp.logprob),
+                top: lp
+                    .top
+                    .iter()
+                    .map(|(t, l)| self.token_text(*t, *l))
+                    .collect(),
+            })
+            .collect()
     }
 
     /// Takes one engine output. Outputs of unknown or finished choices are ignored (a stopped
     /// choice's last tokens may still be on their way).
-    pub fn push(&mut self, out: EngineOutput) -> Step {
+    pub fn push(&mut self, mut out: EngineOutput) -> Step {
         let mut step = Step::default();
         let index = out.index;
         let Some(c) = self.choices.get_mut(index as usize) else {
@@ -102,6 +277,13 @@ impl<'a> Postprocessor<'a> {
         }
         step.tokens = out.token_ids.len();
         self.completion_tokens += out.token_ids.len() as u32;
+        if let Some(lps) = out.logprobs.take().filter(|_| self.vocab.is_some()) {
+            let tokens = self.logprobs(&out.token_ids, lps);
+            step.events.push(GenEvent::Logprobs { index, tokens });
+        }
+        let Some(c) = self.choices.get_mut(index as usize) else {
+            return step;
+        };
         let mut text = c.decoder.push(&out.token_ids);
         if out.finish_reason.is_some() {
             text.push_str(&c.decoder.finish());
@@ -131,6 +313,10 @@ impl<'a> Postprocessor<'a> {
                 (split.reasoning, split.content)
             }
         };
+        let (text, calls) = match &mut c.tools {
+            None => (text, Vec::new()),
+            Some(t) => t.push(&text, reason.is_some(), self.calls[index as usize]),
+        };
         if !thought.is_empty() {
             step.events.push(GenEvent::Reasoning {
                 index,
@@ -140,8 +326,15 @@ impl<'a> Postprocessor<'a> {
         if !text.is_empty() {
             step.events.push(GenEvent::Text { index, text });
         }
-        if let Some(reason) = reason {
+        for call in calls {
+            self.calls[index as usize] = self.calls[index as usize].max(call.index + 1);
+            step.events.push(GenEvent::ToolCall { index, call });
+        }
+        if let Some(mut reason) = reason {
             c.finished = true;
+            if reason == "stop" && self.calls[index as usize] > 0 {
+                reason = "tool_calls";
+            }
             step.events.push(GenEvent::Finish { index, reason });
         }
         step
@@ -202,7 +395,7 @@ mod tests {
                 match e {
                     GenEvent::Text { text, .. } => sent.push_str(&text),
                     GenEvent::Finish { reason: r, .. } => reason = Some(r),
-                    GenEvent::Reasoning { .. } | GenEvent::Usage(_) => {}
+                    _ => {}
                 }
             }
         }
@@ -274,7 +467,7 @@ mod tests {
                 match e {
                     GenEvent::Reasoning { text: t, .. } => thought.push_str(&t),
                     GenEvent::Text { text: t, .. } => text.push_str(&t),
-                    GenEvent::Finish { .. } | GenEvent::Usage(_) => {}
+                    _ => {}
                 }
             }
         }
@@ -343,5 +536,123 @@ mod tests {
         assert_eq!(u.total_tokens, 7 + u.completion_tokens);
         // Unknown choices are ignored.
         assert_eq!(p.push(out(5, vec![1], None)), Step::default());
+    }
+
+    /// Feeds `text` token by token to choice 0 (ending with `finish`); gathers what comes out.
+    fn events(p: &mut Postprocessor, text: &str, finish: FinishReason) -> Vec<GenEvent> {
+        let ids = preprocessor().encode(text).unwrap();
+        let last = ids.len() - 1;
+        ids.iter()
+            .enumerate()
+            .flat_map(|(i, id)| {
+                p.push(out(0, vec![*id], (i == last).then_some(finish)))
+                    .events
+            })
+            .collect()
+    }
+
+    fn calls(events: &[GenEvent]) -> Vec<ToolCallDelta> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                GenEvent::ToolCall { call, .. } => Some(call.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finish(events: &[GenEvent]) -> Option<&'static str> {
+        events.iter().find_map(|e| match e {
+            GenEvent::Finish { reason, .. } => Some(*reason),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_named_call_streams_its_arguments_and_ends_with_tool_calls() {
+        let pre = preprocessor();
+        let mode = ToolMode::Named("get_weather".into());
+        let mut p = Postprocessor::new(pre, 1, &[], 3).with_tools(Some(&mode));
+        let ev = events(&mut p, r#"{"city": "Paris"}"#, FinishReason::Stop);
+        let c = calls(&ev);
+        assert!(c.len() > 1, "argument pieces as they come");
+        assert_eq!(c[0].function.name.as_deref(), Some("get_weather"));
+        assert!(c[0].id.as_deref().unwrap().starts_with("call_"));
+        assert!(
+            c[1..]
+                .iter()
+                .all(|d| d.id.is_none() && d.function.name.is_none())
+        );
+        let args: String = c
+            .iter()
+            .filter_map(|d| d.function.arguments.clone())
+            .collect();
+        assert_eq!(args, r#"{"city": "Paris"}"#);
+        assert!(!ev.iter().any(|e| matches!(e, GenEvent::Text { .. })));
+        assert_eq!(finish(&ev), Some("tool_calls"));
+    }
+
+    #[test]
+    fn required_and_auto_calls_come_whole_and_cut_short_output_stays_text() {
+        let pre = preprocessor();
+        let mut p = Postprocessor::new(pre, 1, &[], 3).with_tools(Some(&ToolMode::Required));
+        let ev = events(
+            &mut p,
+            r#"[{"name": "a", "parameters": {"x": 1}}, {"name": "b", "parameters": {}}]"#,
+            FinishReason::Stop,
+        );
+        let c = calls(&ev);
+        assert_eq!(c.len(), 2);
+        assert_eq!((c[0].index, c[1].index), (0, 1));
+        assert_eq!(c[0].function.arguments.as_deref(), Some(r#"{"x":1}"#));
+        assert_eq!(finish(&ev), Some("tool_calls"));
+        // A length limit cut the list: the text is the answer, the reason `length`.
+        let mut p = Postprocessor::new(pre, 1, &[], 3).with_tools(Some(&ToolMode::Required));
+        let ev = events(&mut p, r#"[{"name": "a", "param"#, FinishReason::Length);
+        assert!(calls(&ev).is_empty());
+        assert_eq!(finish(&ev), Some("length"));
+        assert!(ev.iter().any(|e| matches!(e, GenEvent::Text { .. })));
+        // Auto with the Hermes parser: the answer around the call is content.
+        let mode = ToolMode::Auto(tandem_preprocessor::tools::ToolCallParser::Hermes);
+        let mut p = Postprocessor::new(pre, 1, &[], 3).with_tools(Some(&mode));
+        let ev = events(
+            &mut p,
+            "Checking.<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>",
+            FinishReason::Stop,
+        );
+        assert_eq!(calls(&ev).len(), 1);
+        assert_eq!(finish(&ev), Some("tool_calls"));
+        let text: String = ev
+            .iter()
+            .filter_map(|e| match e {
+                GenEvent::Text { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "Checking.");
+    }
+
+    #[test]
+    fn logprobs_go_out_with_the_tokens_text_and_bytes() {
+        let pre = preprocessor();
+        let guides = crate::pipeline::test_model::guides();
+        let mut p = Postprocessor::new(pre, 1, &[], 3).with_logprobs(guides);
+        let ids = pre.encode(" Paris").unwrap();
+        let alt = pre.encode(" London").unwrap()[0];
+        let step = p.push(EngineOutput {
+            token_ids: vec![ids[0]],
+            logprobs: Some(vec![TokenLogprob {
+                logprob: -0.25,
+                top: vec![(ids[0], -0.25), (alt, -2.0)],
+            }]),
+            ..Default::default()
+        });
+        let GenEvent::Logprobs { tokens, .. } = &step.events[0] else {
+            panic!("{:?}", step.events)
+        };
+        assert_eq!(tokens[0].chosen.token, pre.decode(&[ids[0]]).unwrap());
+        assert_eq!(tokens[0].chosen.bytes, tokens[0].chosen.token.as_bytes());
+        assert_eq!(tokens[0].top[1].token, pre.decode(&[alt]).unwrap());
+        assert_eq!(tokens[0].top[1].logprob, -2.0);
     }
 }

@@ -226,6 +226,7 @@ async fn run_leg(
         .await
         .map_err(failed)?;
     let mut first_token = None;
+    let mut first_logprob = None;
     let mut cached_tokens = None;
     let mut params = None;
     let mut held = None;
@@ -233,7 +234,10 @@ async fn run_leg(
         // An error after the parameters still leaves a hold to free (`held` drops).
         let out = item.map_err(failed)?;
         route.prefill_done();
-        first_token = first_token.or(out.token_ids.first().copied());
+        if first_token.is_none() {
+            first_token = out.token_ids.first().copied();
+            first_logprob = out.logprobs.and_then(|l| l.into_iter().next());
+        }
         cached_tokens = cached_tokens.or(out.cached_tokens);
         if let Some(d) = &out.disaggregated_params {
             held = Some(HeldTransfer {
@@ -252,6 +256,7 @@ async fn run_leg(
                 disaggregated_params,
                 first_token,
                 cached_tokens,
+                first_logprob,
             };
             Ok(Some((result, held)))
         }

@@ -273,6 +273,7 @@ async fn import(
     }
     Ok(KvImport {
         first_token: prefill.first_token,
+        first_logprob: prefill.first_logprob.clone(),
         cached_tokens: prefill.cached_tokens,
         first_block,
         blocks,

@@ -32,6 +32,10 @@ const COMMON: &[&str] = &[
     "logit_bias",
     "user",
     "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
     "nvext",
 ];
 
@@ -70,10 +74,6 @@ const UNIMPLEMENTED: &[(&str, &[&str])] = &[
     ("verbosity", &[]),
     ("store", &["false"]),
     // vLLM's extensions tandem does not have yet.
-    ("guided_json", &[]),
-    ("guided_regex", &[]),
-    ("guided_choice", &[]),
-    ("guided_grammar", &[]),
     ("structured_outputs", &[]),
     ("use_beam_search", &["false"]),
     ("include_stop_str_in_output", &["false"]),

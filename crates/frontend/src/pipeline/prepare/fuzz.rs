@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
-use crate::pipeline::test_model::{CONTEXT, preprocessor};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -165,7 +164,7 @@ proptest! {
 
     #[test]
     fn no_body_panics_and_every_refusal_is_a_4xx_envelope(body in body(), as_chat in any::<bool>()) {
-        let view = ModelView { name: "m", preprocessor: preprocessor(), context_length: CONTEXT };
+        let view = crate::pipeline::test_model::view();
         let result = common(&body).and_then(|c| {
             if as_chat { chat(&view, &body, &c) } else { completion(&view, &body, &c) }
         });
@@ -190,11 +189,7 @@ proptest! {
 fn generated_bodies_reach_every_stage() {
     use proptest::strategy::ValueTree;
     use proptest::test_runner::TestRunner;
-    let view = ModelView {
-        name: "m",
-        preprocessor: preprocessor(),
-        context_length: CONTEXT,
-    };
+    let view = crate::pipeline::test_model::view();
     let mut runner = TestRunner::deterministic();
     let (mut ok, mut params) = (0, std::collections::BTreeSet::new());
     for i in 0..1000 {

@@ -3,9 +3,11 @@
 //! Pure: it reads the JSON body and the model's preprocessor and context length, nothing on
 //! the network. In order: field inventory ([`fields`]: unimplemented fields refused by name,
 //! unknown ones logged), typed decoding (a wrongly typed value names its path), the
-//! endpoint's own fields, sampling and length ranges ([`params`]), chat messages through the
-//! template ([`messages`]) or the completions prompt ([`prompt`]) into token ids, and the
-//! context-length arithmetic. Every refusal is an [`ApiError`] with OpenAI's `param`.
+//! endpoint's own fields, sampling and length ranges ([`params`]), tools ([`tools`]) and
+//! structured output ([`structured`]: the grammar compiled here, so a bad schema is a 400),
+//! chat messages through the template ([`messages`]) or the completions prompt ([`prompt`])
+//! into token ids, and the context-length arithmetic. Every refusal is an [`ApiError`] with
+//! OpenAI's `param`.
 
 pub mod fields;
 #[cfg(test)]
@@ -13,20 +15,29 @@ mod fuzz;
 pub mod messages;
 pub mod params;
 pub mod prompt;
+pub mod responses;
+pub mod structured;
 #[cfg(test)]
 mod tests;
+pub mod tools;
 
 use crate::error::ApiError;
 use serde_json::Value;
 use tandem_preprocessor::Preprocessor;
-use tandem_protocols::llm::{PreprocessedRequest, StopConditions};
+use tandem_preprocessor::tools::{ToolCallParser, ToolMode};
+use tandem_protocols::llm::{GuidedDecoding, OutputOptions, PreprocessedRequest, StopConditions};
 use tandem_protocols::openai::{ChatFields, CommonParams, CompletionFields};
+use tandem_structured::Guides;
 
 /// What `prepare` needs to know of the model.
 pub struct ModelView<'a> {
     pub name: &'a str,
     pub preprocessor: &'a Preprocessor,
     pub context_length: u32,
+    /// Compiles structured-output grammars against the model's vocabulary.
+    pub guides: &'a Guides,
+    /// The workers' `--dyn-tool-call-parser`.
+    pub tool_parser: Option<ToolCallParser>,
 }
 
 /// A request ready for routing and the request plane.
@@ -39,6 +50,8 @@ pub struct Prepared {
     pub include_usage: bool,
     /// A worker the client asked for (`nvext.backend_instance_id`).
     pub worker: Option<u64>,
+    /// How the output is read for tool calls (chat with `tools`).
+    pub tools: Option<ToolMode>,
 }
 
 impl Prepared {
@@ -64,26 +77,53 @@ pub fn chat(model: &ModelView, body: &Value, common: &CommonParams) -> Result<Pr
         fields::check_fields(obj, fields::CHAT)?;
     }
     let chat: ChatFields = fields::decode(body)?;
-    if chat.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::unsupported("tools", "(tool calling)"));
-    }
-    if let Some(choice) = &chat.tool_choice
-        && choice != "none"
-    {
-        return Err(ApiError::unsupported("tool_choice", "other than \"none\""));
-    }
-    params::chat_logprobs(chat.logprobs, chat.top_logprobs)?;
+    let tools = tools::plan(&chat, model.tool_parser)?;
+    let logprobs = params::chat_logprobs(chat.logprobs, chat.top_logprobs)?;
     let p = params::params(common)?;
+    let guide = match (structured::guided(common)?, tools.guide) {
+        (Some((_, field)), Some(_)) => {
+            let field = field
+                .split('.')
+                .next()
+                .unwrap_or("response_format")
+                .to_string();
+            return Err(ApiError::invalid(
+                format!("`{field}` cannot be combined with a forced tool call (`tool_choice`)"),
+                Some(&field),
+            ));
+        }
+        (Some((g, field)), None) => Some((g, field)),
+        (None, Some(g)) => Some((g, "tools".to_string())),
+        (None, None) => None,
+    };
     let messages = messages::template_messages(&chat.messages)?;
     let invalid = |e: tandem_preprocessor::PreprocessError| {
         ApiError::invalid(e.to_string(), Some("messages"))
     };
     let text = model
         .preprocessor
-        .render_chat(&messages, None, true)
+        .render_chat(&messages, tools.template_tools.as_ref(), true)
         .map_err(invalid)?;
     let ids = model.preprocessor.encode(&text).map_err(invalid)?;
-    finish(model, p, ids, "messages")
+    let mut prepared = finish(model, p, ids, "messages")?;
+    prepared.tools = tools.mode;
+    outputs(model, &mut prepared, logprobs, guide)?;
+    Ok(prepared)
+}
+
+/// Logprobs and the grammar, on the engine request; the grammar compiled first.
+fn outputs(
+    model: &ModelView,
+    p: &mut Prepared,
+    logprobs: Option<u32>,
+    guide: Option<(GuidedDecoding, String)>,
+) -> Result<(), ApiError> {
+    p.request.output_options = OutputOptions { logprobs };
+    if let Some((g, field)) = guide {
+        structured::check(model.guides, &g, &field)?;
+        p.request.sampling.guided_decoding = Some(g);
+    }
+    Ok(())
 }
 
 /// `POST /v1/completions`.
@@ -98,20 +138,22 @@ pub fn completion(
     let c: CompletionFields = fields::decode(body)?;
     completion_fields(&c, common.n.unwrap_or(1))?;
     let p = params::params(common)?;
+    let guide = structured::guided(common)?;
     let ids = prompt::prompt_ids(&c.prompt, model.preprocessor)?;
-    finish(model, p, ids, "prompt")
+    let mut prepared = finish(model, p, ids, "prompt")?;
+    outputs(model, &mut prepared, c.logprobs, guide)?;
+    Ok(prepared)
 }
 
-/// Completions' own fields: checked against OpenAI's ranges, then refused until implemented.
+/// Completions' own fields: checked against OpenAI's ranges; those not implemented refused.
 fn completion_fields(c: &CompletionFields, n: u32) -> Result<(), ApiError> {
-    if let Some(l) = c.logprobs {
-        if l > 5 {
-            return Err(ApiError::invalid(
-                format!("`logprobs` must be between 0 and 5, got {l}"),
-                Some("logprobs"),
-            ));
-        }
-        return Err(ApiError::unsupported("logprobs", "is set, but"));
+    if let Some(l) = c.logprobs
+        && l > 5
+    {
+        return Err(ApiError::invalid(
+            format!("`logprobs` must be between 0 and 5, got {l}"),
+            Some("logprobs"),
+        ));
     }
     if let Some(b) = c.best_of {
         if b > 20 || b < n {
@@ -180,11 +222,12 @@ fn finish(
                 ignore_eos: p.ignore_eos,
                 min_tokens: p.min_tokens,
             },
-            prefill_result: None,
+            ..Default::default()
         },
         stops: p.stops,
         stream: p.stream,
         include_usage: p.include_usage,
         worker: p.worker,
+        tools: None,
     })
 }

@@ -117,16 +117,7 @@ fn logit_bias(p: &CommonParams) -> Result<(), ApiError> {
 
 /// Fields of either endpoint that need a feature tandem does not have yet.
 fn unimplemented(p: &CommonParams) -> Result<(), ApiError> {
-    logit_bias(p)?;
-    if let Some(f) = &p.response_format
-        && f.kind != "text"
-    {
-        return Err(ApiError::unsupported(
-            "response_format",
-            &format!("of type {:?}", f.kind),
-        ));
-    }
-    Ok(())
+    logit_bias(p)
 }
 
 /// Validates the common fields and turns them into engine settings.
@@ -193,6 +184,7 @@ pub fn params(p: &CommonParams) -> Result<Params, ApiError> {
             presence_penalty: p.presence_penalty,
             repetition_penalty: p.repetition_penalty.or(ext.repetition_penalty),
             n,
+            guided_decoding: None,
         },
         max_tokens,
         min_tokens: p.min_tokens,
@@ -208,8 +200,9 @@ pub fn params(p: &CommonParams) -> Result<Params, ApiError> {
     })
 }
 
-/// Chat's `logprobs` / `top_logprobs`: checked, then refused until implemented.
-pub fn chat_logprobs(logprobs: Option<bool>, top: Option<u32>) -> Result<(), ApiError> {
+/// Chat's `logprobs` / `top_logprobs` → how many alternatives each token reports (`None`:
+/// no logprobs).
+pub fn chat_logprobs(logprobs: Option<bool>, top: Option<u32>) -> Result<Option<u32>, ApiError> {
     if let Some(t) = top {
         if t > MAX_TOP_LOGPROBS {
             return Err(ApiError::invalid(
@@ -224,8 +217,5 @@ pub fn chat_logprobs(logprobs: Option<bool>, top: Option<u32>) -> Result<(), Api
             ));
         }
     }
-    if logprobs == Some(true) {
-        return Err(ApiError::unsupported("logprobs", "is true, but"));
-    }
-    Ok(())
+    Ok((logprobs == Some(true)).then(|| top.unwrap_or(0)))
 }

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
-use crate::pipeline::test_model::{CONTEXT, preprocessor};
+use crate::pipeline::test_model::CONTEXT;
 use serde_json::json;
 
 #[derive(Clone, Copy, Debug)]
@@ -12,11 +12,7 @@ enum Ep {
 }
 
 fn run(ep: Ep, body: Value) -> Result<Prepared, ApiError> {
-    let view = ModelView {
-        name: "m",
-        preprocessor: preprocessor(),
-        context_length: CONTEXT,
-    };
+    let view = crate::pipeline::test_model::view();
     let c = common(&body)?;
     match ep {
         Ep::Chat => chat(&view, &body, &c),
@@ -79,15 +75,24 @@ fn invalid_requests_get_400_naming_the_field() {
         ("logit_bias", Chat, chat_body(json!({"logit_bias": {"42": 5}})), 400, Some("logit_bias")),
         ("top_logprobs 21", Chat, chat_body(json!({"logprobs": true, "top_logprobs": 21})), 400, Some("top_logprobs")),
         ("top_logprobs alone", Chat, chat_body(json!({"top_logprobs": 2})), 400, Some("top_logprobs")),
-        ("logprobs", Chat, chat_body(json!({"logprobs": true})), 400, Some("logprobs")),
-        ("tools", Chat, chat_body(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})), 400, Some("tools")),
-        ("tool_choice", Chat, chat_body(json!({"tool_choice": "required"})), 400, Some("tool_choice")),
-        ("json_object", Chat, chat_body(json!({"response_format": {"type": "json_object"}})), 400, Some("response_format")),
+        ("auto tools without a parser", Chat, chat_body(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})), 400, Some("tool_choice")),
+        ("tool_choice without tools", Chat, chat_body(json!({"tool_choice": "required"})), 400, Some("tool_choice")),
+        ("response_format type", Chat, chat_body(json!({"response_format": {"type": "xml"}})), 400, Some("response_format.type")),
+        ("json_schema missing", Chat, chat_body(json!({"response_format": {"type": "json_schema"}})), 400, Some("response_format.json_schema")),
+        ("json_schema name", Chat, chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}})), 400, Some("response_format.json_schema.name")),
+        ("json_schema bad schema", Chat, chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}})), 400, Some("response_format.json_schema.schema")),
+        ("json_schema not an object", Chat, chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}})), 400, Some("response_format.json_schema.schema")),
+        ("two grammars", Chat, chat_body(json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"})), 400, Some("guided_regex")),
+        ("bad regex", Cmpl, cmpl_body(json!({"guided_regex": "(a"})), 400, Some("guided_regex")),
+        ("bad lark", Cmpl, cmpl_body(json!({"nvext": {"guided_grammar": "start: ???"}})), 400, Some("nvext.guided_grammar")),
+        ("guided_json text", Chat, chat_body(json!({"guided_json": "{not json"})), 400, Some("guided_json")),
+        ("no choices", Chat, chat_body(json!({"guided_choice": []})), 400, Some("guided_choice")),
+        ("forced call and a format", Chat, chat_body(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "response_format": {"type": "json_object"}})), 400, Some("response_format")),
         ("functions", Chat, chat_body(json!({"functions": [{"name": "f"}]})), 400, Some("functions")),
         ("audio", Chat, chat_body(json!({"modalities": ["text", "audio"]})), 400, Some("modalities")),
         ("reasoning_effort", Chat, chat_body(json!({"reasoning_effort": "low"})), 400, Some("reasoning_effort")),
         ("store", Chat, chat_body(json!({"store": true})), 400, Some("store")),
-        ("guided_json", Chat, chat_body(json!({"guided_json": {"type": "object"}})), 400, Some("guided_json")),
+        ("structured_outputs", Chat, chat_body(json!({"structured_outputs": {"json": {}}})), 400, Some("structured_outputs")),
         ("nvext null is not set", Chat, chat_body(json!({"nvext": {"annotations": null, "use_raw_prompt": true}})), 400, Some("nvext.use_raw_prompt")),
         ("nvext annotations", Chat, chat_body(json!({"nvext": {"annotations": ["request_id"]}})), 400, Some("nvext.annotations")),
         ("nvext top_k", Chat, chat_body(json!({"nvext": {"top_k": -5}})), 400, Some("nvext.top_k")),
@@ -100,7 +105,6 @@ fn invalid_requests_get_400_naming_the_field() {
         ("prompt object", Cmpl, cmpl_body(json!({"prompt": {"text": "a"}})), 400, Some("prompt")),
         ("empty prompt", Cmpl, cmpl_body(json!({"prompt": []})), 400, Some("prompt")),
         ("logprobs 6", Cmpl, cmpl_body(json!({"logprobs": 6})), 400, Some("logprobs")),
-        ("logprobs 1", Cmpl, cmpl_body(json!({"logprobs": 1})), 400, Some("logprobs")),
         ("best_of below n", Cmpl, cmpl_body(json!({"best_of": 1, "n": 2})), 400, Some("best_of")),
         ("best_of 3", Cmpl, cmpl_body(json!({"best_of": 3})), 400, Some("best_of")),
         ("echo", Cmpl, cmpl_body(json!({"echo": true})), 400, Some("echo")),
@@ -182,4 +186,82 @@ fn fields_reach_the_engine_request() {
     assert_eq!(p.request.sampling.top_k, Some(5));
     assert!(p.request.stop.ignore_eos && p.request.stop.stop_token_ids.is_empty());
     assert_eq!(p.worker, Some(77));
+}
+
+#[test]
+fn logprobs_grammars_and_tools_reach_the_engine_request() {
+    use tandem_preprocessor::tools::ToolMode;
+    use tandem_protocols::llm::GuidedDecoding;
+    let p = run(
+        Ep::Chat,
+        chat_body(json!({"logprobs": true, "top_logprobs": 3})),
+    )
+    .unwrap();
+    assert_eq!(p.request.output_options.logprobs, Some(3));
+    let p = run(Ep::Chat, chat_body(json!({"logprobs": false}))).unwrap();
+    assert_eq!(p.request.output_options.logprobs, None);
+    let p = run(Ep::Cmpl, cmpl_body(json!({"logprobs": 0}))).unwrap();
+    assert_eq!(p.request.output_options.logprobs, Some(0));
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+    let p = run(
+        Ep::Chat,
+        chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}}})),
+    )
+    .unwrap();
+    assert_eq!(
+        p.request.sampling.guided_decoding,
+        Some(GuidedDecoding::JsonSchema(schema.clone()))
+    );
+    let p = run(
+        Ep::Cmpl,
+        cmpl_body(json!({"guided_json": schema.to_string()})),
+    )
+    .unwrap();
+    assert_eq!(
+        p.request.sampling.guided_decoding,
+        Some(GuidedDecoding::JsonSchema(schema))
+    );
+    let p = run(
+        Ep::Chat,
+        chat_body(json!({"response_format": {"type": "json_object"}})),
+    )
+    .unwrap();
+    assert_eq!(
+        p.request.sampling.guided_decoding,
+        Some(GuidedDecoding::JsonObject)
+    );
+    let p = run(
+        Ep::Chat,
+        chat_body(json!({"response_format": {"type": "text"}})),
+    )
+    .unwrap();
+    assert_eq!(p.request.sampling.guided_decoding, None);
+    let p = run(
+        Ep::Chat,
+        chat_body(json!({"nvext": {"guided_choice": ["yes", "no"]}})),
+    )
+    .unwrap();
+    assert!(matches!(
+        p.request.sampling.guided_decoding,
+        Some(GuidedDecoding::Choice(_))
+    ));
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]);
+    let p = run(
+        Ep::Chat,
+        chat_body(
+            json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+        ),
+    )
+    .unwrap();
+    assert_eq!(p.tools, Some(ToolMode::Named("f".into())));
+    assert!(matches!(
+        p.request.sampling.guided_decoding,
+        Some(GuidedDecoding::JsonSchema(_))
+    ));
+    let none = run(
+        Ep::Chat,
+        chat_body(json!({"tools": tools, "tool_choice": "none"})),
+    )
+    .unwrap();
+    assert_eq!(none.tools, None);
 }
