@@ -33,6 +33,26 @@ pub fn tool(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// Runs `tests/python/{script}` with the test venv's Python (`scripts/test.sh` creates it)
+/// against an OpenAI base URL and model; returns whether it succeeded and what it printed.
+pub async fn run_sdk_script(script: &str, base_url: &str, model: &str) -> Result<(bool, String)> {
+    let python = repo_root().join(".venv/bin/python");
+    if !python.exists() {
+        bail!("{} missing: scripts/test.sh creates it", python.display());
+    }
+    let out = tokio::process::Command::new(python)
+        .arg(repo_root().join("tests/python").join(script))
+        .args(["--base-url", base_url, "--model", model])
+        .output()
+        .await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

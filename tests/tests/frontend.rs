@@ -449,24 +449,8 @@ async fn client_disconnect_mid_stream_frees_the_workers_blocks() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_sdk_works_against_the_frontend() -> Result<()> {
     let s = start("0").await?;
-    let python = tandem_tests::repo_root().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: scripts/test.sh creates it",
-        python.display()
-    );
-    let script = tandem_tests::repo_root().join("tests/python/openai_sdk.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args(["--base-url", &s.url("/v1"), "--model", MODEL])
-        .output()
-        .await?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = tandem_tests::run_sdk_script("openai_sdk.py", &s.url("/v1"), MODEL).await?;
+    assert!(ok, "{text}");
     assert!(text.contains("openai sdk ok"), "{text}");
     Ok(())
 }

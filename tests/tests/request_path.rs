@@ -320,16 +320,9 @@ async fn an_engine_failure_mid_stream_is_an_error_event_and_counted() -> Result<
     assert_eq!(v["error"]["type"], "internal_error");
 
     // The official SDK raises on the error event.
-    let python = tandem_tests::repo_root().join(".venv/bin/python");
-    let script = tandem_tests::repo_root().join("tests/python/openai_stream_error.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args(["--base-url", &s.url("/v1"), "--model", MODEL])
-        .output()
-        .await?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
+    let (ok, text) =
+        tandem_tests::run_sdk_script("openai_stream_error.py", &s.url("/v1"), MODEL).await?;
+    assert!(ok, "{text}");
     assert!(text.contains("sdk raised"), "{text}");
 
     let m = scrape(&s.url("/metrics")).await?;

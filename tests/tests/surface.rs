@@ -19,28 +19,10 @@ async fn logprobs_structured_output_tools_reasoning_and_responses_through_the_sd
         Duration::from_secs(120),
     )
     .await?;
-    let python = tandem_tests::repo_root().join(".venv/bin/python");
-    anyhow::ensure!(
-        python.exists(),
-        "{} missing: scripts/test.sh creates it",
-        python.display()
-    );
-    let script = tandem_tests::repo_root().join("tests/python/openai_surface.py");
-    let out = tokio::process::Command::new(python)
-        .arg(script)
-        .args(["--base-url", &s.url("/v1"), "--model", BUNDLED_MODEL_NAME])
-        .output()
-        .await?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{text}\n--- frontend ---\n{}",
-        s.frontend.output()
-    );
+    let (ok, text) =
+        tandem_tests::run_sdk_script("openai_surface.py", &s.url("/v1"), BUNDLED_MODEL_NAME)
+            .await?;
+    assert!(ok, "{text}\n--- frontend ---\n{}", s.frontend.output());
     for part in [
         "logprobs ok",
         "structured output ok",

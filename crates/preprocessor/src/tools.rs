@@ -309,10 +309,11 @@ mod tests {
         }
     }
 
-    /// Recorded from Qwen2.5-7B-Instruct (Hermes format), two parallel calls after a sentence.
+    /// Hermes format as Qwen2.5-Instruct's chat template asks for it (each call on its own
+    /// lines between the tags), two parallel calls after a sentence.
     const HERMES: &str = "Let me check both cities.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"celsius\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Tōkyō\"}}\n</tool_call>";
 
-    /// Recorded from Llama-3.1-8B-Instruct with JSON-based tool calling.
+    /// Llama 3.1's JSON-based tool calling, as its chat template asks for it.
     const LLAMA3: &str =
         "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\", \"days\": 3}}";
 
