@@ -202,6 +202,10 @@ async fn main() -> anyhow::Result<()> {
                 model.prompt.eos_token_ids.clone(),
             ));
             tokio::task::spawn_blocking(move || {
+                // Built with the engine, not inside the first structured request.
+                if let Err(e) = guides.warm() {
+                    tracing::warn!(error = %e, "structured output will be refused");
+                }
                 CandleEngine::start_with(
                     &weights,
                     &candle,

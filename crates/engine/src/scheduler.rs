@@ -190,8 +190,9 @@ impl Scheduler {
                 seq.ext.observe(s.token)?;
                 Ok((s.token, s.logprob))
             })
+            // The request's grammar led nowhere: its own error, not the engine's.
             .map(|r: Result<_, tandem_sampling::SampleError>| {
-                r.map_err(|e| EngineError::StepFailed(e.to_string()))
+                r.map_err(|e| EngineError::Invalid(e.to_string()))
             })
             .collect();
         self.batcher.complete_each(computed);

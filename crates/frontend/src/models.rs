@@ -41,8 +41,8 @@ pub struct ServedModel {
     pub name: String,
     pub card: ModelDeploymentCard,
     pub preprocessor: Preprocessor,
-    /// Structured-output grammars and logprob token bytes, for this model's vocabulary.
-    pub guides: tandem_structured::Guides,
+    /// Structured-output grammars, compiled against this model's vocabulary.
+    pub guides: Arc<tandem_structured::Guides>,
     pub client: Client,
     pub router: ModelRouter,
     /// Stops the KV router's event intake when the model goes.
@@ -402,10 +402,18 @@ async fn load_model(
         &gen_ep,
         &kv_stop,
     )?;
-    let guides = tandem_structured::Guides::new(
+    let guides = Arc::new(tandem_structured::Guides::new(
         preprocessor.tokenizer().clone(),
         preprocessor.eos_token_ids().to_vec(),
-    );
+    ));
+    // The vocabulary's grammar compiler takes a few hundred ms to build: now, off the async
+    // threads, rather than inside the first structured request.
+    let warm = guides.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = warm.warm() {
+            tracing::warn!(error = %e, "structured output will be refused for this model");
+        }
+    });
     Ok(ServedModel {
         name: card.display_name.clone(),
         client: drt.endpoint(gen_ep).client(),

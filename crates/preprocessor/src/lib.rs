@@ -11,6 +11,7 @@ pub mod detokenize;
 pub mod reasoning;
 pub mod stop;
 pub mod template;
+pub mod token_bytes;
 pub mod tools;
 
 use serde_json::Value;
@@ -33,6 +34,8 @@ pub struct Preprocessor {
     tokenizer: Tokenizer,
     template: Option<template::ChatTemplate>,
     prompt: PromptFormat,
+    /// Built on the first logprobs request.
+    token_bytes: std::sync::OnceLock<token_bytes::TokenBytes>,
 }
 
 impl Preprocessor {
@@ -49,6 +52,7 @@ impl Preprocessor {
             tokenizer,
             template,
             prompt,
+            token_bytes: std::sync::OnceLock::new(),
         })
     }
 
@@ -113,6 +117,13 @@ impl Preprocessor {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| PreprocessError::Encode(e.to_string()))
+    }
+
+    /// The bytes token `id` stands for (logprobs' `bytes`).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes
+            .get_or_init(|| token_bytes::TokenBytes::new(&self.tokenizer))
+            .get(id)
     }
 
     pub fn decoder(&self) -> detokenize::IncrementalDecoder<'_> {

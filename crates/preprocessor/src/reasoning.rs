@@ -27,6 +27,13 @@ pub enum ReasoningParser {
 impl ReasoningParser {
     /// The names `--dyn-reasoning-parser` accepts.
     pub const NAMES: [&'static str; 4] = ["basic", "qwen3", "deepseek_r1", "deepseek-r1"];
+
+    /// How to split output a grammar (structured output, a forced tool call) shaped from
+    /// its first token: reasoning only between tags the grammar wrote, since no template
+    /// opened it.
+    pub fn under_grammar(self) -> Self {
+        Self::ThinkTags
+    }
 }
 
 impl FromStr for ReasoningParser {

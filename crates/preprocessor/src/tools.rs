@@ -64,8 +64,12 @@ impl fmt::Display for ToolCallParser {
 /// How a request's output is read for tool calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToolMode {
-    /// The model may call tools, in its parser's format.
-    Auto(ToolCallParser),
+    /// The model may call tools, in its parser's format; more than one only if `parallel`
+    /// (`parallel_tool_calls`, true by default).
+    Auto {
+        parser: ToolCallParser,
+        parallel: bool,
+    },
     /// The output is a JSON list of calls (at most one unless parallel calls are allowed).
     Required,
     /// The output is the named function's arguments.
@@ -79,11 +83,65 @@ pub struct ParsedCall {
     pub arguments: String,
 }
 
-/// One piece of a choice's text, split.
+/// A piece of a choice's answer, in the order the model wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolPiece {
+    Text(String),
+    Call(ParsedCall),
+}
+
+/// What one piece of text settled: answer text and calls, in order.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ToolSplit {
-    pub content: String,
-    pub calls: Vec<ParsedCall>,
+    pub pieces: Vec<ToolPiece>,
+}
+
+impl ToolSplit {
+    fn text(&mut self, t: &str) {
+        if t.is_empty() {
+            return;
+        }
+        match self.pieces.last_mut() {
+            Some(ToolPiece::Text(s)) => s.push_str(t),
+            _ => self.pieces.push(ToolPiece::Text(t.to_string())),
+        }
+    }
+
+    fn call(&mut self, c: ParsedCall) {
+        self.pieces.push(ToolPiece::Call(c));
+    }
+
+    /// Appends `other`'s pieces.
+    pub fn extend(&mut self, other: ToolSplit) {
+        for p in other.pieces {
+            match p {
+                ToolPiece::Text(t) => self.text(&t),
+                ToolPiece::Call(c) => self.call(c),
+            }
+        }
+    }
+
+    /// All the text, calls left out.
+    pub fn content(&self) -> String {
+        self.pieces
+            .iter()
+            .filter_map(|p| match p {
+                ToolPiece::Text(t) => Some(t.as_str()),
+                ToolPiece::Call(_) => None,
+            })
+            .collect()
+    }
+
+    /// The calls, in order.
+    pub fn calls(&self) -> Vec<ParsedCall> {
+        self.pieces
+            .iter()
+            .filter_map(|p| match p {
+                ToolPiece::Call(c) => Some(c.clone()),
+                ToolPiece::Text(_) => None,
+            })
+            .collect()
+    }
 }
 
 const HERMES_OPEN: &str = "<tool_call>";
@@ -136,7 +194,7 @@ impl ToolCallSplitter {
                     if end {
                         // Ended inside a call (a stop token before the closing tag).
                         let body = std::mem::take(&mut self.held);
-                        self.call_or_text(&body, &mut out);
+                        call_or_text(&body, false, &mut out);
                         self.inside = false;
                     }
                     return out;
@@ -144,11 +202,11 @@ impl ToolCallSplitter {
                 let body: String = self.held[..at].to_string();
                 self.held.drain(..at + HERMES_CLOSE.len());
                 self.inside = false;
-                self.call_or_text(&body, &mut out);
+                call_or_text(&body, true, &mut out);
                 continue;
             }
             if let Some(at) = self.held.find(HERMES_OPEN) {
-                out.content.push_str(&self.held[..at]);
+                out.text(&self.held[..at]);
                 self.held.drain(..at + HERMES_OPEN.len());
                 self.inside = true;
                 continue;
@@ -159,20 +217,9 @@ impl ToolCallSplitter {
                 partial_tag_len(&self.held, HERMES_OPEN)
             };
             let cut = self.held.len() - keep;
-            out.content.push_str(&self.held[..cut]);
+            out.text(&self.held[..cut]);
             self.held.drain(..cut);
             return out;
-        }
-    }
-
-    /// A Hermes call body: the call, or (malformed) the text as the model wrote it.
-    fn call_or_text(&self, body: &str, out: &mut ToolSplit) {
-        match call_object(body.trim()) {
-            Some(call) => out.calls.push(call),
-            None => {
-                out.content.push_str(HERMES_OPEN);
-                out.content.push_str(body);
-            }
         }
     }
 
@@ -193,7 +240,7 @@ impl ToolCallSplitter {
             self.whole = Some(start.starts_with(marker) || start.starts_with(opener));
         }
         if self.whole == Some(false) {
-            out.content = std::mem::take(&mut self.held);
+            out.text(&std::mem::take(&mut self.held));
             return out;
         }
         if !end {
@@ -205,10 +252,25 @@ impl ToolCallSplitter {
             _ => llama3_calls(&text),
         };
         match calls {
-            Some(calls) if !calls.is_empty() => out.calls = calls,
-            _ => out.content = text,
+            Some(calls) if !calls.is_empty() => calls.into_iter().for_each(|c| out.call(c)),
+            _ => out.text(&text),
         }
         out
+    }
+}
+
+/// A Hermes call body: the call, or (malformed) the text as the model wrote it, tags
+/// included (`closed`: the closing tag was there).
+fn call_or_text(body: &str, closed: bool, out: &mut ToolSplit) {
+    match call_object(body.trim()) {
+        Some(call) => out.call(call),
+        None => {
+            out.text(HERMES_OPEN);
+            out.text(body);
+            if closed {
+                out.text(HERMES_CLOSE);
+            }
+        }
     }
 }
 
@@ -281,14 +343,18 @@ pub fn parse_required(text: &str) -> Option<Vec<ParsedCall>> {
 mod tests {
     use super::*;
 
+    /// What a split holds, gathered.
+    struct Gathered {
+        content: String,
+        calls: Vec<ParsedCall>,
+        pieces: Vec<ToolPiece>,
+    }
+
     /// Streams `text` in pieces of `step` bytes (on char boundaries) and gathers the split.
-    fn run(parser: ToolCallParser, text: &str, step: usize) -> ToolSplit {
+    fn run(parser: ToolCallParser, text: &str, step: usize) -> Gathered {
         let mut s = ToolCallSplitter::new(parser);
         let mut all = ToolSplit::default();
-        let mut add = |p: ToolSplit| {
-            all.content.push_str(&p.content);
-            all.calls.extend(p.calls);
-        };
+        let mut add = |p: ToolSplit| all.extend(p);
         let mut i = 0;
         while i < text.len() {
             let mut j = (i + step).min(text.len());
@@ -299,7 +365,11 @@ mod tests {
             i = j;
         }
         add(s.finish());
-        all
+        Gathered {
+            content: all.content(),
+            calls: all.calls(),
+            pieces: all.pieces,
+        }
     }
 
     fn call(name: &str, args: &str) -> ParsedCall {
@@ -340,7 +410,7 @@ mod tests {
         let bad = "x<tool_call>{\"name\": oops}</tool_call>y";
         let s = run(ToolCallParser::Hermes, bad, 2);
         assert!(s.calls.is_empty());
-        assert_eq!(s.content, "x<tool_call>{\"name\": oops}y");
+        assert_eq!(s.content, bad, "returned as written");
         // Ended before the closing tag (a stop token): still a call.
         let open = "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n";
         assert_eq!(
@@ -350,17 +420,26 @@ mod tests {
     }
 
     #[test]
-    fn hermes_content_before_a_call_is_not_held_back() {
+    fn hermes_content_before_a_call_is_not_held_back_and_order_is_kept() {
         let mut s = ToolCallSplitter::new(ToolCallParser::Hermes);
-        assert_eq!(s.push("Hello wor").content, "Hello wor");
+        assert_eq!(s.push("Hello wor").content(), "Hello wor");
         assert_eq!(
-            s.push("ld <tool").content,
+            s.push("ld <tool").content(),
             "ld ",
             "a possible tag start waits"
         );
         let p = s.push("_call>{\"name\": \"f\", \"arguments\": {\"a\": 1}}</tool_call> ok");
-        assert_eq!(p.calls, vec![call("f", r#"{"a":1}"#)]);
-        assert_eq!(p.content, " ok");
+        assert_eq!(
+            p.pieces,
+            vec![
+                ToolPiece::Call(call("f", r#"{"a":1}"#)),
+                ToolPiece::Text(" ok".into())
+            ],
+            "text after a call comes after it"
+        );
+        let s = run(ToolCallParser::Hermes, HERMES, 3);
+        assert!(matches!(&s.pieces[0], ToolPiece::Text(t) if t.starts_with("Let me")));
+        assert!(matches!(s.pieces[1], ToolPiece::Call(_)));
     }
 
     #[test]

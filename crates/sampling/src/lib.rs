@@ -113,12 +113,13 @@ impl Sampler {
         self.apply_penalties(logits, prompt);
         let t = self.opts.temperature.filter(|t| *t > 0.0).unwrap_or(1.0);
         let token = self.pick(logits, t);
-        if logits
-            .get(token as usize)
-            .is_none_or(|l| *l == f32::NEG_INFINITY)
+        if self.constraint.is_some()
+            && logits
+                .get(token as usize)
+                .is_none_or(|l| *l == f32::NEG_INFINITY)
         {
             return Err(SampleError::Constraint(
-                "no token is allowed next".to_string(),
+                "the grammar allows no token next".to_string(),
             ));
         }
         let logprob = self.logprobs.map(|k| logprobs(logits, t, token, k));

@@ -31,12 +31,13 @@ pub fn chat(tokens: Vec<TokenLogprobs>) -> ChatLogprobs {
     }
 }
 
-/// `offset`: where the first token's text starts in the choice's text; moved past them.
+/// `offset`: where the first token starts in the choice's text, in bytes (a token may hold
+/// part of a character, so characters would not add up); moved past them.
 pub fn completion(tokens: Vec<TokenLogprobs>, offset: &mut usize) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     for t in tokens {
         out.text_offset.push(*offset);
-        *offset += t.chosen.token.len();
+        *offset += t.chosen.bytes.len();
         out.token_logprobs.push(t.chosen.logprob);
         out.tokens.push(t.chosen.token);
         let top: BTreeMap<String, f32> = t.top.into_iter().map(|a| (a.token, a.logprob)).collect();

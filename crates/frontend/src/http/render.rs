@@ -19,7 +19,7 @@ use futures::{Stream, StreamExt};
 use std::convert::Infallible;
 use tandem_protocols::openai::*;
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

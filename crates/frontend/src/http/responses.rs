@@ -280,20 +280,13 @@ fn sse(kind: &str, data: &Value) -> Bytes {
     ))
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Renders a generation as a Responses answer; `request` is the client's body (echoed
 /// fields).
 pub async fn respond(
     g: Generation<impl Stream<Item = Result<GenEvent, ApiError>> + Send + 'static>,
     request: Value,
 ) -> Result<Response, ApiError> {
-    let created = now();
+    let created = super::render::now();
     let mut items = Items::new(&g.request_id);
     let mut events = Box::pin(g.events);
     if !g.stream {

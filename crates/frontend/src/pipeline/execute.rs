@@ -65,11 +65,15 @@ pub fn generate(
         let mut disconnect = DisconnectGuard { metrics: &metrics, done: false };
         let n = p.n();
         // Reasoning is split from the answer in chat responses only (completions return text).
-        let reasoning = (endpoint != "completions").then(|| model.reasoning_parser()).flatten();
+        let guided = p.request.sampling.guided_decoding.is_some();
+        let reasoning = (endpoint != "completions")
+            .then(|| model.reasoning_parser())
+            .flatten()
+            .map(|r| if guided { r.under_grammar() } else { r });
         let mut post = Postprocessor::with_reasoning(&model.preprocessor, n, &p.stops, prompt_tokens, reasoning)
             .with_tools(p.tools.as_ref());
         if p.request.output_options.logprobs.is_some() {
-            post = post.with_logprobs(&model.guides);
+            post = post.with_logprobs(&model.preprocessor);
         }
         let mut finish_reasons: Vec<String> = Vec::new();
         let opts = RequestOptions { id: Some(request_id), headers: ids.headers() };

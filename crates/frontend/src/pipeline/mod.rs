@@ -102,7 +102,7 @@ pub fn start(
         name: &model.name,
         preprocessor: &model.preprocessor,
         context_length: model.card.context_length,
-        guides: &model.guides,
+        guides: model.guides.as_ref(),
         tool_parser: model.tool_call_parser(),
     };
     let p = match endpoint {

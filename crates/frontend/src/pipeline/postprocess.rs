@@ -16,10 +16,11 @@ use tandem_preprocessor::Preprocessor;
 use tandem_preprocessor::detokenize::IncrementalDecoder;
 use tandem_preprocessor::reasoning::{ReasoningParser, ReasoningSplitter};
 use tandem_preprocessor::stop::StopMatcher;
-use tandem_preprocessor::tools::{ParsedCall, ToolCallSplitter, ToolMode, parse_required};
+use tandem_preprocessor::tools::{
+    ParsedCall, ToolCallSplitter, ToolMode, ToolPiece, parse_required,
+};
 use tandem_protocols::llm::{EngineOutput, TokenLogprob};
 use tandem_protocols::openai::{FunctionCallDelta, PromptTokensDetails, ToolCallDelta, Usage};
-use tandem_structured::Guides;
 
 /// A token as logprobs show it: its text, its bytes, its logprob.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,8 +92,17 @@ enum ToolReader {
     Named { name: String, started: bool },
     /// The answer is a JSON list of calls, read when complete.
     Required { text: String },
-    /// The model's own format, read as it streams.
-    Auto(ToolCallSplitter),
+    /// The model's own format, read as it streams; `parallel: false` keeps the first call.
+    Auto {
+        splitter: ToolCallSplitter,
+        parallel: bool,
+    },
+}
+
+/// What the answer's text became: text and tool-call deltas, in the order written.
+enum Answer {
+    Text(String),
+    Call(ToolCallDelta),
 }
 
 impl ToolReader {
@@ -105,23 +115,25 @@ impl ToolReader {
             ToolMode::Required => Self::Required {
                 text: String::new(),
             },
-            ToolMode::Auto(parser) => Self::Auto(ToolCallSplitter::new(*parser)),
+            ToolMode::Auto { parser, parallel } => Self::Auto {
+                splitter: ToolCallSplitter::new(*parser),
+                parallel: *parallel,
+            },
         }
     }
 
-    /// `text` of the answer (`end`: the choice's last) → content, and tool-call deltas from
-    /// call number `calls` on.
-    fn push(&mut self, text: &str, end: bool, calls: u32) -> (String, Vec<ToolCallDelta>) {
+    /// `text` of the answer (`end`: the choice's last); `calls`: calls already sent.
+    fn push(&mut self, text: String, end: bool, calls: u32) -> Vec<Answer> {
         match self {
             Self::Named { name, started } => {
                 if text.is_empty() {
-                    return (String::new(), Vec::new());
+                    return Vec::new();
                 }
                 let mut d = ToolCallDelta {
                     index: 0,
                     function: FunctionCallDelta {
                         name: None,
-                        arguments: Some(text.to_string()),
+                        arguments: Some(text),
                     },
                     ..Default::default()
                 };
@@ -130,28 +142,45 @@ impl ToolReader {
                     d.kind = Some("function".into());
                     d.function.name = Some(name.clone());
                 }
-                (String::new(), vec![d])
+                vec![Answer::Call(d)]
             }
             Self::Required { text: all } => {
-                all.push_str(text);
+                all.push_str(&text);
                 if !end {
-                    return (String::new(), Vec::new());
+                    return Vec::new();
                 }
                 let all = std::mem::take(all);
                 match parse_required(&all) {
-                    Some(parsed) => (String::new(), whole_calls(parsed, calls)),
+                    Some(parsed) => parsed
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, c)| Answer::Call(whole_call(c, calls + i as u32)))
+                        .collect(),
                     // Cut short (a length limit): the text as it is, nothing lost.
-                    None => (all, Vec::new()),
+                    None => vec![Answer::Text(all)],
                 }
             }
-            Self::Auto(splitter) => {
-                let mut split = splitter.push(text);
+            Self::Auto { splitter, parallel } => {
+                let mut split = splitter.push(&text);
                 if end {
-                    let last = splitter.finish();
-                    split.content.push_str(&last.content);
-                    split.calls.extend(last.calls);
+                    split.extend(splitter.finish());
                 }
-                (split.content, whole_calls(split.calls, calls))
+                let mut next = calls;
+                let mut out = Vec::new();
+                for piece in split.pieces {
+                    match piece {
+                        ToolPiece::Text(t) => out.push(Answer::Text(t)),
+                        // Asked for one call at most: later ones are not calls to make.
+                        ToolPiece::Call(c) if !*parallel && next > 0 => {
+                            tracing::debug!(name = %c.name, "dropping a second tool call: parallel_tool_calls is false");
+                        }
+                        ToolPiece::Call(c) => {
+                            out.push(Answer::Call(whole_call(c, next)));
+                            next += 1;
+                        }
+                    }
+                }
+                out
             }
         }
     }
@@ -162,21 +191,17 @@ fn call_id() -> String {
     format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
 }
 
-/// Complete calls as one delta each, numbered from `first`.
-fn whole_calls(calls: Vec<ParsedCall>, first: u32) -> Vec<ToolCallDelta> {
-    calls
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| ToolCallDelta {
-            index: first + i as u32,
-            id: Some(call_id()),
-            kind: Some("function".into()),
-            function: FunctionCallDelta {
-                name: Some(c.name),
-                arguments: Some(c.arguments),
-            },
-        })
-        .collect()
+/// A complete call as one delta, call number `index`.
+fn whole_call(c: ParsedCall, index: u32) -> ToolCallDelta {
+    ToolCallDelta {
+        index,
+        id: Some(call_id()),
+        kind: Some("function".into()),
+        function: FunctionCallDelta {
+            name: Some(c.name),
+            arguments: Some(c.arguments),
+        },
+    }
 }
 
 pub struct Postprocessor<'a> {
@@ -184,8 +209,8 @@ pub struct Postprocessor<'a> {
     prompt_tokens: u32,
     completion_tokens: u32,
     cached_tokens: Option<u32>,
-    /// Token bytes for logprobs.
-    vocab: Option<&'a Guides>,
+    /// Token bytes for logprobs, when the request asked for them.
+    vocab: Option<&'a Preprocessor>,
     /// Tool calls sent so far, per choice.
     calls: Vec<u32>,
 }
@@ -229,16 +254,16 @@ impl<'a> Postprocessor<'a> {
         self
     }
 
-    /// Renders logprobs the engine sends with the tokens' bytes from `vocab`.
-    pub fn with_logprobs(mut self, vocab: &'a Guides) -> Self {
-        self.vocab = Some(vocab);
+    /// Renders the logprobs the engine sends, with each token's bytes from `pre`.
+    pub fn with_logprobs(mut self, pre: &'a Preprocessor) -> Self {
+        self.vocab = Some(pre);
         self
     }
 
     fn token_text(&self, id: u32, logprob: f32) -> TokenText {
         let bytes = self
             .vocab
-            .and_then(|v| v.token_bytes(id).ok())
+            .map(|v| v.token_bytes(id).to_vec())
             .unwrap_or_default();
         TokenText {
             token: String::from_utf8_lossy(&bytes).into_owned(),
@@ -313,9 +338,9 @@ impl<'a> Postprocessor<'a> {
                 (split.reasoning, split.content)
             }
         };
-        let (text, calls) = match &mut c.tools {
-            None => (text, Vec::new()),
-            Some(t) => t.push(&text, reason.is_some(), self.calls[index as usize]),
+        let answer = match &mut c.tools {
+            None => vec![Answer::Text(text)],
+            Some(t) => t.push(text, reason.is_some(), self.calls[index as usize]),
         };
         if !thought.is_empty() {
             step.events.push(GenEvent::Reasoning {
@@ -323,12 +348,15 @@ impl<'a> Postprocessor<'a> {
                 text: thought,
             });
         }
-        if !text.is_empty() {
-            step.events.push(GenEvent::Text { index, text });
-        }
-        for call in calls {
-            self.calls[index as usize] = self.calls[index as usize].max(call.index + 1);
-            step.events.push(GenEvent::ToolCall { index, call });
+        for a in answer {
+            match a {
+                Answer::Text(text) if text.is_empty() => {}
+                Answer::Text(text) => step.events.push(GenEvent::Text { index, text }),
+                Answer::Call(call) => {
+                    self.calls[index as usize] = self.calls[index as usize].max(call.index + 1);
+                    step.events.push(GenEvent::ToolCall { index, call });
+                }
+            }
         }
         if let Some(mut reason) = reason {
             c.finished = true;
@@ -613,7 +641,10 @@ mod tests {
         assert_eq!(finish(&ev), Some("length"));
         assert!(ev.iter().any(|e| matches!(e, GenEvent::Text { .. })));
         // Auto with the Hermes parser: the answer around the call is content.
-        let mode = ToolMode::Auto(tandem_preprocessor::tools::ToolCallParser::Hermes);
+        let mode = ToolMode::Auto {
+            parser: tandem_preprocessor::tools::ToolCallParser::Hermes,
+            parallel: true,
+        };
         let mut p = Postprocessor::new(pre, 1, &[], 3).with_tools(Some(&mode));
         let ev = events(
             &mut p,
@@ -635,8 +666,7 @@ mod tests {
     #[test]
     fn logprobs_go_out_with_the_tokens_text_and_bytes() {
         let pre = preprocessor();
-        let guides = crate::pipeline::test_model::guides();
-        let mut p = Postprocessor::new(pre, 1, &[], 3).with_logprobs(guides);
+        let mut p = Postprocessor::new(pre, 1, &[], 3).with_logprobs(pre);
         let ids = pre.encode(" Paris").unwrap();
         let alt = pre.encode(" London").unwrap()[0];
         let step = p.push(EngineOutput {

@@ -120,6 +120,23 @@ fn outputs(
 ) -> Result<(), ApiError> {
     p.request.output_options = OutputOptions { logprobs };
     if let Some((g, field)) = guide {
+        // The grammar's end must end the choice: past it only end-of-sequence may follow.
+        if p.request.stop.ignore_eos {
+            return Err(ApiError::invalid(
+                format!(
+                    "`ignore_eos` cannot be combined with structured output (`{field}`): the grammar's end is the choice's end"
+                ),
+                Some("ignore_eos"),
+            ));
+        }
+        if p.request.stop.min_tokens.is_some_and(|m| m > 0) {
+            return Err(ApiError::invalid(
+                format!(
+                    "`min_tokens` cannot be combined with structured output (`{field}`): the grammar decides the length"
+                ),
+                Some("min_tokens"),
+            ));
+        }
         structured::check(model.guides, &g, &field)?;
         p.request.sampling.guided_decoding = Some(g);
     }

@@ -110,9 +110,12 @@ pub fn to_chat(body: &Value) -> Result<Value, ApiError> {
 fn input(v: Option<&Value>) -> Result<Vec<Value>, ApiError> {
     match v {
         Some(Value::String(s)) => Ok(vec![json!({"role": "user", "content": s})]),
+        // A `reasoning` item (an earlier response's output, sent back as a stateless client
+        // does) is not part of the prompt: chat templates drop past thinking too.
         Some(Value::Array(items)) => items
             .iter()
             .enumerate()
+            .filter(|(_, item)| item.get("type").and_then(Value::as_str) != Some("reasoning"))
             .map(|(i, item)| input_item(item, &format!("input[{i}]")))
             .collect(),
         None | Some(Value::Null) => Err(ApiError::invalid("`input` is required", Some("input"))),
@@ -315,6 +318,21 @@ mod tests {
         }
         let e = to_chat(&json!({"model": "m"})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("input"));
+        let back = json!({"model": "m", "input": [
+            {"role": "user", "content": "Hi"},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hmm"}]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]},
+            {"role": "user", "content": "Again"}]});
+        let chat = to_chat(&back).unwrap();
+        assert_eq!(
+            chat["messages"].as_array().unwrap().len(),
+            3,
+            "reasoning items dropped"
+        );
+        assert_eq!(
+            chat["messages"][1],
+            json!({"role": "assistant", "content": "Hello"})
+        );
         let e =
             to_chat(&json!({"model": "m", "input": [{"type": "web_search_call"}]})).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("input[0].type"));

@@ -87,6 +87,8 @@ fn invalid_requests_get_400_naming_the_field() {
         ("bad lark", Cmpl, cmpl_body(json!({"nvext": {"guided_grammar": "start: ???"}})), 400, Some("nvext.guided_grammar")),
         ("guided_json text", Chat, chat_body(json!({"guided_json": "{not json"})), 400, Some("guided_json")),
         ("no choices", Chat, chat_body(json!({"guided_choice": []})), 400, Some("guided_choice")),
+        ("grammar and ignore_eos", Chat, chat_body(json!({"guided_regex": "a+", "ignore_eos": true})), 400, Some("ignore_eos")),
+        ("grammar and min_tokens", Cmpl, cmpl_body(json!({"response_format": {"type": "json_object"}, "min_tokens": 3})), 400, Some("min_tokens")),
         ("forced call and a format", Chat, chat_body(json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "response_format": {"type": "json_object"}})), 400, Some("response_format")),
         ("functions", Chat, chat_body(json!({"functions": [{"name": "f"}]})), 400, Some("functions")),
         ("audio", Chat, chat_body(json!({"modalities": ["text", "audio"]})), 400, Some("modalities")),

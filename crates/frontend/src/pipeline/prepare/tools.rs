@@ -54,7 +54,7 @@ pub fn plan(chat: &ChatFields, parser: Option<ToolCallParser>) -> Result<ToolPla
             };
             ToolPlan {
                 template_tools: offered,
-                mode: Some(ToolMode::Auto(parser)),
+                mode: Some(ToolMode::Auto { parser, parallel }),
                 guide: None,
             }
         }
@@ -245,7 +245,13 @@ mod tests {
     #[test]
     fn each_choice_gets_its_mode_and_grammar() {
         let p = plan(&chat(weather(), None, None), Some(ToolCallParser::Hermes)).unwrap();
-        assert_eq!(p.mode, Some(ToolMode::Auto(ToolCallParser::Hermes)));
+        assert_eq!(
+            p.mode,
+            Some(ToolMode::Auto {
+                parser: ToolCallParser::Hermes,
+                parallel: true
+            })
+        );
         assert!(p.guide.is_none() && p.template_tools.is_some());
         let p = plan(&chat(weather(), Some(json!("none")), None), None).unwrap();
         assert_eq!(p, ToolPlan::default());
