@@ -23,6 +23,6 @@ fi
 
 start=$(date +%s)
 # Integration tests start the real binaries, so build them all first.
-cargo build --workspace --bins
+cargo build --workspace --bins --examples
 cargo test --workspace --no-fail-fast "$@"
 echo "tests finished in $(( $(date +%s) - start ))s"

@@ -4,6 +4,7 @@
 use crate::admission::AdmissionConfig;
 use crate::http::auth::ApiKey;
 use crate::models::Routing;
+use crate::pipeline::balance::{LoadPolicy, Sessions};
 use crate::pipeline::migrate::Inhibited;
 use std::sync::Arc;
 use tandem_kv_router::KvRouterArgs;
@@ -17,6 +18,10 @@ pub enum RouterModeArg {
     Random,
     /// To the worker with the most of the prompt cached, weighed against its load.
     Kv,
+    /// The less loaded of two workers drawn at random (requests in flight).
+    PowerOfTwo,
+    /// The worker with the fewest requests in flight.
+    LeastLoaded,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -61,6 +66,15 @@ pub struct FrontendArgs {
         value_parser = non_negative_secs
     )]
     pub inhibited_duration_secs: f64,
+    /// Seconds a session (`X-Dynamo-Session-ID` header) stays bound to the worker its last
+    /// request went to; its requests go there while that worker serves the model. 0: off.
+    #[arg(
+        long = "router-session-affinity-ttl-secs",
+        env = "DYN_ROUTER_SESSION_AFFINITY_TTL_SECS",
+        default_value_t = 300.0,
+        value_parser = non_negative_secs
+    )]
+    pub session_affinity_ttl_secs: f64,
     /// Seconds a generation request may take, from its arrival to its last token; past it the
     /// client gets 504 and the worker stops the request (its blocks are freed). Unset: none.
     #[arg(
@@ -129,6 +143,8 @@ pub struct ExecPolicy {
     pub busy_wait: std::time::Duration,
     /// Workers that failed recently.
     pub avoid: Arc<Inhibited>,
+    /// Where each `X-Dynamo-Session-ID` goes (`--router-session-affinity-ttl-secs` > 0).
+    pub sessions: Option<Arc<Sessions>>,
 }
 
 impl ExecPolicy {
@@ -146,6 +162,7 @@ impl Default for ExecPolicy {
             request_timeout: None,
             busy_wait: std::time::Duration::ZERO,
             avoid: Arc::new(Inhibited::new(std::time::Duration::ZERO)),
+            sessions: None,
         }
     }
 }
@@ -179,6 +196,11 @@ impl FrontendArgs {
             avoid: Arc::new(Inhibited::new(std::time::Duration::from_secs_f64(
                 self.inhibited_duration_secs,
             ))),
+            sessions: (self.session_affinity_ttl_secs > 0.0).then(|| {
+                Arc::new(Sessions::new(std::time::Duration::from_secs_f64(
+                    self.session_affinity_ttl_secs,
+                )))
+            }),
         }
     }
 
@@ -194,6 +216,8 @@ impl FrontendArgs {
             RouterModeArg::RoundRobin => Routing::Basic(RouterMode::RoundRobin),
             RouterModeArg::Random => Routing::Basic(RouterMode::Random),
             RouterModeArg::Kv => Routing::Kv(Arc::new(self.kv_router.clone())),
+            RouterModeArg::PowerOfTwo => Routing::Load(LoadPolicy::PowerOfTwo),
+            RouterModeArg::LeastLoaded => Routing::Load(LoadPolicy::LeastLoaded),
         }
     }
 }

@@ -13,6 +13,7 @@
 
 use crate::config::ExecPolicy;
 use crate::metrics::FrontendMetrics;
+use crate::pipeline::balance::{Inflight, LoadPolicy};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -29,12 +30,16 @@ use tokio_util::sync::CancellationToken;
 pub enum Routing {
     Basic(RouterMode),
     Kv(Arc<KvRouterArgs>),
+    /// `power-of-two`, `least-loaded`: by requests in flight.
+    Load(LoadPolicy),
 }
 
 /// A model's router: the runtime client's own choice, or a KV router.
 pub enum ModelRouter {
     Basic(RouterMode),
     Kv(Arc<KvRouter>),
+    /// By this frontend's requests in flight on each worker.
+    Load(LoadPolicy, Arc<Inflight>),
 }
 
 pub struct ServedModel {
@@ -161,7 +166,7 @@ impl ModelManager {
                     RouterMetrics::unregistered().ok()
                 }
             },
-            Routing::Basic(_) => None,
+            Routing::Basic(_) | Routing::Load(_) => None,
         };
         let mgr = Self {
             state: Arc::default(),
@@ -441,6 +446,7 @@ fn make_router(
 ) -> Result<ModelRouter, String> {
     let args = match routing {
         Routing::Basic(mode) => return Ok(ModelRouter::Basic(*mode)),
+        Routing::Load(policy) => return Ok(ModelRouter::Load(*policy, Arc::default())),
         Routing::Kv(args) => args,
     };
     // Both are at least 1: the flag is checked when parsed, the card by the worker.

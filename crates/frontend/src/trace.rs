@@ -28,6 +28,9 @@ pub struct RequestIds {
     pub x_request_id: String,
     /// The client's `x-dynamo-request-id`, kept only when it is a UUID (as Dynamo does).
     pub x_dynamo_request_id: Option<String>,
+    /// The client's `x-dynamo-session-id`: requests of one session go to one worker while
+    /// it lives (`--router-session-affinity-ttl-secs`).
+    pub session_id: Option<String>,
 }
 
 impl RequestIds {
@@ -41,6 +44,9 @@ impl RequestIds {
             x_dynamo_request_id: get("x-dynamo-request-id")
                 .and_then(|v| uuid::Uuid::parse_str(v).ok())
                 .map(|u| u.to_string()),
+            session_id: get("x-dynamo-session-id")
+                .filter(|v| !v.is_empty() && v.len() <= 256)
+                .map(str::to_string),
         }
     }
 

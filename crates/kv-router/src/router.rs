@@ -266,7 +266,10 @@ impl KvRouter {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let overlap = scores.get(&c.worker_id).copied().unwrap_or(0);
+                // A prefix routed there and still in flight counts as cached: a burst of one
+                // prompt lands on one worker before its first block events arrive.
+                let indexed = scores.get(&c.worker_id).copied().unwrap_or(0);
+                let overlap = indexed.max(self.active.inflight_prefix(c.worker_id, seq_hashes));
                 let new_prefill =
                     (isl as u64).saturating_sub(u64::from(overlap) * self.block_size as u64);
                 let (now, with) =
@@ -533,6 +536,32 @@ mod tests {
         let d3 = r.route(&prompt, &cands(&[1, 2, 3])).unwrap();
         assert_ne!(d3.worker_id, 2);
         drop((d, d2, d3));
+    }
+
+    #[test]
+    fn a_burst_of_one_prefix_lands_where_the_first_went_before_any_event() {
+        let r = router(KvRouterConfig::default());
+        let system: Vec<u32> = (0..64).collect();
+        let ask =
+            |q: u32| -> Vec<u32> { system.iter().copied().chain(q * 100..q * 100 + 8).collect() };
+        let mut first = r.route(&ask(1), &cands(&[1, 2, 3])).unwrap();
+        assert_eq!(first.overlap_blocks, 0, "nothing indexed yet");
+        // Its prompt is computed (its first token is out); its events have not arrived.
+        first.guard.prefill_done();
+        let rest: Vec<_> = (2..6)
+            .map(|q| r.route(&ask(q), &cands(&[1, 2, 3])).unwrap())
+            .collect();
+        for d in &rest {
+            assert_eq!(
+                d.worker_id, first.worker_id,
+                "the shared prefix is in flight there"
+            );
+            assert_eq!(d.overlap_blocks, 16, "its 16 blocks count as cached");
+        }
+        // Once those requests end, only the index counts: nothing cached anywhere yet.
+        drop((first, rest));
+        let d = r.route(&ask(7), &cands(&[1, 2, 3])).unwrap();
+        assert_eq!(d.overlap_blocks, 0);
     }
 
     #[test]

@@ -82,6 +82,19 @@ impl ActiveSequences {
         (now, load)
     }
 
+    /// How many leading blocks of `hashes` requests in flight on `worker_id` hold: a prefix
+    /// the worker is computing, or has just computed, before its block events can say so.
+    pub fn inflight_prefix(&self, worker_id: u64, hashes: &[u64]) -> u32 {
+        let loads = self.lock();
+        let Some(t) = loads.get(&worker_id) else {
+            return 0;
+        };
+        hashes
+            .iter()
+            .take_while(|h| t.blocks.contains_key(h))
+            .count() as u32
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
         self.loads.lock().unwrap_or_else(|p| p.into_inner())
     }

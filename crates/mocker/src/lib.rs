@@ -127,6 +127,7 @@ impl MockEngine {
             speedup_ratio: args.speedup_ratio,
             fail_after_tokens: args.fail_after_tokens,
             vocab: vocab_size.max(FIRST_PLAIN_TOKEN + 1),
+            due: tokio::time::Instant::now(),
         };
         tokio::spawn(scheduler.run(rx));
         Arc::new(Self {
@@ -258,7 +259,12 @@ struct Scheduler {
     speedup_ratio: f64,
     fail_after_tokens: Option<u32>,
     vocab: u32,
+    /// When the simulated work done so far is due to end (see [`Self::pace`]).
+    due: tokio::time::Instant,
 }
+
+/// The timer's granularity: a sleep shorter than this lasts about this long.
+const TIMER_TICK: Duration = Duration::from_millis(1);
 
 /// Dynamo mocker's prefill cost in ms for `t` newly computed tokens.
 fn prefill_ms(t: usize) -> f64 {
@@ -320,16 +326,35 @@ impl Scheduler {
             // while it computes.
             self.batcher.publish();
             let work_ms = self.simulated_ms(scheduled);
-            if self.speedup_ratio > 0.0 && work_ms > 0.0 {
-                tokio::time::sleep(Duration::from_secs_f64(
-                    work_ms / 1000.0 / self.speedup_ratio,
-                ))
-                .await;
-            } else {
-                tokio::task::yield_now().await;
-            }
+            self.pace(work_ms).await;
             self.step();
             self.batcher.publish();
+        }
+    }
+
+    /// Lets the step last `work_ms` of simulated time divided by the speed-up ratio. A step
+    /// shorter than the timer's millisecond would last a whole one if slept for on its own
+    /// (at `--speedup-ratio 100` a decode step is 0.2 ms: five times too slow), so steps run
+    /// back to back while the time they owe stays under a tick, and sleep until it is due
+    /// once it does: on average each step lasts what the model says. A sleep's overshoot (up
+    /// to a tick) is credited to the next steps; time spent idle is not.
+    async fn pace(&mut self, work_ms: f64) {
+        if self.speedup_ratio <= 0.0 || work_ms <= 0.0 {
+            tokio::task::yield_now().await;
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let work = Duration::from_secs_f64(work_ms / 1000.0 / self.speedup_ratio);
+        let start = if now > self.due + TIMER_TICK {
+            now
+        } else {
+            self.due
+        };
+        self.due = start + work;
+        if self.due.saturating_duration_since(now) >= TIMER_TICK {
+            tokio::time::sleep_until(self.due).await;
+        } else {
+            tokio::task::yield_now().await;
         }
     }
 
@@ -439,6 +464,28 @@ mod tests {
         }
         req.sampling.guided_decoding = Some(tandem_protocols::llm::GuidedDecoding::JsonObject);
         assert!(matches!(engine.generate(req), Err(EngineError::Invalid(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steps_shorter_than_the_timer_tick_are_paced_to_the_model_on_average() {
+        let engine = MockEngine::start(
+            MockerArgs {
+                speedup_ratio: 100.0,
+                // Blocks to spare: KV usage (which slows decode steps) stays near 0.
+                ..args(4096)
+            },
+            1000,
+        );
+        let start = tokio::time::Instant::now();
+        let outs = outputs(engine.generate(request((0..10).collect(), 200, 1)).unwrap()).await;
+        assert_eq!(outs.len(), 200);
+        // One prefill (~0.17 ms) and 199 decode steps (~0.19 ms each at this KV usage) of
+        // model time: ~39 ms. Sleeping for each step alone would take 200 ticks (200 ms).
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(38) && took <= Duration::from_millis(45),
+            "{took:?}"
+        );
     }
 
     #[tokio::test]

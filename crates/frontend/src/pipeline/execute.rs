@@ -310,6 +310,7 @@ impl Mover<'_> {
                 &request.token_ids,
                 self.span,
                 &self.exec.avoid,
+                self.exec.sessions.as_deref(),
             )
         };
         let route = match pick() {

@@ -8,7 +8,8 @@
 //!   tokens, context length). Pure.
 //! - [`prefill`]: with prefill workers, the prefill leg on one of them (span
 //!   `prefill_routing`); its transfer parameters go on the decode request.
-//! - [`route`]: the worker: the client's pick, the KV router's, or round-robin / random.
+//! - [`route`]: the worker: the client's pick, the session's, the KV router's, the least
+//!   loaded ([`balance`]), or round-robin / random.
 //! - [`execute`]: the typed call to the worker and the request's metrics; errors keep their
 //!   class from the worker to here. A worker that fails a request another could finish
 //!   hands it over ([`migrate`]); the request's streams are its [`legs`].
@@ -17,6 +18,7 @@
 //!
 //! The HTTP layer (`crate::http`) renders the [`GenEvent`]s as SSE chunks or one JSON body.
 
+pub mod balance;
 pub mod execute;
 pub mod legs;
 pub mod migrate;
@@ -105,10 +107,11 @@ pub fn start(
         guides: model.guides.as_ref(),
         tool_parser: model.tool_call_parser(),
     };
-    let p = match endpoint {
+    let mut p = match endpoint {
         Endpoint::Chat | Endpoint::Responses => prepare::chat(&view, body, &common)?,
         Endpoint::Completions => prepare::completion(&view, body, &common)?,
     };
+    p.session = ids.session_id.clone();
     let request_id = uuid::Uuid::new_v4().simple().to_string();
     Ok(Generation {
         request_id: request_id.clone(),

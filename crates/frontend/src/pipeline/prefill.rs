@@ -204,7 +204,7 @@ async fn run_leg(
             Route::Kv { overlap_blocks, .. } => {
                 *overlap_blocks as usize * model.card.kv_cache_block_size as usize
             }
-            Route::Worker(_) => 0,
+            Route::Worker(_) | Route::Balanced { .. } => 0,
         };
         if tokens.len().saturating_sub(cached) <= config.max_local_prefill_length as usize {
             return Ok(None);

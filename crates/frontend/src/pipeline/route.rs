@@ -2,10 +2,14 @@
 //!
 //! One enum for the choice ([`Route`]): the worker the client named (`nvext.backend_instance_id`),
 //! the KV router's pick (with the load it registered on that worker, released however the
-//! request ends), or round-robin / random over the runtime client's instances. Either way the
-//! worker is known before the call, and workers that failed recently ([`Inhibited`]) are left
-//! out while others remain.
+//! request ends), the least loaded by requests in flight ([`super::balance`], with its load
+//! guard likewise), or round-robin / random over the runtime client's instances. A request
+//! of a session (`X-Dynamo-Session-ID`) goes where the session's last one went while that
+//! worker is there, through the same router (its load counted). Either way the worker is
+//! known before the call, and workers that failed recently ([`Inhibited`]) are left out while
+//! others remain.
 
+use super::balance::{InflightGuard, Sessions};
 use super::migrate::Inhibited;
 use super::prepare::Prepared;
 use crate::error::ApiError;
@@ -16,6 +20,11 @@ use tandem_runtime::{Client, RouterMode};
 pub enum Route {
     /// The worker picked round-robin or at random, or the one the client named.
     Worker(u64),
+    /// The least loaded worker; `inflight` counts the request on it until it ends.
+    Balanced {
+        worker: u64,
+        inflight: InflightGuard,
+    },
     /// The KV router picked `worker`; `load` is the request's share of that worker's load.
     Kv {
         worker: u64,
@@ -28,7 +37,7 @@ pub enum Route {
 impl Route {
     pub fn worker(&self) -> u64 {
         match self {
-            Self::Worker(w) | Self::Kv { worker: w, .. } => *w,
+            Self::Worker(w) | Self::Balanced { worker: w, .. } | Self::Kv { worker: w, .. } => *w,
         }
     }
 
@@ -45,13 +54,14 @@ impl Route {
 }
 
 /// Chooses the worker for `p` (or for `tokens`, a migrated choice's context), in the
-/// request's `http-request` span `parent`.
+/// request's `http-request` span `parent`; binds the request's session to it.
 pub fn route(
     model: &ServedModel,
     p: &Prepared,
     tokens: &[u32],
     parent: &tracing::Span,
     avoid: &Inhibited,
+    sessions: Option<&Sessions>,
 ) -> Result<Route, ApiError> {
     if let Some(worker) = p.worker {
         if !model.client.instance_ids().contains(&worker) {
@@ -63,14 +73,21 @@ pub fn route(
         }
         return Ok(Route::Worker(worker));
     }
-    pick(
+    let session = p.session.as_deref().zip(sessions);
+    let pinned = session.and_then(|(id, s)| s.get(id, &worker_ids(&model.client, avoid)));
+    let route = pick_among(
         &model.router,
         &model.client,
         model.card.runtime_config.total_kv_blocks,
         tokens,
         parent,
         avoid,
-    )
+        pinned,
+    )?;
+    if let Some((id, s)) = session {
+        s.put(id, route.worker());
+    }
+    Ok(route)
 }
 
 /// The choice of `router` among `client`'s workers for a prompt of `tokens`; unavailable
@@ -83,18 +100,47 @@ pub fn pick(
     parent: &tracing::Span,
     avoid: &Inhibited,
 ) -> Result<Route, ApiError> {
+    pick_among(router, client, total_blocks, tokens, parent, avoid, None)
+}
+
+/// [`pick`], limited to `only` when given (a session's worker).
+fn pick_among(
+    router: &ModelRouter,
+    client: &Client,
+    total_blocks: u64,
+    tokens: &[u32],
+    parent: &tracing::Span,
+    avoid: &Inhibited,
+    only: Option<u64>,
+) -> Result<Route, ApiError> {
     let basic = |mode| {
         client
-            .pick_id(mode, |w| avoid.contains(w))
+            .pick_id(only.map_or(mode, RouterMode::Direct), |w| avoid.contains(w))
             .map(Route::Worker)
             .map_err(ApiError::from)
     };
     match router {
         ModelRouter::Basic(mode) => basic(*mode),
-        ModelRouter::Kv(kv) => match route_kv(kv, client, total_blocks, tokens, parent, avoid) {
-            Some(route) => Ok(route),
-            None => basic(RouterMode::RoundRobin),
-        },
+        ModelRouter::Load(policy, inflight) => {
+            let ids = only.map_or_else(|| worker_ids(client, avoid), |w| vec![w]);
+            match inflight.choose(*policy, &ids) {
+                Some(worker) => Ok(Route::Balanced {
+                    worker,
+                    inflight: inflight.enter(worker),
+                }),
+                None => basic(RouterMode::RoundRobin),
+            }
+        }
+        ModelRouter::Kv(kv) => {
+            let mut cands = candidates(client, total_blocks, avoid);
+            if let Some(w) = only {
+                cands.retain(|c| c.worker_id == w);
+            }
+            match route_kv(kv, &cands, tokens, parent) {
+                Some(route) => Ok(route),
+                None => basic(RouterMode::RoundRobin),
+            }
+        }
     }
 }
 
@@ -128,9 +174,8 @@ pub async fn wait_while_busy(
     true
 }
 
-/// The KV router's candidates: `client`'s workers, less those failed recently unless that
-/// leaves none.
-fn candidates(client: &Client, total_blocks: u64, avoid: &Inhibited) -> Vec<Candidate> {
+/// `client`'s workers, less those failed recently unless that leaves none.
+fn worker_ids(client: &Client, avoid: &Inhibited) -> Vec<u64> {
     let ids = client.instance_ids();
     let kept: Vec<u64> = ids
         .iter()
@@ -138,6 +183,11 @@ fn candidates(client: &Client, total_blocks: u64, avoid: &Inhibited) -> Vec<Cand
         .filter(|w| !avoid.contains(*w))
         .collect();
     if kept.is_empty() { ids } else { kept }
+}
+
+/// The KV router's candidates: [`worker_ids`] with their cache sizes.
+fn candidates(client: &Client, total_blocks: u64, avoid: &Inhibited) -> Vec<Candidate> {
+    worker_ids(client, avoid)
         .into_iter()
         .map(|worker_id| Candidate {
             worker_id,
@@ -148,11 +198,9 @@ fn candidates(client: &Client, total_blocks: u64, avoid: &Inhibited) -> Vec<Cand
 
 fn route_kv(
     kv: &KvRouter,
-    client: &Client,
-    total_blocks: u64,
+    candidates: &[Candidate],
     tokens: &[u32],
     parent: &tracing::Span,
-    avoid: &Inhibited,
 ) -> Option<Route> {
     let span = tracing::info_span!(
         parent: parent,
@@ -162,7 +210,7 @@ fn route_kv(
         cost = tracing::field::Empty,
     );
     let _entered = span.enter();
-    let d = kv.route(tokens, &candidates(client, total_blocks, avoid))?;
+    let d = kv.route(tokens, candidates)?;
     span.record("worker_id", d.worker_id);
     span.record("overlap_blocks", d.overlap_blocks);
     span.record("cost", d.cost);

@@ -52,6 +52,8 @@ pub struct Prepared {
     pub worker: Option<u64>,
     /// How the output is read for tool calls (chat with `tools`).
     pub tools: Option<ToolMode>,
+    /// The client's session (`X-Dynamo-Session-ID`), for session affinity.
+    pub session: Option<String>,
 }
 
 impl Prepared {
@@ -246,5 +248,6 @@ fn finish(
         include_usage: p.include_usage,
         worker: p.worker,
         tools: None,
+        session: None,
     })
 }

@@ -1,0 +1,52 @@
+//! `scripts/bench.sh` in its tiny configuration, so that the suite users run cannot rot: aiperf
+//! (installed by the script from PyPI) against tandem's stack and against Dynamo 1.6.1's
+//! (`--peer dynamo`, also installed by the script), both workloads, the summary table with a
+//! ratio per row and the plots. Ports are free ones; binaries the debug build's.
+
+use anyhow::Result;
+use tandem_tests::{free_port, repo_root};
+
+/// A free port below 32768: Dynamo 1.6.1 reads `DYN_SYSTEM_PORT` as a signed 16-bit number.
+fn free_low_port() -> Result<u16> {
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    (start..32_000)
+        .chain(20_000..start)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .ok_or_else(|| anyhow::anyhow!("no free port below 32768"))
+}
+
+#[test]
+fn the_aiperf_suite_runs_tiny_against_tandem_and_dynamo() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let ports: Vec<String> = (0..4)
+        .map(|_| free_port().map(|p| p.to_string()))
+        .collect::<Result<_>>()?;
+    let status = std::process::Command::new("bash")
+        .current_dir(repo_root())
+        .arg("scripts/bench.sh")
+        .args(["--tiny", "--peer", "dynamo", "--out"])
+        .arg(out.path())
+        .env("TANDEM_TARGET", "debug")
+        .env("NATS_PORT", &ports[0])
+        .env("ETCD_PORT", &ports[1])
+        .env("HTTP_PORT", &ports[3])
+        .env("SYSTEM_PORT", free_low_port()?.to_string())
+        .status()?;
+    assert!(status.success(), "scripts/bench.sh --tiny failed");
+    let summary = std::fs::read_to_string(out.path().join("summary.md"))?;
+    for workload in ["synthetic", "shared-prefix"] {
+        let row = summary
+            .lines()
+            .find(|l| l.starts_with(&format!("| mocker | {workload} | 2 |")))
+            .unwrap_or_else(|| panic!("no {workload} row in:\n{summary}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        // req/s of each side, and their ratio, are numbers.
+        for cell in &cells[4..7] {
+            let n: f64 = cell.trim_end_matches('×').replace(',', "").parse()?;
+            assert!(n > 0.0, "{row}");
+        }
+        let png = std::fs::read(out.path().join(format!("mocker-{workload}.png")))?;
+        assert_eq!(&png[..4], b"\x89PNG", "mocker-{workload}.png is a PNG");
+    }
+    Ok(())
+}
