@@ -131,6 +131,20 @@ async fn two_instances_discovered_round_robin_and_streams_complete_in_order() ->
     assert_eq!(served_by[0], served_by[2]);
     assert_eq!(served_by[1], served_by[3]);
 
+    // A handler faster than NATS: what piles up goes out in batch frames, within NATS's
+    // payload limit (30 frames of 100 kB would be 3 MB in one), still whole and in order.
+    for (count, pad) in [(5000, 0), (30, 100_000)] {
+        let mut stream = client
+            .round_robin(echo_body(count, 0, pad), Default::default())
+            .await?;
+        let (frames, _) = collect(&mut stream).await?;
+        assert_eq!(
+            frames,
+            (0..count).collect::<Vec<_>>(),
+            "{count} frames of {pad} bytes"
+        );
+    }
+
     // Direct routing reaches the named instance.
     let target = instances[1].instance_id;
     let mut stream = client

@@ -445,17 +445,24 @@ async fn read_frames(
             FrameKind::Error => {
                 break Err(RuntimeError::Remote(RemoteError::decode(&frame.payload)));
             }
-            FrameKind::Data | FrameKind::Final => {
+            FrameKind::Data | FrameKind::Batch | FrameKind::Final => {
                 let seq = frame.seq.unwrap_or(u64::MAX);
                 if seq != expected {
                     break Err(RuntimeError::StreamGap { expected, got: seq });
                 }
                 expected += 1;
-                if frame.kind == FrameKind::Final {
-                    break Ok(());
-                }
-                if tx.send(Ok(frame.payload)).await.is_err() {
-                    return;
+                let payloads = match frame.kind {
+                    FrameKind::Final => break Ok(()),
+                    FrameKind::Batch => match transport::decode_batch(frame.payload) {
+                        Some(items) => items,
+                        None => break Err(RuntimeError::Decode("malformed batch frame".into())),
+                    },
+                    _ => vec![frame.payload],
+                };
+                for p in payloads {
+                    if tx.send(Ok(p)).await.is_err() {
+                        return;
+                    }
                 }
             }
         }

@@ -19,9 +19,9 @@ use crate::metrics::EndpointMetrics;
 use crate::transport::{self, FrameKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
@@ -30,6 +30,12 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+
+/// Most payloads one response frame carries.
+const MAX_BATCH: usize = 64;
+/// Most bytes one batched frame carries (NATS refuses messages over its max payload, 1 MiB
+/// by default); a payload that would go past it starts the next frame.
+const MAX_BATCH_BYTES: usize = 128 * 1024;
 
 /// `dyn://{namespace}.{component}.{endpoint}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -423,16 +429,43 @@ impl Ingress {
             }
         };
         let mut seq = 0u64;
+        // What ended a batch early (the stream's end or its error), handled next.
+        let mut pending = None;
         loop {
-            let item = tokio::select! {
-                _ = ctx.stopped() => return Outcome::Cancelled,
-                _ = self.handover.cancelled() => return self.hand_over(reply_to).await,
-                item = stream.next() => item,
+            let item = match pending.take() {
+                Some(item) => item,
+                None => tokio::select! {
+                    _ = ctx.stopped() => return Outcome::Cancelled,
+                    _ = self.handover.cancelled() => return self.hand_over(reply_to).await,
+                    item = stream.next() => item,
+                },
             };
             match item {
-                Some(Ok(payload)) => {
+                Some(Ok(first)) => {
+                    // Whatever else the handler has ready goes in the same frame.
+                    let mut bytes = first.len();
+                    let mut ready = vec![first];
+                    let mut end = None;
+                    while ready.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(p))) if bytes + p.len() + 4 <= MAX_BATCH_BYTES => {
+                                bytes += p.len() + 4;
+                                ready.push(p);
+                            }
+                            Some(other) => {
+                                end = Some(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    let (kind, payload) = if ready.len() == 1 {
+                        (FrameKind::Data, ready.swap_remove(0))
+                    } else {
+                        (FrameKind::Batch, transport::encode_batch(&ready))
+                    };
                     let len = payload.len();
-                    let headers = transport::frame_headers(FrameKind::Data, Some(seq));
+                    let headers = transport::frame_headers(kind, Some(seq));
                     match self
                         .nats
                         .publish_with_headers(reply_to.to_string(), headers, payload)
@@ -447,6 +480,7 @@ impl Ingress {
                         }
                     }
                     seq += 1;
+                    pending = end;
                 }
                 Some(Err(e)) => {
                     m.errors.response_stream.inc();

@@ -15,8 +15,11 @@
 //! lost — e.g. across a NATS restart); NATS answers "no responders" once the instance's
 //! connection is gone. So a caller learns within a second that a stream will never finish.
 //!
-//! Responses are messages on the reply subject, each with a frame kind and, for data and
-//! final frames, a sequence number starting at 0. `final` ends a successful stream; `error`
+//! Responses are messages on the reply subject, each with a frame kind and, for data, batch
+//! and final frames, a sequence number starting at 0 (frames are numbered, not payloads). A
+//! `batch` frame carries several payloads that were ready together — a handler that streams
+//! faster than NATS takes its frames sends what piled up in one message instead of one each
+//! ([`encode_batch`]: each payload after its length, u32 little-endian). `final` ends a successful stream; `error`
 //! ends a failed one with a [`crate::RemoteError`] (JSON code and message) as payload. `ping` frames are the handler's liveness
 //! probes: the caller answers them, and their arrival also tells the caller that a slow
 //! handler is still alive.
@@ -61,6 +64,8 @@ pub fn cancel_subject(instance_id: u64) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {
     Data,
+    /// Several payloads in one frame ([`encode_batch`]).
+    Batch,
     Final,
     Error,
     Ping,
@@ -70,6 +75,7 @@ impl FrameKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Data => "data",
+            Self::Batch => "batch",
             Self::Final => "final",
             Self::Error => "error",
             Self::Ping => "ping",
@@ -79,6 +85,7 @@ impl FrameKind {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "data" => Self::Data,
+            "batch" => Self::Batch,
             "final" => Self::Final,
             "error" => Self::Error,
             "ping" => Self::Ping,
@@ -93,6 +100,31 @@ pub struct Frame {
     pub kind: FrameKind,
     pub seq: Option<u64>,
     pub payload: Bytes,
+}
+
+/// One `batch` frame's payload: each of `items` after its length (u32 little-endian).
+pub fn encode_batch(items: &[Bytes]) -> Bytes {
+    let mut out = Vec::with_capacity(items.iter().map(|b| b.len() + 4).sum());
+    for item in items {
+        out.extend_from_slice(&(item.len() as u32).to_le_bytes());
+        out.extend_from_slice(item);
+    }
+    Bytes::from(out)
+}
+
+/// The payloads of a `batch` frame; `None` when it is malformed.
+pub fn decode_batch(mut payload: Bytes) -> Option<Vec<Bytes>> {
+    let mut items = Vec::new();
+    while !payload.is_empty() {
+        let len_bytes: [u8; 4] = payload.get(..4)?.try_into().ok()?;
+        let len = u32::from_le_bytes(len_bytes) as usize;
+        if payload.len() < 4 + len {
+            return None;
+        }
+        let _ = payload.split_to(4);
+        items.push(payload.split_to(len));
+    }
+    Some(items)
 }
 
 pub fn frame_headers(kind: FrameKind, seq: Option<u64>) -> HeaderMap {
@@ -126,6 +158,7 @@ mod tests {
     fn frames_round_trip_through_headers() {
         for (kind, seq) in [
             (FrameKind::Data, Some(7)),
+            (FrameKind::Batch, Some(9)),
             (FrameKind::Final, Some(8)),
             (FrameKind::Error, None),
             (FrameKind::Ping, None),
@@ -146,5 +179,18 @@ mod tests {
         let mut h = frame_headers(FrameKind::Data, None);
         h.insert(HDR_SEQ, "not-a-number");
         assert!(decode_frame(Some(&h), Bytes::new()).is_none());
+    }
+
+    #[test]
+    fn batches_round_trip_and_malformed_ones_are_refused() {
+        let items = vec![
+            Bytes::from_static(b"{\"a\":1}"),
+            Bytes::new(),
+            Bytes::from_static(b"xyz"),
+        ];
+        assert_eq!(decode_batch(encode_batch(&items)), Some(items));
+        assert_eq!(decode_batch(Bytes::new()), Some(vec![]));
+        assert_eq!(decode_batch(Bytes::from_static(&[5, 0, 0, 0, b'a'])), None);
+        assert_eq!(decode_batch(Bytes::from_static(&[1, 0])), None);
     }
 }
