@@ -9,6 +9,7 @@
 
 pub mod detokenize;
 pub mod reasoning;
+pub mod segments;
 pub mod stop;
 pub mod template;
 pub mod token_bytes;
@@ -36,6 +37,8 @@ pub struct Preprocessor {
     prompt: PromptFormat,
     /// Built on the first logprobs request.
     token_bytes: std::sync::OnceLock<token_bytes::TokenBytes>,
+    /// Tokenization by cached segments, for tokenizers where it gives the same ids.
+    segments: Option<segments::SegmentCache>,
 }
 
 impl Preprocessor {
@@ -48,11 +51,13 @@ impl Preprocessor {
             )?),
             None => None,
         };
+        let segments = segments::SegmentCache::for_tokenizer(&tokenizer);
         Ok(Self {
             tokenizer,
             template,
             prompt,
             token_bytes: std::sync::OnceLock::new(),
+            segments,
         })
     }
 
@@ -89,11 +94,14 @@ impl Preprocessor {
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) map to their
     /// ids, as the rendered chat template requires.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
-        let enc = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| PreprocessError::Encode(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        let ids = match &self.segments {
+            Some(cache) => cache.encode(&self.tokenizer, text),
+            None => self
+                .tokenizer
+                .encode(text, false)
+                .map(|enc| enc.get_ids().to_vec()),
+        };
+        ids.map_err(|e| PreprocessError::Encode(e.to_string()))
     }
 
     /// Token ids of a completions prompt: BOS first when the model wants it.

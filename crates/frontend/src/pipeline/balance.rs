@@ -37,6 +37,12 @@ pub struct InflightGuard {
     worker: u64,
 }
 
+impl InflightGuard {
+    pub fn worker(&self) -> u64 {
+        self.worker
+    }
+}
+
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         let mut counts = self.owner.counts();
@@ -59,9 +65,29 @@ impl Inflight {
         self.counts().get(&worker).copied().unwrap_or(0)
     }
 
-    /// The worker `policy` picks among `ids` (none when `ids` is empty).
+    /// The worker `policy` picks among `ids` (none when `ids` is empty), with the request
+    /// counted on it: one step under one lock, so that concurrent requests never both take
+    /// the same least loaded worker.
+    pub fn enter_chosen(
+        self: &Arc<Self>,
+        policy: LoadPolicy,
+        ids: &[u64],
+    ) -> Option<InflightGuard> {
+        let mut counts = self.counts();
+        let worker = self.pick(&counts, policy, ids)?;
+        *counts.entry(worker).or_insert(0) += 1;
+        Some(InflightGuard {
+            owner: self.clone(),
+            worker,
+        })
+    }
+
+    /// The worker `policy` picks among `ids` (none when `ids` is empty), without counting.
     pub fn choose(&self, policy: LoadPolicy, ids: &[u64]) -> Option<u64> {
-        let counts = self.counts();
+        self.pick(&self.counts(), policy, ids)
+    }
+
+    fn pick(&self, counts: &HashMap<u64, usize>, policy: LoadPolicy, ids: &[u64]) -> Option<u64> {
         let load = |w: &u64| counts.get(w).copied().unwrap_or(0);
         match (policy, ids.len()) {
             (_, 0) => None,
@@ -154,9 +180,9 @@ mod tests {
         let mut guards = Vec::new();
         let mut first = Vec::new();
         for _ in 0..3 {
-            let w = f.choose(LoadPolicy::LeastLoaded, &ids).unwrap();
-            first.push(w);
-            guards.push(f.enter(w));
+            let g = f.enter_chosen(LoadPolicy::LeastLoaded, &ids).unwrap();
+            first.push(g.worker());
+            guards.push(g);
         }
         first.sort();
         assert_eq!(first, ids, "one each before any gets a second");
@@ -170,6 +196,29 @@ mod tests {
             "guards release their load"
         );
         assert_eq!(f.choose(LoadPolicy::LeastLoaded, &[]), None);
+        // Concurrent requests: counted as they are chosen, so they spread exactly.
+        let f2 = f.clone();
+        let picks: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| {
+                    let f = f2.clone();
+                    s.spawn(move || {
+                        (0..30)
+                            .map(|_| {
+                                let g = f.enter_chosen(LoadPolicy::LeastLoaded, &ids).unwrap();
+                                let w = g.worker();
+                                std::mem::forget(g);
+                                w
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        for w in ids {
+            assert_eq!(picks.iter().filter(|p| **p == w).count(), 40, "{w}");
+        }
     }
 
     #[test]

@@ -123,10 +123,10 @@ fn pick_among(
         ModelRouter::Basic(mode) => basic(*mode),
         ModelRouter::Load(policy, inflight) => {
             let ids = only.map_or_else(|| worker_ids(client, avoid), |w| vec![w]);
-            match inflight.choose(*policy, &ids) {
-                Some(worker) => Ok(Route::Balanced {
-                    worker,
-                    inflight: inflight.enter(worker),
+            match inflight.enter_chosen(*policy, &ids) {
+                Some(guard) => Ok(Route::Balanced {
+                    worker: guard.worker(),
+                    inflight: guard,
                 }),
                 None => basic(RouterMode::RoundRobin),
             }
