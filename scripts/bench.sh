@@ -16,7 +16,8 @@
 # scripts/bench_report.py: PNG plots (TTFT, ITL, throughput vs concurrency) and summary.md,
 # which it also puts into docs/benchmarks.md between the "aiperf suite" markers (not with
 # --tiny or --out elsewhere). Binaries: target/release (built here), or TANDEM_TARGET=debug
-# (already built: the tests use it). Ports: NATS_PORT, ETCD_PORT (+1), HTTP_PORT, SYSTEM_PORT.
+# (already built: the tests use it). Ports: NATS_PORT, ETCD_PORT, ETCD_PEER_PORT, HTTP_PORT,
+# SYSTEM_PORT.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -76,6 +77,7 @@ run="$root/.tools/run/bench"
 rm -rf "$run"; mkdir -p "$run" "$out/raw"
 bin="$root/.tools/bin"
 NATS_PORT=${NATS_PORT:-4332} ETCD_PORT=${ETCD_PORT:-2489} HTTP_PORT=${HTTP_PORT:-8020}
+ETCD_PEER_PORT=${ETCD_PEER_PORT:-$((ETCD_PORT + 1))}
 # Dynamo 1.6.1 reads DYN_SYSTEM_PORT as a signed 16-bit number: keep it below 32768.
 SYSTEM_PORT=${SYSTEM_PORT:-18081}
 MODEL_NAME=SmolLM2-135M-Instruct
@@ -86,9 +88,9 @@ trap stop_all EXIT
 infra() {
   "$bin/nats-server" -a 127.0.0.1 -p "$NATS_PORT" >"$run/nats-$1.log" 2>&1 & pids+=($!)
   "$bin/etcd" --data-dir "$run/etcd-$1" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
-    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-    --initial-cluster "default=http://127.0.0.1:$((ETCD_PORT + 1))" --log-level warn >"$run/etcd-$1.log" 2>&1 & pids+=($!)
+    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "default=http://127.0.0.1:$ETCD_PEER_PORT" --log-level warn >"$run/etcd-$1.log" 2>&1 & pids+=($!)
   export NATS_SERVER="nats://127.0.0.1:$NATS_PORT" ETCD_ENDPOINTS="http://127.0.0.1:$ETCD_PORT"
 }
 

@@ -29,6 +29,7 @@ fn the_aiperf_suite_runs_tiny_against_tandem_and_dynamo() -> Result<()> {
         .env("TANDEM_TARGET", "debug")
         .env("NATS_PORT", &ports[0])
         .env("ETCD_PORT", &ports[1])
+        .env("ETCD_PEER_PORT", &ports[2])
         .env("HTTP_PORT", &ports[3])
         .env("SYSTEM_PORT", free_low_port()?.to_string())
         .status()?;
