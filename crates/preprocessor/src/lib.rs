@@ -12,6 +12,8 @@ pub mod reasoning;
 pub mod segments;
 pub mod stop;
 pub mod template;
+#[cfg(test)]
+mod test_model;
 pub mod token_bytes;
 pub mod tools;
 

@@ -119,10 +119,7 @@ mod tests {
 
     #[test]
     fn segments_give_the_tokenizers_own_ids() {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let m = tandem_model::ModelFiles::load(&path)
-            .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-model.sh"));
+        let m = crate::test_model::files();
         let tok = &m.tokenizer;
         let cache = SegmentCache::for_tokenizer(tok).unwrap_or_else(|| panic!("SmolLM2 qualifies"));
         let texts = [
@@ -150,10 +147,7 @@ mod tests {
 
     #[test]
     fn random_mixes_of_text_and_added_tokens_match_the_tokenizer() {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let m = tandem_model::ModelFiles::load(&path)
-            .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-model.sh"));
+        let m = crate::test_model::files();
         let tok = &m.tokenizer;
         let cache = SegmentCache::for_tokenizer(tok).unwrap_or_else(|| panic!("SmolLM2 qualifies"));
         let pieces = [

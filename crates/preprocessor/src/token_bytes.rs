@@ -90,10 +90,7 @@ mod tests {
 
     #[test]
     fn bytes_join_into_the_text_even_mid_character() {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let m = tandem_model::ModelFiles::load(&path)
-            .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-model.sh"));
+        let m = crate::test_model::files();
         let tb = TokenBytes::new(&m.tokenizer);
         for text in ["The capital of France is Paris.", "héllo wörld ✓ 東京 🙂"] {
             let ids = m
