@@ -7,9 +7,11 @@
 //! `find_matches` walks the request's block hashes from the root and counts, per worker, how
 //! many leading blocks it holds.
 //!
-//! Nodes live in a slab (`Vec` + free list) and workers are small dense indices, so the hot
-//! paths do no allocation beyond map growth.
+//! Nodes live in a slab (`Vec` + free list) and workers are small dense indices. Most nodes of
+//! a prefix tree have one child and few holders, so a node keeps its only child and up to four
+//! holders inline: storing or removing a block in the middle of a conversation allocates nothing.
 
+use smallvec::SmallVec;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use tandem_protocols::kv_events::{KvCacheEventData, KvCacheStoreData};
@@ -34,6 +36,78 @@ impl Hasher for IdentityHasher {
 
 type HashMapU64<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
 
+/// Worker ids are lease ids, not hashes: one multiply spreads them over the table's bits
+/// (the default SipHash cost a quarter of an event).
+#[derive(Default)]
+pub struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A node's children by `tokens_hash`: inline while there is at most one (a conversation's
+/// chain of blocks), a map once the prefix branches.
+#[derive(Default)]
+enum Children {
+    #[default]
+    None,
+    One(u64, u32),
+    Many(HashMapU64<u32>),
+}
+
+impl Children {
+    fn get(&self, key: u64) -> Option<u32> {
+        match self {
+            Self::None => None,
+            Self::One(k, n) => (*k == key).then_some(*n),
+            Self::Many(m) => m.get(&key).copied(),
+        }
+    }
+
+    fn insert(&mut self, key: u64, node: u32) {
+        match self {
+            Self::None => *self = Self::One(key, node),
+            Self::One(k, n) => {
+                let mut m = HashMapU64::default();
+                m.insert(*k, *n);
+                m.insert(key, node);
+                *self = Self::Many(m);
+            }
+            Self::Many(m) => {
+                m.insert(key, node);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: u64) {
+        match self {
+            Self::One(k, _) if *k == key => *self = Self::None,
+            Self::Many(m) => {
+                m.remove(&key);
+            }
+            _ => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::None => true,
+            Self::One(..) => false,
+            Self::Many(m) => m.is_empty(),
+        }
+    }
+}
+
 const ROOT: u32 = 0;
 /// `parent` of a slot on the free list.
 const FREED: u32 = u32::MAX;
@@ -42,9 +116,9 @@ const FREED: u32 = u32::MAX;
 struct Node {
     parent: u32,
     key: u64,
-    children: HashMapU64<u32>,
+    children: Children,
     /// Dense worker indices holding this block.
-    workers: Vec<u32>,
+    workers: SmallVec<[u32; 4]>,
 }
 
 /// Why an event was (partly) not applied; Dynamo's `kv_cache_events_applied` statuses.
@@ -75,7 +149,7 @@ pub struct OverlapScores {
 pub struct RadixTree {
     nodes: Vec<Node>,
     free: Vec<u32>,
-    worker_index: HashMap<u64, u32>,
+    worker_index: HashMap<u64, u32, BuildHasherDefault<MixHasher>>,
     worker_ids: Vec<u64>,
     /// Per worker index: block_hash → node.
     lookup: Vec<HashMapU64<u32>>,
@@ -135,7 +209,7 @@ impl RadixTree {
                 return;
             }
             let (parent, key) = (node.parent, node.key);
-            self.nodes[parent as usize].children.remove(&key);
+            self.nodes[parent as usize].children.remove(key);
             self.nodes[n as usize] = Node {
                 parent: FREED,
                 ..Default::default()
@@ -171,8 +245,8 @@ impl RadixTree {
                 // Already known for this worker (a re-announcement): keep its node.
                 Some(&n) => n,
                 None => {
-                    let n = match self.nodes[at as usize].children.get(&b.tokens_hash) {
-                        Some(&n) => n,
+                    let n = match self.nodes[at as usize].children.get(b.tokens_hash) {
+                        Some(n) => n,
                         None => {
                             let n = self.alloc(at, b.tokens_hash);
                             self.nodes[at as usize].children.insert(b.tokens_hash, n);
@@ -201,7 +275,7 @@ impl RadixTree {
                 return ApplyStatus::BlockNotFound;
             };
             let workers = &mut self.nodes[n as usize].workers;
-            workers.retain(|&x| x != w);
+            workers.retain(|x| *x != w);
             self.prune(n);
         }
         ApplyStatus::Ok
@@ -214,7 +288,7 @@ impl RadixTree {
         };
         let nodes: Vec<u32> = self.lookup[w as usize].drain().map(|(_, n)| n).collect();
         for n in &nodes {
-            self.nodes[*n as usize].workers.retain(|&x| x != w);
+            self.nodes[*n as usize].workers.retain(|x| *x != w);
         }
         // Any order: prune walks up, stops at anything still used, and skips freed slots.
         for n in nodes {
@@ -235,7 +309,7 @@ impl RadixTree {
         let mut scores = HashMap::new();
         let mut at = ROOT;
         for h in local {
-            let Some(&n) = self.nodes[at as usize].children.get(h) else {
+            let Some(n) = self.nodes[at as usize].children.get(*h) else {
                 break;
             };
             let node = &self.nodes[n as usize];
@@ -361,5 +435,46 @@ mod tests {
         t.apply(3, &stored(&a, bs, 0));
         assert_eq!(t.node_count(), 4);
         assert_eq!(t.find_matches(&locals(&a, bs)).scores[&3], 4);
+    }
+
+    #[test]
+    fn many_branches_and_many_holders() {
+        // Six workers share a prefix (holders spill past the inline four) and each then
+        // branches off it (the shared node's children become a map).
+        let bs = 4;
+        let shared: Vec<u32> = (0..8).collect();
+        let mut t = RadixTree::new();
+        let mut own = Vec::new();
+        for w in 0..6u64 {
+            let mut toks = shared.clone();
+            toks.extend((0..4).map(|i| 1000 * (w as u32 + 1) + i));
+            assert_eq!(t.apply(w, &stored(&toks, bs, 0)), ApplyStatus::Ok);
+            own.push(toks);
+        }
+        assert_eq!(t.node_count(), 2 + 6);
+        for (w, toks) in own.iter().enumerate() {
+            let m = t.find_matches(&locals(toks, bs));
+            assert_eq!(m.scores.len(), 6);
+            assert_eq!(m.scores[&(w as u64)], 3);
+            assert!(m.scores.iter().all(|(k, v)| *k == w as u64 || *v == 2));
+        }
+        // Branches go one by one; the shared prefix stays until its last holder leaves.
+        for w in 0..6u64 {
+            let h = sequence_hashes(&own[w as usize], bs);
+            let rm = KvCacheEventData::Removed(KvCacheRemoveData {
+                block_hashes: vec![h[2].sequence],
+            });
+            assert_eq!(t.apply(w, &rm), ApplyStatus::Ok);
+        }
+        assert_eq!(t.node_count(), 2);
+        for w in 0..5u64 {
+            t.remove_worker(w);
+        }
+        assert_eq!(t.find_matches(&locals(&own[5], bs)).scores[&5], 2);
+        t.remove_worker(5);
+        assert_eq!(t.node_count(), 0);
+        // A branch re-added under a node whose child map emptied is found again.
+        assert_eq!(t.apply(9, &stored(&own[0], bs, 0)), ApplyStatus::Ok);
+        assert_eq!(t.find_matches(&locals(&own[0], bs)).scores[&9], 3);
     }
 }
