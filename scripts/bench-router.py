@@ -2,10 +2,18 @@
 
 Many conversations share a few long system prompts; each conversation sends several turns,
 each turn carrying the whole history so far (as chat clients do). Clients run concurrently.
-Reports TTFT p50/p99 and the prefix-cache hit rate (cached / prompt tokens, from `usage`).
+Prints one JSON line: TTFT p50/p99/mean (and request latency p50, mean inter-token latency),
+the prefix-cache hit rate (cached / prompt tokens, from `usage.prompt_tokens_details.
+cached_tokens`, which tandem's and Dynamo's mockers both fill in from the worker's cache), and
+the workload's size in tokens as the server counted them: `system_prompt_tokens` (a first
+turn's prompt: one system prompt, one user message and the template), `working_set_tokens`
+(every distinct prompt token once, plus the last replies: what caches would hold to keep
+everything) and `max_hit_rate` (1 - distinct / all prompt tokens: only a token's first
+appearance must miss). `--label key=value` adds fields to it.
 
     python3 scripts/bench-router.py --url http://127.0.0.1:8000 [--system-prompts 32]
         [--system-words 12000] [--conversations 64] [--turns 4] [--concurrency 12]
+        [--label regime=partial ...]
 """
 import argparse
 import http.client
@@ -41,15 +49,25 @@ def main():
     ap.add_argument("--concurrency", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                    help="a field added to the JSON line (repeatable)")
     args = ap.parse_args()
+    labels = dict(kv.split("=", 1) for kv in args.label)
     rng = random.Random(args.seed)
     systems = [text(rng, args.system_words) for _ in range(args.system_prompts)]
-    convs = [{"system": systems[i % len(systems)], "rng": random.Random(args.seed * 1000 + i)}
+    convs = [{"prompt": i % len(systems), "system": systems[i % len(systems)],
+              "rng": random.Random(args.seed * 1000 + i), "first": None, "last": 0, "reply": 0}
              for i in range(args.conversations)]
     u = urllib.parse.urlparse(args.url)
     lock = threading.Lock()
-    ttfts, prompt_tokens, cached_tokens, errors = [], [0], [0], [0]
+    ttfts, latencies, itls, prompt_tokens, cached_tokens, errors = [], [], [], [0], [0], [0]
+    error_kinds = {}
     queue = list(range(len(convs)))
+
+    def fail(kind):
+        with lock:
+            errors[0] += 1
+            error_kinds[kind] = error_kinds.get(kind, 0) + 1
 
     def run_conversation(conv):
         conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=300)
@@ -68,8 +86,7 @@ def main():
             r = conn.getresponse()
             if r.status != 200:
                 r.read()
-                with lock:
-                    errors[0] += 1
+                fail(f"HTTP {r.status}")
                 return
             while True:
                 line = r.readline()
@@ -90,14 +107,28 @@ def main():
                         if first is None:
                             first = time.perf_counter()
                         reply.append(c)
+            end = time.perf_counter()
             messages.append({"role": "assistant", "content": "".join(reply)})
             with lock:
                 if first is not None:
                     ttfts.append((first - t0) * 1000)
+                    latencies.append((end - t0) * 1000)
+                    n = (usage or {}).get("completion_tokens") or 0
+                    if n > 1:
+                        itls.append((end - first) * 1000 / (n - 1))
                 if usage:
                     prompt_tokens[0] += usage["prompt_tokens"]
                     details = usage.get("prompt_tokens_details") or {}
-                    cached_tokens[0] += details.get("cached_tokens", 0)
+                    cached_tokens[0] += details.get("cached_tokens") or 0
+                    if conv["first"] is None:
+                        conv["first"] = usage["prompt_tokens"]
+                    conv["last"] = usage["prompt_tokens"]
+                    conv["reply"] = usage.get("completion_tokens") or 0
+            # Counted, not fatal: the conversation goes on with whatever came back.
+            if first is None:
+                fail("no content")
+            if usage is None:
+                fail("no usage")
 
     def worker():
         while True:
@@ -105,7 +136,11 @@ def main():
                 if not queue:
                     return
                 i = queue.pop(0)
-            run_conversation(convs[i])
+            try:
+                run_conversation(convs[i])
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                # The rest of this conversation is lost; the others go on.
+                fail(type(e).__name__)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
@@ -114,11 +149,31 @@ def main():
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    # A system prompt's tokens: the shortest first turn that carried it (the user message and
+    # the template add a few dozen). Distinct prompt tokens: each system prompt once, then per
+    # conversation whatever its turns added after it (each turn's prompt extends the last one's).
+    done = [c for c in convs if c["first"] is not None]
+    sys_tokens = {}
+    for c in done:
+        sys_tokens[c["prompt"]] = min(sys_tokens.get(c["prompt"], c["first"]), c["first"])
+    distinct = sum(sys_tokens.values()) + sum(c["last"] - sys_tokens[c["prompt"]] for c in done)
     print(json.dumps({
-        "requests": len(ttfts), "errors": errors[0], "seconds": round(elapsed, 1),
-        "ttft_ms": {"p50": round(percentile(ttfts, 0.5), 1), "p99": round(percentile(ttfts, 0.99), 1),
-                    "mean": round(statistics.mean(ttfts), 1)},
+        **labels,
+        "requests": len(ttfts), "errors": errors[0], "error_kinds": error_kinds,
+        "seconds": round(elapsed, 1),
+        "ttft_ms": {"p50": round(percentile(ttfts, 0.5), 1) if ttfts else None,
+                    "p99": round(percentile(ttfts, 0.99), 1) if ttfts else None,
+                    "mean": round(statistics.mean(ttfts), 1) if ttfts else None},
+        "latency_ms_p50": round(percentile(latencies, 0.5), 1) if latencies else None,
+        "itl_ms_mean": round(statistics.mean(itls), 2) if itls else None,
         "prefix_hit_rate": round(cached_tokens[0] / max(1, prompt_tokens[0]), 3),
+        "prompt_tokens": prompt_tokens[0], "cached_tokens": cached_tokens[0],
+        "system_prompt_tokens": round(statistics.mean(sys_tokens.values())) if sys_tokens else None,
+        "working_set_tokens": distinct + sum(c["reply"] for c in done),
+        "max_hit_rate": round(1 - distinct / max(1, prompt_tokens[0]), 3),
+        "workload": {"system_prompts": args.system_prompts, "system_words": args.system_words,
+                     "conversations": args.conversations, "turns": args.turns,
+                     "concurrency": args.concurrency, "max_tokens": args.max_tokens},
     }))
 
 

@@ -67,11 +67,13 @@ if [ "${TANDEM_TARGET:-release}" = release ]; then
   step "building tandem (release)"
   cargo build --release --bins --examples -p frontend -p worker -p tandem-model
 fi
-for b in frontend worker examples/hf_dir; do
+for b in frontend worker; do
   [ -x "$target/$b" ] || { echo "$target/$b missing: cargo build --workspace --bins --examples" >&2; exit 1; }
 done
-hf="$root/.bench/hf-smollm2"
-"$target/examples/hf_dir" "$model" "$hf" >/dev/null
+# shellcheck source=scripts/lib/dynamo.sh
+source "$root/scripts/lib/dynamo.sh"
+tokenizer_dir "$target" "$model"
+hf=$DYNAMO_HF
 
 run="$root/.tools/run/bench"
 rm -rf "$run"; mkdir -p "$run" "$out/raw"
@@ -127,20 +129,12 @@ start_tandem() {
 }
 
 start_dynamo() {
-  local dyn="$root/.bench/venv-dynamo"
-  if [ ! -x "$dyn/bin/python" ] || ! "$dyn/bin/python" -c 'import dynamo.frontend' 2>/dev/null; then
-    step "installing ai-dynamo 1.6.1 into $dyn (once; its dependencies by hand: one of them, aisimulate, cannot be fetched)"
-    python3 -m venv "$dyn"
-    "$dyn/bin/pip" install --quiet "ai-dynamo-runtime==1.6.1" "aiohttp>=3.14.3,<4" "certifi>=2026.10.19" \
-      "msgspec>=0.19" "prometheus-client>=0.23.1,<1" "pyzmq>=26" "tqdm>=4" "transformers>=4.56" \
-      "typing-extensions>=4.10" "zstandard>=0.23,<1" "redis>=6.2,<9" "kubernetes>=32.0.1,<33"
-    "$dyn/bin/pip" install --quiet --no-deps "ai-dynamo==1.6.1"
-  fi
+  install_dynamo
   infra dynamo
-  DYN_SYSTEM_ENABLED=true DYN_SYSTEM_PORT=$SYSTEM_PORT "$dyn/bin/python" -m dynamo.mocker \
+  DYN_SYSTEM_ENABLED=true DYN_SYSTEM_PORT=$SYSTEM_PORT "$DYNAMO_PY" -m dynamo.mocker \
     --model-path "$hf" --model-name "$MODEL_NAME" --speedup-ratio "$speedup" \
     >"$run/dynamo-mocker.log" 2>&1 & pids+=($!)
-  "$dyn/bin/python" -m dynamo.frontend --http-host 127.0.0.1 --http-port "$HTTP_PORT" --router-mode kv \
+  "$DYNAMO_PY" -m dynamo.frontend --http-host 127.0.0.1 --http-port "$HTTP_PORT" --router-mode kv \
     >"$run/dynamo-frontend.log" 2>&1 & pids+=($!)
   ready "$run/dynamo-frontend.log"
 }

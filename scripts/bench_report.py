@@ -127,6 +127,18 @@ def plots(runs, out):
     return made
 
 
+def update_between(doc, begin, end, text, heading):
+    """Puts `text` between the markers `begin` and `end` of the file `doc`; without them, appends
+    `heading` and the marked text at the end. (scripts/bench_router_report.py uses it too.)"""
+    body = doc.read_text()
+    block = f"{begin}\n{text}{end}"
+    if begin in body and end in body:
+        body = body[: body.index(begin)] + block + body[body.index(end) + len(end):]
+    else:
+        body = body.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
+    doc.write_text(body)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -145,14 +157,7 @@ def main():
     (out / "summary.md").write_text(text)
     print(text)
     if args.update:
-        doc = pathlib.Path(args.update)
-        body = doc.read_text()
-        block = f"{BEGIN}\n{text}{END}"
-        if BEGIN in body and END in body:
-            body = body[: body.index(BEGIN)] + block + body[body.index(END) + len(END):]
-        else:
-            body = body.rstrip() + "\n\n## aiperf suite (scripts/bench.sh)\n\n" + block + "\n"
-        doc.write_text(body)
+        update_between(pathlib.Path(args.update), BEGIN, END, text, "## aiperf suite (scripts/bench.sh)")
     return 0
 
 

@@ -145,6 +145,38 @@ async fn two_instances_discovered_round_robin_and_streams_complete_in_order() ->
         );
     }
 
+    // Many streams at once share the process's one reply subscription: each gets exactly
+    // its own frames, in order, while streams dropped half-way leave the others whole.
+    let mut running = Vec::new();
+    for i in 0..40u64 {
+        running.push(
+            client
+                .round_robin(echo_body(100 + i, 1, 0), Default::default())
+                .await?,
+        );
+    }
+    let outcomes = futures::future::join_all(running.into_iter().enumerate().map(
+        |(i, mut s)| async move {
+            if i % 4 == 3 {
+                let first = s.next().await;
+                drop(s);
+                return first.is_some().then_some(Vec::new());
+            }
+            collect(&mut s).await.ok().map(|(frames, _)| frames)
+        },
+    ))
+    .await;
+    for (i, frames) in outcomes.into_iter().enumerate() {
+        let frames = frames.unwrap_or_else(|| panic!("stream {i} failed"));
+        if i % 4 != 3 {
+            assert_eq!(
+                frames,
+                (0..100 + i as u64).collect::<Vec<_>>(),
+                "stream {i}"
+            );
+        }
+    }
+
     // Direct routing reaches the named instance.
     let target = instances[1].instance_id;
     let mut stream = client

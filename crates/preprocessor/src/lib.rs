@@ -37,7 +37,7 @@ pub struct Preprocessor {
     tokenizer: Tokenizer,
     template: Option<template::ChatTemplate>,
     prompt: PromptFormat,
-    /// Built on the first logprobs request.
+    /// Built on the first logprobs request or the first decoder.
     token_bytes: std::sync::OnceLock<token_bytes::TokenBytes>,
     /// Tokenization by cached segments, for tokenizers where it gives the same ids.
     segments: Option<segments::SegmentCache>,
@@ -131,12 +131,18 @@ impl Preprocessor {
 
     /// The bytes token `id` stands for (logprobs' `bytes`).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.token_bytes
-            .get_or_init(|| token_bytes::TokenBytes::new(&self.tokenizer))
-            .get(id)
+        self.bytes().get(id)
     }
 
+    fn bytes(&self) -> &token_bytes::TokenBytes {
+        self.token_bytes
+            .get_or_init(|| token_bytes::TokenBytes::new(&self.tokenizer))
+    }
+
+    /// An incremental decoder; for byte-level tokenizers one that joins the tokens' bytes
+    /// instead of running the tokenizer's decoder on every token.
     pub fn decoder(&self) -> detokenize::IncrementalDecoder<'_> {
-        detokenize::IncrementalDecoder::new(&self.tokenizer)
+        let bytes = Some(self.bytes()).filter(|b| b.decodes_as_bytes());
+        detokenize::IncrementalDecoder::new(&self.tokenizer, bytes)
     }
 }

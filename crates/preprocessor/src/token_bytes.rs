@@ -13,6 +13,11 @@ use tokenizers::Tokenizer;
 /// Bytes of every token id, built once from the tokenizer.
 pub struct TokenBytes {
     table: Vec<Vec<u8>>,
+    /// Special added tokens: what decoding with `skip_special_tokens` leaves out.
+    special: Vec<bool>,
+    /// The tokenizer's decoder is byte-level alone, so decoding ids is exactly joining their
+    /// bytes (special tokens left out) and reading them as UTF-8.
+    decodes_as_bytes: bool,
 }
 
 /// GPT-2's byte ↔ character table, character → byte.
@@ -45,18 +50,22 @@ fn sentencepiece_bytes(piece: &str) -> Vec<u8> {
 
 impl TokenBytes {
     pub fn new(tokenizer: &Tokenizer) -> Self {
-        let byte_level = serde_json::to_string(&tokenizer.get_decoder())
-            .is_ok_and(|d| d.contains("\"ByteLevel\""));
+        let decoder = serde_json::to_value(tokenizer.get_decoder()).unwrap_or_default();
+        let byte_level = decoder.to_string().contains("\"ByteLevel\"");
+        let decodes_as_bytes = decoder["type"] == "ByteLevel";
         let chars = byte_level.then(byte_level_chars);
-        let added: HashMap<u32, String> = tokenizer
+        let added: HashMap<u32, (String, bool)> = tokenizer
             .get_added_tokens_decoder()
             .into_iter()
-            .map(|(id, t)| (id, t.content))
+            .map(|(id, t)| (id, (t.content, t.special)))
             .collect();
         let n = tokenizer.get_vocab_size(true) as u32;
+        let special = (0..n)
+            .map(|id| added.get(&id).is_some_and(|(_, s)| *s))
+            .collect();
         let table = (0..n)
             .map(|id| {
-                if let Some(text) = added.get(&id) {
+                if let Some((text, _)) = added.get(&id) {
                     return text.clone().into_bytes();
                 }
                 let Some(piece) = tokenizer.id_to_token(id) else {
@@ -75,7 +84,24 @@ impl TokenBytes {
                 }
             })
             .collect();
-        Self { table }
+        Self {
+            table,
+            special,
+            decodes_as_bytes,
+        }
+    }
+
+    /// Whether decoding is joining bytes ([`TokenBytes::push_decoded`] then gives the
+    /// tokenizer's own text).
+    pub fn decodes_as_bytes(&self) -> bool {
+        self.decodes_as_bytes
+    }
+
+    /// Appends what `id` adds to a decoded text (nothing for a special token).
+    pub fn push_decoded(&self, id: u32, out: &mut Vec<u8>) {
+        if !self.special.get(id as usize).copied().unwrap_or(false) {
+            out.extend_from_slice(self.get(id));
+        }
     }
 
     /// The bytes of token `id`; empty for an id the vocabulary does not have.

@@ -85,11 +85,12 @@ async fn main() -> anyhow::Result<()> {
             if serve_after_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(serve_after_ms)).await;
             }
+            let stop = tandem_runtime::shutdown_signal();
             let instance = format!("{:x}", drt.instance_id());
             drt.endpoint(id)
                 .serve_typed(move |req, ctx| echo(req, ctx, instance.clone()))
                 .await?;
-            tandem_runtime::shutdown_signal().await;
+            stop.await;
             drt.shutdown().await;
         }
         Mode::Call { count, delay_ms } => {
