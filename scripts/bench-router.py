@@ -49,6 +49,9 @@ def main():
     ap.add_argument("--concurrency", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--trace", metavar="FILE",
+                    help="also write one JSON line per request (conversation, prompt, turn, start, "
+                         "TTFT, latency, prompt and cached tokens) to FILE")
     ap.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                     help="a field added to the JSON line (repeatable)")
     args = ap.parse_args()
@@ -56,12 +59,13 @@ def main():
     rng = random.Random(args.seed)
     systems = [text(rng, args.system_words) for _ in range(args.system_prompts)]
     convs = [{"prompt": i % len(systems), "system": systems[i % len(systems)],
-              "rng": random.Random(args.seed * 1000 + i), "first": None, "last": 0, "reply": 0}
+              "rng": random.Random(args.seed * 1000 + i), "index": i, "first": None, "last": 0, "reply": 0}
              for i in range(args.conversations)]
     u = urllib.parse.urlparse(args.url)
     lock = threading.Lock()
     ttfts, latencies, itls, prompt_tokens, cached_tokens, errors = [], [], [], [0], [0], [0]
     error_kinds = {}
+    trace = []
     queue = list(range(len(convs)))
 
     def fail(kind):
@@ -72,7 +76,7 @@ def main():
     def run_conversation(conv):
         conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=300)
         messages = [{"role": "system", "content": conv["system"]}]
-        for _ in range(args.turns):
+        for turn in range(args.turns):
             messages.append({"role": "user", "content": text(conv["rng"], 40)})
             body = json.dumps({"model": args.model, "messages": messages, "stream": True,
                                "max_tokens": args.max_tokens, "temperature": 0,
@@ -110,6 +114,13 @@ def main():
             end = time.perf_counter()
             messages.append({"role": "assistant", "content": "".join(reply)})
             with lock:
+                trace.append({"conversation": conv["index"], "prompt": conv["prompt"], "turn": turn,
+                              "start_s": round(t0 - start, 4),
+                              "ttft_ms": round((first - t0) * 1000, 2) if first else None,
+                              "latency_ms": round((end - t0) * 1000, 2),
+                              "prompt_tokens": (usage or {}).get("prompt_tokens"),
+                              "cached_tokens": ((usage or {}).get("prompt_tokens_details") or {})
+                              .get("cached_tokens")})
                 if first is not None:
                     ttfts.append((first - t0) * 1000)
                     latencies.append((end - t0) * 1000)
@@ -149,6 +160,10 @@ def main():
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    if args.trace:
+        with open(args.trace, "w") as f:
+            for t in sorted(trace, key=lambda t: t["start_s"]):
+                f.write(json.dumps(t) + "\n")
     # A system prompt's tokens: the shortest first turn that carried it (the user message and
     # the template add a few dozen). Distinct prompt tokens: each system prompt once, then per
     # conversation whatever its turns added after it (each turn's prompt extends the last one's).

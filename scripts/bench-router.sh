@@ -176,7 +176,7 @@ one_run() {
   if ! python3 scripts/bench-router.py --url "http://127.0.0.1:$HTTP_PORT" --model "$MODEL_NAME" \
       "${workload[@]}" "${extra[@]}" --label "regime=$regime" --label "side=$side" --label "router=$mode" \
       --label "kv_blocks=$kv" --label "block_size=$BLOCK_SIZE" --label "workers=$WORKERS" \
-      >"$json" 2>"$dir/client.log"; then
+      --trace "$dir/requests.jsonl" >"$json" 2>"$dir/client.log"; then
     echo "bench-router.py failed; last lines of the run's logs:" >&2; show_logs "$dir"; exit 1
   fi
   stop_since 0

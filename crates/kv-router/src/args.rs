@@ -2,7 +2,7 @@
 //! when parsed.
 
 use crate::intake::EventSource;
-use crate::router::KvRouterConfig;
+use crate::router::{CostModel, KvRouterConfig};
 use std::time::Duration;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -49,6 +49,11 @@ pub struct KvRouterArgs {
         default_value = "nats"
     )]
     pub source: EventSource,
+    /// How the KV router counts a worker's cost: `work` adds to Dynamo's formula the delay a
+    /// prefill puts on the requests already on that worker and the cached blocks it would
+    /// evict; `dynamo` is Dynamo's formula alone.
+    #[arg(long = "router-cost-model", default_value = "work")]
+    pub cost_model: CostModel,
 }
 
 impl KvRouterArgs {
@@ -59,6 +64,7 @@ impl KvRouterArgs {
             use_kv_events: !self.no_kv_events,
             approx_ttl: Duration::from_secs_f64(self.ttl_secs),
             busy_threshold: self.busy_threshold,
+            cost_model: self.cost_model,
         }
     }
 }
