@@ -19,7 +19,10 @@ use tandem_runtime::{DistributedRuntime, RuntimeConfig};
 struct Cli {
     #[command(flatten)]
     frontend: FrontendArgs,
-    #[command(flatten)]
+    #[command(
+        flatten,
+        next_help_heading = "Runtime: NATS, etcd, system status, observability"
+    )]
     runtime: RuntimeConfig,
 }
 

@@ -28,64 +28,89 @@ enum EngineKind {
 #[command(version, about = "tandem worker")]
 struct Cli {
     /// A .gguf file, an HF-style model directory, or a Hub id (org/name) to download.
-    #[arg(long = "model-path", alias = "model", env = "DYN_MODEL_PATH")]
+    #[arg(
+        help_heading = "Model",
+        long = "model-path",
+        alias = "model",
+        env = "DYN_MODEL_PATH"
+    )]
     model_path: PathBuf,
     /// Hub revision when --model-path is a Hub id.
-    #[arg(long, default_value = "main")]
+    #[arg(help_heading = "Model", long, default_value = "main")]
     revision: String,
     /// Name clients use in `model` (default: the model's own name).
-    #[arg(long = "model-name", alias = "served-model-name")]
+    #[arg(
+        help_heading = "Model",
+        long = "model-name",
+        alias = "served-model-name"
+    )]
     model_name: Option<String>,
     /// Endpoint to serve (default dyn://{namespace}.backend.generate; a prefill worker's
     /// dyn://{namespace}.prefill.generate).
-    #[arg(long)]
+    #[arg(help_heading = "Routing and migration", long)]
     endpoint: Option<String>,
-    #[arg(long, value_enum, default_value = "candle")]
+    #[arg(help_heading = "Engine", long, value_enum, default_value = "candle")]
     engine: EngineKind,
     /// Override the model's context length.
-    #[arg(long = "context-length", value_parser = clap::value_parser!(u32).range(2..))]
+    #[arg(help_heading = "Model", long = "context-length", value_parser = clap::value_parser!(u32).range(2..))]
     context_length: Option<u32>,
-    #[arg(long = "migration-limit", default_value_t = 0)]
+    #[arg(
+        help_heading = "Routing and migration",
+        long = "migration-limit",
+        default_value_t = 0
+    )]
     migration_limit: u32,
     /// How the model marks its reasoning, so that the frontend returns it as
     /// `reasoning_content`: `basic` / `qwen3` (`<think>…</think>`), `deepseek_r1` (reasoning
     /// until `</think>`).
-    #[arg(long = "dyn-reasoning-parser", env = "DYN_REASONING_PARSER", value_parser = reasoning_parser)]
+    #[arg(help_heading = "Model", long = "dyn-reasoning-parser", env = "DYN_REASONING_PARSER", value_parser = reasoning_parser)]
     reasoning_parser: Option<String>,
     /// How the model writes tool calls, so that the frontend returns them as `tool_calls`
     /// with `tool_choice: "auto"`: `hermes` / `qwen` (`<tool_call>` blocks), `llama3_json`,
     /// `mistral` (`[TOOL_CALLS]`).
-    #[arg(long = "dyn-tool-call-parser", env = "DYN_TOOL_CALL_PARSER", value_parser = tool_call_parser)]
+    #[arg(help_heading = "Model", long = "dyn-tool-call-parser", env = "DYN_TOOL_CALL_PARSER", value_parser = tool_call_parser)]
     tool_call_parser: Option<String>,
-    #[command(flatten)]
+    #[command(
+        flatten,
+        next_help_heading = "Runtime: NATS, etcd, system status, observability"
+    )]
     runtime: RuntimeConfig,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Engine")]
     batching: BatchingArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Engine")]
     candle: CandleArgs,
     /// vLLM's KV event publisher settings, e.g.
     /// '{"publisher":"zmq","topic":"kv-events","endpoint":"tcp://*:20082","enable_kv_cache_events":true}':
     /// events then also go out on that ZMQ PUB socket in vLLM's format (they always go out on
     /// NATS for the KV router).
-    #[arg(long = "kv-events-config")]
+    #[arg(help_heading = "Routing and migration", long = "kv-events-config")]
     kv_events_config: Option<tandem_worker::kv_events::KvEventsConfig>,
     /// Prefill worker: computes prompts and their first token, holds the KV blocks for a
     /// decode worker to fetch, registers as `prefill` (same as --disaggregation-mode prefill).
     /// Both role flags at once is an error: a worker that does both is aggregated.
-    #[arg(
+    #[arg(help_heading = "Disaggregation", 
         long = "is-prefill-worker",
         conflicts_with_all = ["disaggregation_mode", "is_decode_worker"]
     )]
     is_prefill_worker: bool,
     /// Decode worker: fetches prompt KV blocks from prefill workers; publishes no KV events
     /// (same as --disaggregation-mode decode).
-    #[arg(long = "is-decode-worker", conflicts_with = "disaggregation_mode")]
+    #[arg(
+        help_heading = "Disaggregation",
+        long = "is-decode-worker",
+        conflicts_with = "disaggregation_mode"
+    )]
     is_decode_worker: bool,
     /// Dynamo 1.x's name for the two flags above; default agg.
-    #[arg(long = "disaggregation-mode", value_enum)]
+    #[arg(
+        help_heading = "Disaggregation",
+        long = "disaggregation-mode",
+        value_enum
+    )]
     disaggregation_mode: Option<DisaggregationMode>,
     /// Prefill workers: address the KV data plane binds and advertises to decode workers.
     #[arg(
+        help_heading = "Disaggregation",
         long = "kv-transfer-host",
         env = "DYN_KV_TRANSFER_HOST",
         default_value = "127.0.0.1"
@@ -93,41 +118,45 @@ struct Cli {
     kv_transfer_host: String,
     /// Prefill workers: KV data plane port (0: any free port).
     #[arg(
+        help_heading = "Disaggregation",
         long = "kv-transfer-port",
         env = "DYN_KV_TRANSFER_PORT",
         default_value_t = 0
     )]
     kv_transfer_port: u16,
     /// Prefill workers: seconds held KV blocks wait for their decode worker before they are freed.
-    #[arg(long = "kv-transfer-timeout", default_value_t = 30.0, value_parser = secs_up_to_a_day)]
+    #[arg(help_heading = "Disaggregation", long = "kv-transfer-timeout", default_value_t = 30.0, value_parser = secs_up_to_a_day)]
     kv_transfer_timeout: f64,
     /// Decode workers: most bytes of fetched prompt KV waiting to be written into the cache
     /// (queued requests hold theirs); a fetch beyond it prefills locally instead.
-    #[arg(long = "kv-transfer-max-buffered-bytes", default_value_t = tandem_worker::DEFAULT_MAX_BUFFERED_BYTES)]
+    #[arg(help_heading = "Disaggregation", long = "kv-transfer-max-buffered-bytes", default_value_t = tandem_worker::DEFAULT_MAX_BUFFERED_BYTES)]
     kv_transfer_max_buffered_bytes: u64,
     /// Send the engine a one-token canary generation when idle; `/health` reports the
     /// generate endpoint not ready while canaries fail.
-    #[arg(long = "health-check-enabled", env = "DYN_HEALTH_CHECK_ENABLED", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
+    #[arg(help_heading = "Health", long = "health-check-enabled", env = "DYN_HEALTH_CHECK_ENABLED", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     health_check_enabled: bool,
     /// Idle seconds before a canary is sent.
-    #[arg(long = "canary-wait-time", env = "DYN_CANARY_WAIT_TIME", default_value_t = 10.0, value_parser = secs_up_to_a_day)]
+    #[arg(help_heading = "Health", long = "canary-wait-time", env = "DYN_CANARY_WAIT_TIME", default_value_t = 10.0, value_parser = secs_up_to_a_day)]
     canary_wait_time: f64,
     /// Seconds a canary may take before the worker counts as not ready.
-    #[arg(long = "health-check-request-timeout", env = "DYN_HEALTH_CHECK_REQUEST_TIMEOUT", default_value_t = 3.0, value_parser = secs_up_to_a_day)]
+    #[arg(help_heading = "Health", long = "health-check-request-timeout", env = "DYN_HEALTH_CHECK_REQUEST_TIMEOUT", default_value_t = 3.0, value_parser = secs_up_to_a_day)]
     health_check_request_timeout: f64,
     /// Mocker only: KV bytes per token of the simulated model (sizes simulated transfers;
     /// default Llama-3-8B bf16).
-    #[arg(long = "kv-bytes-per-token", default_value_t = tandem_mocker::DEFAULT_KV_BYTES_PER_TOKEN)]
+    #[arg(help_heading = "Mocker engine (--engine mocker)", long = "kv-bytes-per-token", default_value_t = tandem_mocker::DEFAULT_KV_BYTES_PER_TOKEN)]
     kv_bytes_per_token: u64,
     /// Mocker only: simulated KV transfer bandwidth, bytes per second.
-    #[arg(long = "kv-transfer-bandwidth", default_value_t = tandem_mocker::DEFAULT_KV_TRANSFER_BANDWIDTH, value_parser = positive)]
+    #[arg(help_heading = "Mocker engine (--engine mocker)", long = "kv-transfer-bandwidth", default_value_t = tandem_mocker::DEFAULT_KV_TRANSFER_BANDWIDTH, value_parser = positive)]
     kv_transfer_bandwidth: f64,
     /// Mocker only: divides every simulated delay; 0 removes them.
-    #[arg(long = "speedup-ratio", default_value_t = 1.0, value_parser = non_negative)]
+    #[arg(help_heading = "Mocker engine (--engine mocker)", long = "speedup-ratio", default_value_t = 1.0, value_parser = non_negative)]
     speedup_ratio: f64,
     /// Mocker only, for testing failure paths: a step fails (as a forward pass can) once a
     /// sequence in it has generated this many tokens.
-    #[arg(long = "fail-after-tokens")]
+    #[arg(
+        help_heading = "Mocker engine (--engine mocker)",
+        long = "fail-after-tokens"
+    )]
     fail_after_tokens: Option<u32>,
 }
 

@@ -155,6 +155,7 @@ impl CandleEngine {
                 "block size and max-num-seqs must be at least 1".into(),
             ));
         }
+        let loading = std::time::Instant::now();
         let device = parse_device(&args.device)?;
         let format = match (args.dtype, device.is_cpu()) {
             (DtypeArg::Auto, true) | (DtypeArg::F32, _) => WeightFormat::Dense(DType::F32),
@@ -162,9 +163,9 @@ impl CandleEngine {
             (DtypeArg::F16, _) => WeightFormat::Dense(DType::F16),
             (DtypeArg::Quantized, _) => WeightFormat::Quantized,
         };
-        let model = match weights {
-            WeightsSource::Gguf(p) => Model::from_gguf(p, format, &device)?,
-            WeightsSource::HfDir(d) => Model::from_hf_dir(d, format, &device)?,
+        let (model, file) = match weights {
+            WeightsSource::Gguf(p) => (Model::from_gguf(p, format, &device)?, p),
+            WeightsSource::HfDir(d) => (Model::from_hf_dir(d, format, &device)?, d),
         };
         let block_size = batching.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         let max_model_len = max_model_len.min(model.config.max_position).max(1);
@@ -202,12 +203,15 @@ impl CandleEngine {
             LoadError::Unsupported(format!("{format:?} weights on {}: {e}", args.device))
         })?;
         tracing::info!(
+            file = %file.display(),
             architecture = %model.config.architecture,
             format = ?format,
             device = %args.device,
             num_blocks,
             block_size,
+            kv_cache_bytes = num_blocks * per_block,
             kv_cache_mib = (num_blocks * per_block) >> 20,
+            load_ms = loading.elapsed().as_millis() as u64,
             "candle engine ready"
         );
         let vocab_size = model.config.vocab_size;

@@ -26,28 +26,44 @@ pub enum RouterModeArg {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FrontendArgs {
-    #[arg(long = "http-host", env = "DYN_HTTP_HOST", default_value = "0.0.0.0")]
+    #[arg(
+        help_heading = "HTTP",
+        long = "http-host",
+        env = "DYN_HTTP_HOST",
+        default_value = "0.0.0.0"
+    )]
     pub http_host: String,
-    #[arg(long = "http-port", env = "DYN_HTTP_PORT", default_value_t = 8000)]
+    #[arg(
+        help_heading = "HTTP",
+        long = "http-port",
+        env = "DYN_HTTP_PORT",
+        default_value_t = 8000
+    )]
     pub http_port: u16,
     /// How requests are spread over workers.
     #[arg(
+        help_heading = "Routing",
         long = "router-mode",
         env = "DYN_ROUTER_MODE",
         value_enum,
         default_value = "round-robin"
     )]
     pub router_mode: RouterModeArg,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "KV router (--router-mode kv)")]
     pub kv_router: KvRouterArgs,
     /// With prefill workers registered, a request whose prefill leg fails (or that finds no
     /// prefill worker) gets 503 instead of being prefilled on its decode worker.
-    #[arg(long = "enforce-disagg", env = "DYN_ENFORCE_DISAGG")]
+    #[arg(
+        help_heading = "Disaggregation",
+        long = "enforce-disagg",
+        env = "DYN_ENFORCE_DISAGG"
+    )]
     pub enforce_disagg: bool,
     /// Conditional disaggregation: a prompt whose uncached part (prompt minus the blocks the
     /// KV router finds on the best prefill worker) has at most this many tokens is prefilled
     /// on its decode worker. 0 (default): every prompt goes to a prefill worker.
     #[arg(
+        help_heading = "Disaggregation",
         long = "max-local-prefill-length",
         env = "DYN_MAX_LOCAL_PREFILL_LENGTH",
         default_value_t = 0
@@ -56,10 +72,14 @@ pub struct FrontendArgs {
     /// How many times a choice may move to another worker when its worker fails (before or
     /// during its stream). Unset: each model's value from its workers' cards (their own
     /// `--migration-limit`, default 0 = off).
-    #[arg(long = "migration-limit", env = "DYN_MIGRATION_LIMIT")]
+    #[arg(
+        help_heading = "Migration, admission and deadlines",
+        long = "migration-limit",
+        env = "DYN_MIGRATION_LIMIT"
+    )]
     pub migration_limit: Option<u32>,
     /// Seconds a worker that failed a request is left out of routing (0: never).
-    #[arg(
+    #[arg(help_heading = "Routing", 
         long = "inhibited-duration-secs",
         env = "DYN_RUNTIME_INHIBITED_DURATION_SECS",
         default_value_t = 5.0,
@@ -68,7 +88,7 @@ pub struct FrontendArgs {
     pub inhibited_duration_secs: f64,
     /// Seconds a session (`X-Dynamo-Session-ID` header) stays bound to the worker its last
     /// request went to; its requests go there while that worker serves the model. 0: off.
-    #[arg(
+    #[arg(help_heading = "Routing", 
         long = "router-session-affinity-ttl-secs",
         env = "DYN_ROUTER_SESSION_AFFINITY_TTL_SECS",
         default_value_t = 300.0,
@@ -77,7 +97,7 @@ pub struct FrontendArgs {
     pub session_affinity_ttl_secs: f64,
     /// Seconds a generation request may take, from its arrival to its last token; past it the
     /// client gets 504 and the worker stops the request (its blocks are freed). Unset: none.
-    #[arg(
+    #[arg(help_heading = "Migration, admission and deadlines", 
         long = "request-timeout-secs",
         env = "DYN_REQUEST_TIMEOUT_SECS",
         value_parser = positive_secs
@@ -85,17 +105,22 @@ pub struct FrontendArgs {
     pub request_timeout_secs: Option<f64>,
     /// Generation requests running at once; beyond it they queue (`--queue-size`). Unset: no
     /// limit.
-    #[arg(
+    #[arg(help_heading = "Migration, admission and deadlines", 
         long = "max-concurrent-requests",
         env = "DYN_MAX_CONCURRENT_REQUESTS",
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub max_concurrent_requests: Option<u32>,
     /// Requests that may wait for a turn under `--max-concurrent-requests`; more get 503.
-    #[arg(long = "queue-size", env = "DYN_QUEUE_SIZE", default_value_t = 100)]
+    #[arg(
+        help_heading = "Migration, admission and deadlines",
+        long = "queue-size",
+        env = "DYN_QUEUE_SIZE",
+        default_value_t = 100
+    )]
     pub queue_size: u32,
     /// Seconds a queued request waits for its turn before it gets 503.
-    #[arg(
+    #[arg(help_heading = "Migration, admission and deadlines", 
         long = "queue-timeout-secs",
         env = "DYN_QUEUE_TIMEOUT_SECS",
         default_value_t = 60.0,
@@ -103,10 +128,11 @@ pub struct FrontendArgs {
     )]
     pub queue_timeout_secs: f64,
     /// Require `Authorization: Bearer <key>` on `/v1/*`.
-    #[arg(long = "api-key", env = "DYN_API_KEY")]
+    #[arg(help_heading = "HTTP", long = "api-key", env = "DYN_API_KEY")]
     pub api_key: Option<ApiKey>,
     /// With `--api-key`, require it on `/metrics` too.
     #[arg(
+        help_heading = "HTTP",
         long = "protect-metrics",
         env = "DYN_PROTECT_METRICS",
         requires = "api_key"
