@@ -59,9 +59,21 @@ ready() {
   grep -q "^dynamo_frontend_model_workers{model=\"$MODEL_NAME\"} 2$" <<<"$m" &&
     grep -q "^dynamo_frontend_model_prefill_workers{model=\"$MODEL_NAME\"} 2$" <<<"$m"
 }
-for _ in $(seq 1 600); do ready && break; sleep 0.2; done
+# show_logs: the last lines of every log of this run (a worker that could not bind its port,
+# say, says so in its own).
+show_logs() {
+  for f in "$run"/*.log; do echo "---- last lines of $f" >&2; tail -n 15 "$f" >&2; done
+}
+for _ in $(seq 1 600); do
+  ready && break
+  for p in "${pids[@]}"; do
+    kill -0 "$p" 2>/dev/null || { echo "a process of the stack exited before it was ready" >&2; show_logs; exit 1; }
+  done
+  sleep 0.2
+done
 if ! ready; then
-  echo "the workers did not come up; see $run/*.log" >&2
+  echo "the workers did not come up in 120 s" >&2
+  show_logs
   exit 1
 fi
 
