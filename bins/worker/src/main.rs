@@ -202,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
     let mode = cli.mode();
     let path = match cli.model_path.to_str() {
         Some(id) if !cli.model_path.exists() && tandem_model::hub::is_hub_id(id) => {
-            tandem_model::hub::Hub::from_env()
+            tandem_model::hub::Hub::from_env()?
                 .fetch(id, &cli.revision)
                 .await?
         }
