@@ -1,16 +1,98 @@
 #!/usr/bin/env bash
-# Decode throughput of the candle engine on the bundled model, beside candle-transformers'
-# quantized Llama run the way candle's `quantized` example runs it, in the same process.
-# Prints markdown table rows (dtype, engine, batch, aggregate tok/s, per-stream tok/s, ratio).
-#   scripts/bench-engine.sh [TOKENS]     (default 64 decode tokens per stream)
+# The CPU engine beside llama.cpp on the same file, threads and machine, in one run: prompt
+# processing and greedy decode at batch 1/4/8/16 for each weight format tandem serves — Q4_1
+# as shipped (tandem --dtype quantized), F16 and F32 (tandem dequantizes the Q4_1 file on load;
+# llama.cpp gets the same values as an F16 / F32 GGUF made here with the `gguf` package).
+#   scripts/bench-engine.sh [--write] [--formats q4_1,f16,f32] [--tokens 128] [--prompt-tokens 480]
+# llama.cpp: llama-cpp-python 0.3.36 built from PyPI into .bench/venv-llamacpp (once, ~8 min on
+# 2 cores), driven through its C API by scripts/bench-llamacpp.py. tandem:
+# crates/engine/examples/engine_bench.rs (release). Both use THREADS threads (default: the
+# machine's cores; tandem's through RAYON_NUM_THREADS).
+# Prints a markdown table (tok/s and tandem ÷ llama.cpp); --write also puts it, with the CPU
+# named, between the "engine bench" markers of docs/benchmarks.md.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+write=0 formats=q4_1,f16,f32 tokens=128 prompt_tokens=480
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --write) write=1; shift ;;
+    --formats) formats=$2; shift 2 ;;
+    --tokens) tokens=$2; shift 2 ;;
+    --prompt-tokens) prompt_tokens=$2; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "bench-engine.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+threads=${THREADS:-$(nproc)}
 bash scripts/install-deps.sh >/dev/null
 model=$(bash scripts/fetch-model.sh)
+venv="$root/.bench/venv-llamacpp" models="$root/.bench/models" out="$root/.bench/engine"
+mkdir -p "$models" "$out"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import llama_cpp, gguf' 2>/dev/null; then
+  echo "installing llama-cpp-python 0.3.36 from PyPI (builds llama.cpp, once)..." >&2
+  python3 -m venv "$venv"
+  CMAKE_BUILD_PARALLEL_LEVEL=$threads "$venv/bin/pip" install -q llama-cpp-python==0.3.36 gguf numpy >&2
+fi
+echo "building engine_bench (release)..." >&2
 cargo build --release --quiet -p tandem-engine --example engine_bench
-echo "| dtype | engine | batch | aggregate tok/s | per-stream tok/s | ratio |"
-echo "|---|---|---|---|---|---|"
-for dtype in f32 quantized; do
-  "$root/target/release/examples/engine_bench" "$model" "$dtype" "${1:-64}"
+
+results="$out/results.jsonl"
+: >"$results"
+for f in ${formats//,/ }; do
+  case "$f" in
+    q4_1) file=$model dtype=quantized label="Q4_1 (as shipped)" ;;
+    f16|f32)
+      up=$(tr a-z A-Z <<<"$f")
+      file="$models/SmolLM2-135M-Instruct.$up.gguf" dtype=$f label="$up (dequantized from Q4_1)"
+      [ -s "$file" ] || "$venv/bin/python" scripts/bench-llamacpp.py --convert "$model" "$file" "$f" ;;
+    *) echo "bench-engine.sh: unknown format $f (q4_1, f16, f32)" >&2; exit 2 ;;
+  esac
+  echo "$label: llama.cpp..." >&2
+  "$venv/bin/python" scripts/bench-llamacpp.py "$file" --threads "$threads" --tokens "$tokens" \
+    --prompt-tokens "$prompt_tokens" | sed "s/^{/{\"format\": \"$label\", /" >>"$results"
+  echo "$label: tandem..." >&2
+  RAYON_NUM_THREADS=$threads "$root/target/release/examples/engine_bench" "$model" "$dtype" "$tokens" \
+    "$prompt_tokens" | sed "s/^{/{\"format\": \"$label\", /" >>"$results"
 done
+
+cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+table=$(python3 - "$results" "$cpu" "$threads" "$tokens" "$prompt_tokens" <<'PY'
+import json, sys, datetime
+path, cpu, threads, tokens, ptoks = sys.argv[1:]
+rows = [json.loads(l) for l in open(path) if l.strip()]
+def key(r):
+    return (r["format"], r["kind"], r.get("batch", 0))
+by = {}
+for r in rows:
+    by.setdefault(key(r), {})[r["engine"]] = r["tok_s"]
+day = datetime.date.today().isoformat()
+print(f"`scripts/bench-engine.sh` on {cpu}, {threads} threads, {day}: greedy decode of {tokens} tokens "
+      f"after ~30-token prompts (aggregate tok/s over the batch), prompt processing of one "
+      f"{ptoks}-token prompt. llama.cpp: llama-cpp-python 0.3.36 built from PyPI, its batched C API.")
+print()
+print("| weights | measure | llama.cpp tok/s | tandem tok/s | tandem ÷ llama.cpp |")
+print("|---|---|---|---|---|")
+for (fmt, kind, batch), v in by.items():
+    what = f"prompt processing ({ptoks} tokens)" if kind == "prompt" else f"decode, batch {batch}"
+    l, t = v.get("llama.cpp"), v.get("tandem")
+    ratio = f"{t / l:.2f}×" if l and t else "—"
+    print(f"| {fmt} | {what} | {l if l is not None else '—'} | {t if t is not None else '—'} | {ratio} |")
+PY
+)
+echo "$table"
+if [ "$write" = 1 ]; then
+  python3 - "$root/docs/benchmarks.md" "$table" <<'PY'
+import sys
+path, table = sys.argv[1:]
+s = open(path).read()
+start, end = "<!-- engine bench: start -->", "<!-- engine bench: end -->"
+block = f"{start}\n{table}\n{end}"
+if start in s and end in s:
+    s = s[: s.index(start)] + block + s[s.index(end) + len(end):]
+else:
+    s += "\n" + block + "\n"
+open(path, "w").write(s)
+PY
+  echo "written to docs/benchmarks.md" >&2
+fi

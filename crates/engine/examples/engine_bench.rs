@@ -1,8 +1,12 @@
-//! Decode throughput of tandem's engine beside candle-transformers' quantized Llama run the
-//! way candle's `quantized` example runs it (prompt, then one token at a time, argmax).
+//! Prompt processing and decode throughput of tandem's candle engine on one GGUF file: one
+//! prompt of PROMPT_TOKENS tokens (time to its first token, best of three), then greedy decode
+//! of TOKENS tokens at batch 1, 4, 8 and 16 (~30-token prompts, time from each stream's first
+//! token to its last). With ENGINE_BENCH_REFERENCE=1 also candle-transformers' quantized Llama
+//! run the way candle's `quantized` example runs it (batch 1).
 //!
-//! `cargo run --release -p tandem-engine --example engine_bench -- MODEL.gguf [f32|quantized] [TOKENS]`
-//! Prints one markdown table row per measurement; `scripts/bench-engine.sh` runs both dtypes.
+//! `cargo run --release -p tandem-engine --example engine_bench -- MODEL.gguf [f32|f16|quantized] [TOKENS] [PROMPT_TOKENS]`
+//! Prints one JSON object per measurement; `scripts/bench-engine.sh` runs every dtype beside
+//! llama.cpp and writes the table.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use candle_core::{Device, Tensor};
@@ -91,40 +95,71 @@ async fn tandem(
     (total as f64 / longest, per_stream)
 }
 
+/// Prompt processing: one prompt of `n` tokens (prefix caching off), time to its first token,
+/// best of three.
+async fn prompt_processing(engine: &CandleEngine, files: &ModelFiles, n: usize) -> f64 {
+    let text: Vec<String> = (0..64)
+        .map(|i| {
+            format!(
+                "<|im_start|>user\nWrite a long story about traveller number {i} crossing a desert.<|im_end|>\n<|im_start|>assistant\n"
+            )
+        })
+        .collect();
+    let ids = files.tokenizer.encode(text.join(" "), false).unwrap();
+    let prompt = ids.get_ids()[..n].to_vec();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let r = PreprocessedRequest {
+            model: "m".into(),
+            token_ids: prompt.clone(),
+            stop: StopConditions {
+                max_tokens: Some(1),
+                ignore_eos: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let mut s = engine.generate(r).unwrap();
+        while s.next().await.is_some() {}
+        best = best.max(n as f64 / start.elapsed().as_secs_f64());
+    }
+    best
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let path = PathBuf::from(args.get(1).expect("MODEL.gguf"));
     let dtype = match args.get(2).map(String::as_str) {
         Some("quantized") => DtypeArg::Quantized,
-        _ => DtypeArg::F32,
+        Some("f16") => DtypeArg::F16,
+        Some("f32") | None => DtypeArg::F32,
+        Some(other) => panic!("dtype {other}: f32, f16 or quantized"),
     };
     let tokens: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
+    let prompt_tokens: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(480);
+    let with_reference = std::env::var("ENGINE_BENCH_REFERENCE").is_ok_and(|v| v == "1");
     let files = ModelFiles::load(&path).unwrap();
-    let label = if dtype == DtypeArg::Quantized {
-        "quantized (Q4_1)"
-    } else {
-        "f32 (dequantized)"
-    };
 
-    if dtype == DtypeArg::F32 {
-        // candle dequantizes every matmul weight when this is set before the model loads.
-        #[allow(unsafe_code)]
-        // SAFETY: single-threaded at this point; nothing else reads the environment yet.
-        unsafe {
-            std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1")
-        };
-    }
-    let p = prompt(&files, 0);
-    let reference_tps = {
+    if with_reference && dtype != DtypeArg::F16 {
+        if dtype == DtypeArg::F32 {
+            // candle dequantizes every matmul weight when this is set before the model loads.
+            #[allow(unsafe_code)]
+            // SAFETY: single-threaded at this point; nothing else reads the environment yet.
+            unsafe {
+                std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1")
+            };
+        }
+        let p = prompt(&files, 0);
         let path = path.clone();
-        tokio::task::spawn_blocking(move || reference(&path, &p, tokens))
+        let tps = tokio::task::spawn_blocking(move || reference(&path, &p, tokens))
             .await
-            .unwrap()
-    };
-    println!(
-        "| {label} | candle-transformers quantized_llama (example loop) | 1 | {reference_tps:.1} | {reference_tps:.1} | 1.00× |"
-    );
+            .unwrap();
+        println!(
+            "{{\"engine\": \"candle-transformers\", \"kind\": \"decode\", \"batch\": 1, \"tok_s\": {tps:.1}}}"
+        );
+    }
 
     let engine = CandleEngine::start(
         &WeightsSource::Gguf(path.clone()),
@@ -134,21 +169,20 @@ async fn main() {
         },
         &BatchingArgs {
             num_blocks: Some(1024),
+            enable_prefix_caching: false,
             ..Default::default()
         },
         8192,
     )
     .unwrap();
-    let mut single = 0.0;
+    let pp = prompt_processing(&engine, &files, prompt_tokens).await;
+    println!(
+        "{{\"engine\": \"tandem\", \"kind\": \"prompt\", \"tokens\": {prompt_tokens}, \"tok_s\": {pp:.1}}}"
+    );
     for batch in [1, 4, 8, 16] {
         let (agg, per) = tandem(&engine, &files, batch, tokens).await;
-        if batch == 1 {
-            single = agg;
-        }
         println!(
-            "| {label} | tandem paged engine | {batch} | {agg:.1} | {per:.1} | {:.2}× single, {:.2}× reference |",
-            agg / single,
-            agg / reference_tps
+            "{{\"engine\": \"tandem\", \"kind\": \"decode\", \"batch\": {batch}, \"tok_s\": {agg:.1}, \"per_stream\": {per:.1}}}"
         );
     }
 }

@@ -43,8 +43,34 @@ impl WeightFormat {
 }
 
 struct Linear {
-    w: QMatMul,
+    w: Weights,
     b: Option<Tensor>,
+}
+
+/// A projection's weights, as the kernel that reads them wants them.
+enum Weights {
+    /// candle's matmul (dense, or quantized formats without a kernel of ours).
+    Candle(QMatMul),
+    /// GGUF Q4_1 blocks on the CPU, repacked at load for [`tandem_kernels::Q4_1Weights`]
+    /// (same arithmetic as candle's Q4_1 matmul, so the same tokens).
+    Q4_1(tandem_kernels::Q4_1Weights),
+}
+
+impl From<QMatMul> for Weights {
+    fn from(w: QMatMul) -> Self {
+        Self::Candle(w)
+    }
+}
+
+/// `x · wᵀ` through the Q4_1 kernel; `x` is `[rows, k]` f32.
+fn q4_1_matmul(x: &Tensor, w: &tandem_kernels::Q4_1Weights) -> candle_core::Result<Tensor> {
+    let (m, _) = x.dims2()?;
+    let rows = x
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Tensor::from_vec(w.matmul(&rows, m), (m, w.rows()), x.device())
 }
 
 /// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul (one
@@ -83,13 +109,13 @@ impl Linear {
     /// does the small-batch kernel run; prefills keep candle's matmul, which is what the
     /// reference model computes them with.
     fn forward_step(&self, x: &Tensor, decode_batch: bool) -> candle_core::Result<Tensor> {
-        let small = match &self.w {
-            QMatMul::Tensor(w) if decode_batch => small_m_matmul(x, w)?,
-            _ => None,
-        };
-        let y = match small {
-            Some(y) => y,
-            None => self.w.forward(x)?,
+        let y = match &self.w {
+            Weights::Q4_1(w) => q4_1_matmul(x, w)?,
+            Weights::Candle(QMatMul::Tensor(w)) if decode_batch => match small_m_matmul(x, w)? {
+                Some(y) => y,
+                None => QMatMul::Tensor(w.clone()).forward(x)?,
+            },
+            Weights::Candle(w) => w.forward(x)?,
         };
         match &self.b {
             Some(b) => y.broadcast_add(b),
@@ -274,7 +300,7 @@ impl Loader {
             .ok_or_else(|| EngineError::Load(format!("weight {gguf} / {hf} missing")))
     }
 
-    fn matmul(&mut self, gguf: &str, hf: &str) -> Result<Option<QMatMul>, EngineError> {
+    fn matmul(&mut self, gguf: &str, hf: &str) -> Result<Option<Weights>, EngineError> {
         match (self.format, &self.source) {
             (WeightFormat::Quantized, Source::Gguf { .. }) => {
                 let Some(q) = self.qtensor(gguf)? else {
@@ -283,9 +309,17 @@ impl Loader {
                 // Unquantized GGUF tensors go through a plain matmul, as candle does.
                 Ok(Some(match q.dtype() {
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                        QMatMul::Tensor(q.dequantize(&self.device).map_err(load_err)?)
+                        QMatMul::Tensor(q.dequantize(&self.device).map_err(load_err)?).into()
                     }
-                    _ => QMatMul::QTensor(Arc::new(q)),
+                    GgmlDType::Q4_1 if self.device.is_cpu() => {
+                        let (n, k) = q.shape().dims2().map_err(load_err)?;
+                        let bytes = q.data().map_err(load_err)?;
+                        Weights::Q4_1(
+                            tandem_kernels::Q4_1Weights::from_ggml(&bytes, n, k)
+                                .map_err(|e| load_err(format!("{gguf}: {e}")))?,
+                        )
+                    }
+                    _ => QMatMul::QTensor(Arc::new(q)).into(),
                 }))
             }
             (WeightFormat::Quantized, Source::Safetensors(_)) => {
@@ -296,14 +330,14 @@ impl Loader {
                 let cols = w.dims().last().copied().unwrap_or(0);
                 if cols % GgmlDType::Q8_0.block_size() == 0 {
                     let q = QTensor::quantize(&w, GgmlDType::Q8_0).map_err(load_err)?;
-                    Ok(Some(QMatMul::QTensor(Arc::new(q))))
+                    Ok(Some(QMatMul::QTensor(Arc::new(q)).into()))
                 } else {
-                    Ok(Some(QMatMul::Tensor(w)))
+                    Ok(Some(QMatMul::Tensor(w).into()))
                 }
             }
-            (WeightFormat::Dense(dtype), _) => {
-                Ok(self.dense(gguf, hf, dtype)?.map(QMatMul::Tensor))
-            }
+            (WeightFormat::Dense(dtype), _) => Ok(self
+                .dense(gguf, hf, dtype)?
+                .map(|t| QMatMul::Tensor(t).into())),
         }
     }
 
@@ -454,10 +488,10 @@ impl Model {
             // GGUF blocks of the embedding for the output matmul, as llama.cpp does.
             None => Linear {
                 w: match ld.format {
-                    WeightFormat::Dense(_) => QMatMul::Tensor(embed.clone()),
+                    WeightFormat::Dense(_) => QMatMul::Tensor(embed.clone()).into(),
                     WeightFormat::Quantized => ld
                         .matmul("token_embd.weight", "model.embed_tokens.weight")?
-                        .unwrap_or_else(|| QMatMul::Tensor(embed.clone())),
+                        .unwrap_or_else(|| QMatMul::Tensor(embed.clone()).into()),
                 },
                 b: None,
             },

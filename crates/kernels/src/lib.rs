@@ -7,6 +7,14 @@
 //! of `x` (up to eight independent SIMD accumulators at a time, so the FMA chains overlap),
 //! and rayon splits the weight rows across cores. SIMD width is picked at run time by `pulp`
 //! (AVX2+FMA or AVX-512 where present, scalar elsewhere).
+//!
+//! [`Q4_1Weights`]: GGUF's Q4_1 blocks × f32 activations, bit-identical to candle's (scalar)
+//! quantized matmul, with AVX2 integer dot products and each unpacked weight block reused by
+//! every row of the batch (see [`q4_1`]).
+
+pub mod q4_1;
+
+pub use q4_1::Q4_1Weights;
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
@@ -38,13 +46,21 @@ pub fn matmul_small_m(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec
             });
         });
     // yt is n × m (each task wrote whole rows of it); callers want m × n.
-    let mut y = vec![0f32; m * n];
-    for (j, col) in yt.chunks_exact(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            y[i * n + j] = *v;
+    transpose(&yt, n, m)
+}
+
+/// `rows × cols` row-major to `cols × rows` row-major.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    if cols == 1 {
+        return a.to_vec();
+    }
+    let mut t = vec![0f32; rows * cols];
+    for (r, row) in a.chunks_exact(cols).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            t[c * rows + r] = *v;
         }
     }
-    y
+    t
 }
 
 struct Rows<'a> {

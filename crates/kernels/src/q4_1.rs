@@ -1,0 +1,373 @@
+//! Q4_1 weights × f32 activations, with the exact arithmetic of ggml's `q4_1 · q8_1` dot product
+//! as candle runs it (so greedy tokens stay identical to candle-transformers' reference model),
+//! but fast.
+//!
+//! A Q4_1 block holds 32 weights as `d · q + m` with `q` in 0..16 (f16 `d`, f16 `m`, 16 bytes of
+//! nibbles: element `j` in the low nibble of byte `j`, element `j + 16` in its high nibble). The
+//! activations of each row are quantized once per call to ggml's Q8_1 (32 `i8` per block, f16
+//! scale `d` and f16 `s = d · Σq`), then each output is
+//! `Σ_blocks (Σ q_w · q_x) · d_w · d_x + m_w · s_x`, summed block by block in order.
+//!
+//! Where candle computes that one block at a time in scalar code, [`Q4_1Weights::matmul`]
+//! - converts the weights' f16 scales to f32 once, at load ([`Q4_1Weights::from_ggml`]);
+//! - on AVX2, unpacks eight blocks of nibbles into bytes once and reuses them for every row of
+//!   the batch, takes the integer dot products with `vpmaddubsw` / `vpmaddwd` (exact), reduces
+//!   eight blocks' sums together, and applies the scales eight blocks at a time with the same
+//!   IEEE operations in the same order; only the running sum over blocks stays scalar, so the
+//!   result is bit-identical;
+//! - splits the weight rows across cores with rayon.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Weights per block.
+pub const BLOCK: usize = 32;
+/// Bytes per block in ggml's layout: f16 d, f16 m, 16 bytes of nibbles.
+pub const BLOCK_BYTES: usize = 20;
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Q4_1Error {
+    #[error("Q4_1 needs k divisible by {BLOCK}, got {0}")]
+    Columns(usize),
+    #[error("Q4_1 matrix of {n} × {k} takes {want} bytes, got {got}")]
+    Size {
+        n: usize,
+        k: usize,
+        want: usize,
+        got: usize,
+    },
+}
+
+/// An `n × k` Q4_1 matrix laid out for [`Self::matmul`].
+pub struct Q4_1Weights {
+    n: usize,
+    k: usize,
+    /// Per block, row-major: scale and minimum as f32 (exact conversions of the f16s).
+    d: Vec<f32>,
+    m: Vec<f32>,
+    qs: Vec<[u8; 16]>,
+}
+
+impl Q4_1Weights {
+    /// From ggml's block bytes (a GGUF tensor's data), `n` rows of `k` weights.
+    pub fn from_ggml(bytes: &[u8], n: usize, k: usize) -> Result<Self, Q4_1Error> {
+        if !k.is_multiple_of(BLOCK) {
+            return Err(Q4_1Error::Columns(k));
+        }
+        let want = n * k / BLOCK * BLOCK_BYTES;
+        if bytes.len() != want {
+            return Err(Q4_1Error::Size {
+                n,
+                k,
+                want,
+                got: bytes.len(),
+            });
+        }
+        let blocks = bytes.chunks_exact(BLOCK_BYTES);
+        let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        let mut w = Self {
+            n,
+            k,
+            d: Vec::with_capacity(blocks.len()),
+            m: Vec::with_capacity(blocks.len()),
+            qs: Vec::with_capacity(blocks.len()),
+        };
+        for b in blocks {
+            w.d.push(half(b, 0));
+            w.m.push(half(b, 2));
+            let mut q = [0u8; 16];
+            q.copy_from_slice(&b[4..20]);
+            w.qs.push(q);
+        }
+        Ok(w)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// `y = x · wᵀ`; `x` is `m × k` row-major, `y` is `m × n` row-major.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "x is not m × k");
+        let xq = Q8_1Rows::quantize(x, m, self.k);
+        let mut yt = vec![0f32; self.n * m];
+        if m == 0 || self.n == 0 {
+            return yt;
+        }
+        yt.par_chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(task, out)| self.task(&xq, task * ROWS_PER_TASK, out));
+        crate::transpose(&yt, self.n, m)
+    }
+
+    /// Weight rows `first..first + out.len() / m` against every row of `x`; `out` is
+    /// rows × m.
+    fn task(&self, x: &Q8_1Rows, first: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            return simd.vectorize(|| avx2::rows(simd, self, x, first, out));
+        }
+        scalar_rows(self, x, first, out);
+    }
+
+    fn blocks_per_row(&self) -> usize {
+        self.k / BLOCK
+    }
+}
+
+/// Activations quantized per block as ggml's `quantize_row_q8_1` does (candle's
+/// `BlockQ8_1::from_float`), the f16 scale and sum kept as their f32 values.
+struct Q8_1Rows {
+    blocks_per_row: usize,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    qs: Vec<[i8; BLOCK]>,
+}
+
+impl Q8_1Rows {
+    fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+        let blocks = m * k / BLOCK;
+        let mut q = Self {
+            blocks_per_row: k / BLOCK,
+            d: Vec::with_capacity(blocks),
+            s: Vec::with_capacity(blocks),
+            qs: Vec::with_capacity(blocks),
+        };
+        for xs in x.chunks_exact(BLOCK) {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut qs = [0i8; BLOCK];
+            let mut sum = 0i32;
+            for (o, v) in qs.iter_mut().zip(xs) {
+                *o = (v * id).round() as i8;
+                sum += *o as i32;
+            }
+            let d16 = f16::from_f32(d);
+            q.d.push(d16.to_f32());
+            q.s.push((f16::from_f32(sum as f32) * d16).to_f32());
+            q.qs.push(qs);
+        }
+        q
+    }
+}
+
+/// Candle's loop, block by block: the reference the SIMD path must equal bit for bit.
+fn scalar_rows(w: &Q4_1Weights, x: &Q8_1Rows, first: usize, out: &mut [f32]) {
+    let nb = w.blocks_per_row();
+    let m = x.d.len() / x.blocks_per_row.max(1);
+    for (j, o) in out.chunks_exact_mut(m).enumerate() {
+        let wb = (first + j) * nb;
+        for (r, y) in o.iter_mut().enumerate() {
+            let xb = r * nb;
+            let mut sumf = 0f32;
+            for b in 0..nb {
+                let (qw, qx) = (&w.qs[wb + b], &x.qs[xb + b]);
+                let mut sumi = 0i32;
+                for i in 0..BLOCK / 2 {
+                    sumi += (qw[i] & 0x0F) as i32 * qx[i] as i32
+                        + (qw[i] >> 4) as i32 * qx[i + BLOCK / 2] as i32;
+                }
+                sumf += sumi as f32 * w.d[wb + b] * x.d[xb + b] + w.m[wb + b] * x.s[xb + b];
+            }
+            *y = sumf;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BLOCK, Q4_1Weights, Q8_1Rows};
+    use core::arch::x86_64::{__m128i, __m256, __m256i};
+    use pulp::x86::V3;
+
+    /// Blocks whose integer sums are reduced together.
+    const GROUP: usize = 8;
+
+    /// A block's 32 weights as unsigned bytes, in element order.
+    #[inline(always)]
+    fn unpack(simd: V3, qs: &[u8; 16]) -> __m256i {
+        let lo: __m128i = bytemuck::cast(*qs);
+        let hi = simd.sse2._mm_srli_epi16::<4>(lo);
+        let both = simd.avx._mm256_set_m128i(hi, lo);
+        simd.avx2
+            ._mm256_and_si256(both, simd.avx._mm256_set1_epi8(0x0F))
+    }
+
+    /// Eight i32 partial sums of `Σ q_w · q_x` over one block.
+    #[inline(always)]
+    fn dot(simd: V3, w: __m256i, x: &[i8; BLOCK]) -> __m256i {
+        let x: __m256i = bytemuck::cast(*x);
+        let pairs = simd.avx2._mm256_maddubs_epi16(w, x);
+        simd.avx2
+            ._mm256_madd_epi16(pairs, simd.avx._mm256_set1_epi16(1))
+    }
+
+    /// Lane `i` of the result: the sum of `v[i]`'s eight lanes (integer sums are exact in any
+    /// order).
+    #[inline(always)]
+    fn reduce8(simd: V3, v: &[__m256i; GROUP]) -> __m256i {
+        let a = simd.avx2;
+        let h01 = a._mm256_hadd_epi32(v[0], v[1]);
+        let h23 = a._mm256_hadd_epi32(v[2], v[3]);
+        let h45 = a._mm256_hadd_epi32(v[4], v[5]);
+        let h67 = a._mm256_hadd_epi32(v[6], v[7]);
+        let h0123 = a._mm256_hadd_epi32(h01, h23);
+        let h4567 = a._mm256_hadd_epi32(h45, h67);
+        let lo = a._mm256_permute2x128_si256::<0x20>(h0123, h4567);
+        let hi = a._mm256_permute2x128_si256::<0x31>(h0123, h4567);
+        a._mm256_add_epi32(lo, hi)
+    }
+
+    fn load8(v: &[f32], from: usize, n: usize) -> __m256 {
+        let mut a = [0f32; GROUP];
+        a[..n].copy_from_slice(&v[from..from + n]);
+        bytemuck::cast(a)
+    }
+
+    #[inline(always)]
+    pub(super) fn rows(simd: V3, w: &Q4_1Weights, x: &Q8_1Rows, first: usize, out: &mut [f32]) {
+        let nb = w.blocks_per_row();
+        let m = x.d.len() / x.blocks_per_row.max(1);
+        let zero = simd.avx._mm256_setzero_si256();
+        for (j, o) in out.chunks_exact_mut(m).enumerate() {
+            let wb = (first + j) * nb;
+            o.fill(0.0);
+            let mut b = 0;
+            while b < nb {
+                let g = (nb - b).min(GROUP);
+                let mut wv = [zero; GROUP];
+                for (i, v) in wv.iter_mut().enumerate().take(g) {
+                    *v = unpack(simd, &w.qs[wb + b + i]);
+                }
+                let dw = load8(&w.d, wb + b, g);
+                let mw = load8(&w.m, wb + b, g);
+                for (r, y) in o.iter_mut().enumerate() {
+                    let xb = r * nb + b;
+                    let mut sums = [zero; GROUP];
+                    for i in 0..g {
+                        sums[i] = dot(simd, wv[i], &x.qs[xb + i]);
+                    }
+                    let sumi = simd.avx._mm256_cvtepi32_ps(reduce8(simd, &sums));
+                    // (sumi · d_w) · d_x + m_w · s_x, as candle's scalar code rounds it.
+                    let t = simd
+                        .avx
+                        ._mm256_mul_ps(simd.avx._mm256_mul_ps(sumi, dw), load8(&x.d, xb, g));
+                    let u = simd.avx._mm256_mul_ps(mw, load8(&x.s, xb, g));
+                    let terms: [f32; GROUP] = bytemuck::cast(simd.avx._mm256_add_ps(t, u));
+                    for t in &terms[..g] {
+                        *y += t;
+                    }
+                }
+                b += g;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pseudo-random ggml Q4_1 bytes with realistic scales.
+    fn blocks(n: usize, k: usize, seed: u32) -> Vec<u8> {
+        let mut s = seed;
+        let mut next = move || {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            s
+        };
+        let mut out = Vec::new();
+        for _ in 0..n * k / BLOCK {
+            let d = f16::from_f32((next() % 1000) as f32 / 40000.0);
+            let m = f16::from_f32(-((next() % 1000) as f32) / 5000.0);
+            out.extend_from_slice(&d.to_le_bytes());
+            out.extend_from_slice(&m.to_le_bytes());
+            out.extend((0..16).map(|_| (next() >> 8) as u8));
+        }
+        out
+    }
+
+    fn activations(m: usize, k: usize) -> Vec<f32> {
+        (0..m * k)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+            .collect()
+    }
+
+    #[test]
+    fn simd_rows_equal_candles_scalar_loop_bit_for_bit() {
+        for (m, k, n) in [
+            (1, 32, 3),
+            (1, 576, 40),
+            (3, 1536, 17),
+            (8, 576, 33),
+            (16, 64, 5),
+        ] {
+            let w = Q4_1Weights::from_ggml(&blocks(n, k, (m * k + n) as u32), n, k).unwrap();
+            let x = activations(m, k);
+            let xq = Q8_1Rows::quantize(&x, m, k);
+            let mut want = vec![0f32; n * m];
+            scalar_rows(&w, &xq, 0, &mut want);
+            #[cfg(target_arch = "x86_64")]
+            if let Some(simd) = pulp::x86::V3::try_new() {
+                let mut got = vec![0f32; n * m];
+                simd.vectorize(|| avx2::rows(simd, &w, &xq, 0, &mut got));
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "AVX2 ({m},{k},{n})");
+            }
+            let got = w.matmul(&x, m);
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(
+                        got[i * n + j].to_bits(),
+                        want[j * m + i].to_bits(),
+                        "({m},{k},{n}) [{i},{j}]"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn approximates_the_dequantized_product() {
+        let (m, k, n) = (2, 256, 9);
+        let bytes = blocks(n, k, 7);
+        let w = Q4_1Weights::from_ggml(&bytes, n, k).unwrap();
+        let x = activations(m, k);
+        let y = w.matmul(&x, m);
+        for i in 0..m {
+            for j in 0..n {
+                let mut want = 0f64;
+                for b in 0..k / BLOCK {
+                    let blk = &bytes[(j * k / BLOCK + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f64();
+                    let mn = f16::from_le_bytes([blk[2], blk[3]]).to_f64();
+                    for e in 0..BLOCK {
+                        let q = if e < 16 {
+                            blk[4 + e] & 15
+                        } else {
+                            blk[4 + e - 16] >> 4
+                        };
+                        want += (d * q as f64 + mn) * x[i * k + b * BLOCK + e] as f64;
+                    }
+                }
+                let got = y[i * n + j] as f64;
+                assert!(
+                    (got - want).abs() <= 0.02 * (1.0 + want.abs()),
+                    "[{i},{j}] {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_shapes_that_do_not_fit() {
+        assert!(Q4_1Weights::from_ggml(&[0; 20], 1, 31).is_err());
+        assert!(Q4_1Weights::from_ggml(&[0; 19], 1, 32).is_err());
+    }
+}
