@@ -2,7 +2,8 @@
 //! prompt of PROMPT_TOKENS tokens (time to its first token, best of three), then greedy decode
 //! of TOKENS tokens at batch 1, 4, 8 and 16 (~30-token prompts, time from each stream's first
 //! token to its last). With ENGINE_BENCH_REFERENCE=1 also candle-transformers' quantized Llama
-//! run the way candle's `quantized` example runs it (batch 1).
+//! run the way candle's `quantized` example runs it (batch 1). ENGINE_BENCH_BATCHES=1,8 picks the
+//! batch sizes.
 //!
 //! `cargo run --release -p tandem-engine --example engine_bench -- MODEL.gguf [f32|f16|quantized] [TOKENS] [PROMPT_TOKENS]`
 //! Prints one JSON object per measurement; `scripts/bench-engine.sh` runs every dtype beside
@@ -179,7 +180,15 @@ async fn main() {
     println!(
         "{{\"engine\": \"tandem\", \"kind\": \"prompt\", \"tokens\": {prompt_tokens}, \"tok_s\": {pp:.1}}}"
     );
-    for batch in [1, 4, 8, 16] {
+    let batches: Vec<usize> = std::env::var("ENGINE_BENCH_BATCHES")
+        .unwrap_or_else(|_| "1,4,8,16".into())
+        .split(',')
+        .map(|b| {
+            b.parse()
+                .expect("ENGINE_BENCH_BATCHES: comma-separated numbers")
+        })
+        .collect();
+    for batch in batches {
         let (agg, per) = tandem(&engine, &files, batch, tokens).await;
         println!(
             "{{\"engine\": \"tandem\", \"kind\": \"decode\", \"batch\": {batch}, \"tok_s\": {agg:.1}, \"per_stream\": {per:.1}}}"

@@ -160,7 +160,8 @@ impl CandleEngine {
         let format = match (args.dtype, device.is_cpu()) {
             (DtypeArg::Auto, true) | (DtypeArg::F32, _) => WeightFormat::Dense(DType::F32),
             (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => WeightFormat::Dense(DType::BF16),
-            (DtypeArg::F16, _) => WeightFormat::Dense(DType::F16),
+            (DtypeArg::F16, true) => WeightFormat::HalfWeights(DType::F16),
+            (DtypeArg::F16, false) => WeightFormat::Dense(DType::F16),
             (DtypeArg::Quantized, _) => WeightFormat::Quantized,
         };
         let (model, file) = match weights {

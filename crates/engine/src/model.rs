@@ -31,13 +31,25 @@ pub enum WeightFormat {
     Quantized,
     /// Dequantized (or loaded) to this dtype; activations and KV cache in it too.
     Dense(DType),
+    /// Matmul weights and embeddings in this (half) dtype, activations and KV cache in f32:
+    /// half the bytes to read per token, while candle's elementwise ops — scalar for f16 on
+    /// the CPU — run in f32. What `--dtype f16` means on the CPU.
+    HalfWeights(DType),
 }
 
 impl WeightFormat {
     pub fn activation_dtype(self) -> DType {
         match self {
-            Self::Quantized => DType::F32,
+            Self::Quantized | Self::HalfWeights(_) => DType::F32,
             Self::Dense(d) => d,
+        }
+    }
+
+    /// The dtype matmul weights and embeddings are held in.
+    fn weight_dtype(self) -> DType {
+        match self {
+            Self::Quantized => DType::F32,
+            Self::Dense(d) | Self::HalfWeights(d) => d,
         }
     }
 }
@@ -73,18 +85,20 @@ fn q4_1_matmul(x: &Tensor, w: &tandem_kernels::Q4_1Weights) -> candle_core::Resu
     Tensor::from_vec(w.matmul(&rows, m), (m, w.rows()), x.device())
 }
 
-/// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul (one
-/// row stays on candle's matrix-vector path, which is what single-stream decode and the
-/// reference model use).
-const SMALL_M: std::ops::RangeInclusive<usize> = 2..=64;
+/// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul.
+const SMALL_M: std::ops::RangeInclusive<usize> = 1..=64;
 
-/// `x · wᵀ` for a decode batch of f32 rows on the CPU, or `None` when another path applies.
+/// `x · wᵀ` for a decode batch on the CPU with f32 or f16 weights and activations (the
+/// result in the activations' dtype), or `None` when another path applies.
 fn small_m_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
+    let dtype = w.dtype();
     if !SMALL_M.contains(&m)
         || !x.device().is_cpu()
-        || x.dtype() != DType::F32
-        || w.dtype() != DType::F32
+        || !matches!(
+            (x.dtype(), dtype),
+            (DType::F32 | DType::F16, DType::F32 | DType::F16)
+        )
     {
         return Ok(None);
     }
@@ -98,10 +112,24 @@ fn small_m_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>>
     if wk != k {
         return Ok(None);
     }
-    let weights = &cpu.as_slice::<f32>()?[start..end];
-    let rows = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let y = tandem_kernels::matmul_small_m(&rows, weights, m, k, n);
-    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+    let rows = x
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let y = match dtype {
+        DType::F16 => tandem_kernels::matmul_small_m_f16(
+            &rows,
+            &cpu.as_slice::<half::f16>()?[start..end],
+            m,
+            k,
+            n,
+        ),
+        _ => tandem_kernels::matmul_small_m(&rows, &cpu.as_slice::<f32>()?[start..end], m, k, n),
+    };
+    Tensor::from_vec(y, (m, n), x.device())?
+        .to_dtype(x.dtype())
+        .map(Some)
 }
 
 impl Linear {
@@ -115,6 +143,15 @@ impl Linear {
                 Some(y) => y,
                 None => QMatMul::Tensor(w.clone()).forward(x)?,
             },
+            Weights::Candle(QMatMul::Tensor(w))
+                if w.dtype() == DType::F16 && w.device().is_cpu() =>
+            {
+                // candle's f16 matmul on the CPU runs at a third of its f32 speed; a prefill's
+                // many rows pay for widening the weights once per call.
+                x.to_dtype(DType::F32)?
+                    .matmul(&w.to_dtype(DType::F32)?.t()?)?
+                    .to_dtype(x.dtype())?
+            }
             Weights::Candle(w) => w.forward(x)?,
         };
         match &self.b {
@@ -246,6 +283,10 @@ pub struct Model {
     cos: Tensor,
     sin: Tensor,
     neg_inf: Tensor,
+    /// CPU only: the threads the step's kernels run on. The whole step runs inside it, so a
+    /// kernel's parallel loop starts on a worker that joins in, instead of handing every
+    /// matmul from the scheduler's thread to the pool and sleeping until it is done.
+    pool: Option<rayon::ThreadPool>,
 }
 
 /// Where tensors come from while loading.
@@ -335,7 +376,7 @@ impl Loader {
                     Ok(Some(QMatMul::Tensor(w).into()))
                 }
             }
-            (WeightFormat::Dense(dtype), _) => Ok(self
+            (WeightFormat::Dense(dtype) | WeightFormat::HalfWeights(dtype), _) => Ok(self
                 .dense(gguf, hf, dtype)?
                 .map(|t| QMatMul::Tensor(t).into())),
         }
@@ -413,7 +454,11 @@ impl Model {
     fn load(config: ModelConfig, mut ld: Loader) -> Result<Self, EngineError> {
         let act = ld.format.activation_dtype();
         let device = ld.device.clone();
-        let embed = ld.require("token_embd.weight", "model.embed_tokens.weight", act)?;
+        let embed = ld.require(
+            "token_embd.weight",
+            "model.embed_tokens.weight",
+            ld.format.weight_dtype(),
+        )?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let g = format!("blk.{i}");
@@ -488,7 +533,9 @@ impl Model {
             // GGUF blocks of the embedding for the output matmul, as llama.cpp does.
             None => Linear {
                 w: match ld.format {
-                    WeightFormat::Dense(_) => QMatMul::Tensor(embed.clone()).into(),
+                    WeightFormat::Dense(_) | WeightFormat::HalfWeights(_) => {
+                        QMatMul::Tensor(embed.clone()).into()
+                    }
                     WeightFormat::Quantized => ld
                         .matmul("token_embd.weight", "model.embed_tokens.weight")?
                         .unwrap_or_else(|| QMatMul::Tensor(embed.clone()).into()),
@@ -511,11 +558,28 @@ impl Model {
             cos,
             sin,
             neg_inf,
+            pool: if ld.device.is_cpu() {
+                Some(
+                    rayon::ThreadPoolBuilder::new()
+                        .thread_name(|i| format!("engine-cpu-{i}"))
+                        .build()
+                        .map_err(load_err)?,
+                )
+            } else {
+                None
+            },
         })
     }
 
     /// Runs one step; returns the logits (f32) of the last new token of every sequence.
     pub fn forward(&self, seqs: &[StepSeq], cache: &KvCache) -> candle_core::Result<Vec<Vec<f32>>> {
+        match &self.pool {
+            Some(pool) => pool.install(|| self.step(seqs, cache)),
+            None => self.step(seqs, cache),
+        }
+    }
+
+    fn step(&self, seqs: &[StepSeq], cache: &KvCache) -> candle_core::Result<Vec<Vec<f32>>> {
         let dev = &self.device;
         let c = &self.config;
         let bs = cache.block_size;
@@ -605,7 +669,10 @@ impl Model {
 
         let scale = (hd as f64).sqrt();
         let n_rep = nh / nkv;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .to_dtype(self.format.activation_dtype())?;
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;

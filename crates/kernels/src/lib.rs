@@ -8,6 +8,9 @@
 //! and rayon splits the weight rows across cores. SIMD width is picked at run time by `pulp`
 //! (AVX2+FMA or AVX-512 where present, scalar elsewhere).
 //!
+//! [`matmul_small_m_f16`]: the same with f16 weights, converted row by row into an f32 scratch
+//! buffer that stays in cache (half the bytes read from memory).
+//!
 //! [`Q4_1Weights`]: GGUF's Q4_1 blocks × f32 activations, bit-identical to candle's (scalar)
 //! quantized matmul, with AVX2 integer dot products and each unpacked weight block reused by
 //! every row of the batch (see [`q4_1`]).
@@ -16,6 +19,7 @@ pub mod q4_1;
 
 pub use q4_1::Q4_1Weights;
 
+use half::f16;
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
@@ -25,8 +29,31 @@ const ROWS_PER_TASK: usize = 32;
 
 /// `x`: `m × k` row-major; `w`: `n × k` row-major. Returns `y`: `m × n` row-major.
 pub fn matmul_small_m(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), m * k, "x is not m × k");
     assert_eq!(w.len(), n * k, "w is not n × k");
+    matmul_rows(x, WeightRows::F32(w), m, k, n)
+}
+
+/// [`matmul_small_m`] with f16 weights (half the bytes to read): each task converts its
+/// weight rows to f32 in a reused scratch buffer (F16C where the CPU has it, through `half`),
+/// then runs the f32 kernel; products and sums are f32.
+pub fn matmul_small_m_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(w.len(), n * k, "w is not n × k");
+    matmul_rows(x, WeightRows::F16(w), m, k, n)
+}
+
+#[derive(Clone, Copy)]
+enum WeightRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+thread_local! {
+    /// Weight rows converted to f32, per rayon worker.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn matmul_rows(x: &[f32], w: WeightRows<'_>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "x is not m × k");
     let mut yt = vec![0f32; n * m];
     if m == 0 || n == 0 {
         return yt;
@@ -37,16 +64,64 @@ pub fn matmul_small_m(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec
         .for_each(|(task, out)| {
             let first = task * ROWS_PER_TASK;
             let rows = out.len() / m;
-            arch.dispatch(Rows {
-                x,
-                w: &w[first * k..(first + rows) * k],
-                m,
-                k,
-                out,
-            });
+            let span = first * k..(first + rows) * k;
+            match w {
+                WeightRows::F32(w) => arch.dispatch(Rows {
+                    x,
+                    w: &w[span],
+                    m,
+                    k,
+                    out,
+                }),
+                WeightRows::F16(w) => SCRATCH.with(|scratch| {
+                    let mut buf = scratch.borrow_mut();
+                    buf.resize(span.len(), 0.0);
+                    f16_to_f32(&w[span], &mut buf);
+                    arch.dispatch(Rows {
+                        x,
+                        w: &buf,
+                        m,
+                        k,
+                        out,
+                    })
+                }),
+            }
         });
     // yt is n × m (each task wrote whole rows of it); callers want m × n.
     transpose(&yt, n, m)
+}
+
+/// f16 → f32, exact. With F16C (every AVX2 CPU has it) eight at a time with `vcvtph2ps`,
+/// inlined into the loop: `half`'s slice conversion makes a call per eight values, which took
+/// more time than the dot products, and pulp exposes no F16C.
+fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        #[allow(unsafe_code)]
+        // SAFETY: a `#[target_feature]` function's one requirement is that the CPU has the
+        // features it enables; AVX and F16C were detected just above.
+        return unsafe { f16_to_f32_f16c(src, dst) };
+    }
+    for (s, d) in src.iter().zip(dst) {
+        *d = s.to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+fn f16_to_f32_f16c(src: &[f16], dst: &mut [f32]) {
+    use core::arch::x86_64::{__m128i, _mm256_cvtph_ps};
+    let mut s8 = src.chunks_exact(8);
+    let mut d8 = dst.chunks_exact_mut(8);
+    for (s, d) in (&mut s8).zip(&mut d8) {
+        let (Ok(s), Ok(d)) = (<&[f16; 8]>::try_from(s), <&mut [f32; 8]>::try_from(d)) else {
+            continue;
+        };
+        *d = bytemuck::cast(_mm256_cvtph_ps(bytemuck::cast::<_, __m128i>(*s)));
+    }
+    for (s, d) in s8.remainder().iter().zip(d8.into_remainder()) {
+        *d = s.to_f32();
+    }
 }
 
 /// `rows × cols` row-major to `cols × rows` row-major.
@@ -123,6 +198,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn f16_conversion_is_exact_for_every_finite_half() {
+        let all: Vec<f16> = (0..=u16::MAX)
+            .map(f16::from_bits)
+            .filter(|h| h.is_finite())
+            .collect();
+        let mut got = vec![0f32; all.len()];
+        f16_to_f32(&all, &mut got);
+        for (h, g) in all.iter().zip(&got) {
+            assert_eq!(g.to_bits(), h.to_f32().to_bits(), "{h:?}");
+        }
+    }
+
+    #[test]
     fn matches_a_plain_product_for_odd_shapes() {
         for (m, k, n) in [
             (1, 3, 5),
@@ -138,6 +226,20 @@ mod tests {
                 .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
                 .collect();
             let y = matmul_small_m(&x, &w, m, k, n);
+            let w16: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
+            let y16 = matmul_small_m_f16(&x, &w16, m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|c| x[i * k + c] as f64 * w16[j * k + c].to_f64())
+                        .sum();
+                    let got = y16[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "f16 ({m},{k},{n}) [{i},{j}] {got} vs {want}"
+                    );
+                }
+            }
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k)

@@ -9,13 +9,15 @@
 //! `Σ_blocks (Σ q_w · q_x) · d_w · d_x + m_w · s_x`, summed block by block in order.
 //!
 //! Where candle computes that one block at a time in scalar code, [`Q4_1Weights::matmul`]
-//! - converts the weights' f16 scales to f32 once, at load ([`Q4_1Weights::from_ggml`]);
-//! - on AVX2, unpacks eight blocks of nibbles into bytes once and reuses them for every row of
+//! - repacks the weights once, at load ([`Q4_1Weights::from_ggml`]), into panels of eight rows:
+//!   per block, the eight rows' nibbles side by side and their f16 scales as f32;
+//! - on AVX2, unpacks a panel's eight blocks into bytes once and reuses them for every row of
 //!   the batch, takes the integer dot products with `vpmaddubsw` / `vpmaddwd` (exact), reduces
-//!   eight blocks' sums together, and applies the scales eight blocks at a time with the same
-//!   IEEE operations in the same order; only the running sum over blocks stays scalar, so the
-//!   result is bit-identical;
-//! - splits the weight rows across cores with rayon.
+//!   them so that lane `r` holds panel row `r`'s block sum, and applies the scales and the
+//!   running sum as vectors — each lane sees the same IEEE operations in the same order as
+//!   candle's scalar loop, so the result is bit-identical, while eight rows' sums advance at
+//!   once instead of one dependent scalar chain;
+//! - splits the panels across cores with rayon.
 
 use half::f16;
 use rayon::prelude::*;
@@ -24,8 +26,10 @@ use rayon::prelude::*;
 pub const BLOCK: usize = 32;
 /// Bytes per block in ggml's layout: f16 d, f16 m, 16 bytes of nibbles.
 pub const BLOCK_BYTES: usize = 20;
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
+/// Rows per panel: one AVX2 lane each.
+const PANEL: usize = 8;
+/// Panels per parallel task.
+const PANELS_PER_TASK: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Q4_1Error {
@@ -40,14 +44,16 @@ pub enum Q4_1Error {
     },
 }
 
-/// An `n × k` Q4_1 matrix laid out for [`Self::matmul`].
+/// An `n × k` Q4_1 matrix laid out for [`Self::matmul`]: panels of [`PANEL`] rows (the last
+/// padded with zero rows), each stored block by block.
 pub struct Q4_1Weights {
     n: usize,
     k: usize,
-    /// Per block, row-major: scale and minimum as f32 (exact conversions of the f16s).
-    d: Vec<f32>,
-    m: Vec<f32>,
-    qs: Vec<[u8; 16]>,
+    /// Per panel and block: the rows' scales and minimums as f32 (exact conversions of the
+    /// f16s), and their nibbles.
+    d: Vec<[f32; PANEL]>,
+    m: Vec<[f32; PANEL]>,
+    qs: Vec<[[u8; 16]; PANEL]>,
 }
 
 impl Q4_1Weights {
@@ -65,21 +71,22 @@ impl Q4_1Weights {
                 got: bytes.len(),
             });
         }
-        let blocks = bytes.chunks_exact(BLOCK_BYTES);
-        let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        let nb = k / BLOCK;
+        let slots = n.div_ceil(PANEL) * nb;
         let mut w = Self {
             n,
             k,
-            d: Vec::with_capacity(blocks.len()),
-            m: Vec::with_capacity(blocks.len()),
-            qs: Vec::with_capacity(blocks.len()),
+            d: vec![[0.0; PANEL]; slots],
+            m: vec![[0.0; PANEL]; slots],
+            qs: vec![[[0; 16]; PANEL]; slots],
         };
-        for b in blocks {
-            w.d.push(half(b, 0));
-            w.m.push(half(b, 2));
-            let mut q = [0u8; 16];
-            q.copy_from_slice(&b[4..20]);
-            w.qs.push(q);
+        let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        for (i, b) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+            let (row, block) = (i / nb, i % nb);
+            let (slot, lane) = ((row / PANEL) * nb + block, row % PANEL);
+            w.d[slot][lane] = half(b, 0);
+            w.m[slot][lane] = half(b, 2);
+            w.qs[slot][lane].copy_from_slice(&b[4..20]);
         }
         Ok(w)
     }
@@ -95,25 +102,34 @@ impl Q4_1Weights {
     /// `y = x · wᵀ`; `x` is `m × k` row-major, `y` is `m × n` row-major.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "x is not m × k");
-        let xq = Q8_1Rows::quantize(x, m, self.k);
-        let mut yt = vec![0f32; self.n * m];
+        let panels = self.n.div_ceil(PANEL);
         if m == 0 || self.n == 0 {
-            return yt;
+            return vec![0f32; m * self.n];
         }
-        yt.par_chunks_mut(ROWS_PER_TASK * m)
+        let xq = Q8_1Rows::quantize(x, m, self.k);
+        // Panel-major: per panel, per row of x, the panel's PANEL outputs.
+        let mut yp = vec![[0f32; PANEL]; panels * m];
+        yp.par_chunks_mut(PANELS_PER_TASK * m)
             .enumerate()
-            .for_each(|(task, out)| self.task(&xq, task * ROWS_PER_TASK, out));
-        crate::transpose(&yt, self.n, m)
+            .for_each(|(task, out)| self.task(&xq, task * PANELS_PER_TASK, out));
+        let mut y = vec![0f32; m * self.n];
+        for (p, per_row) in yp.chunks_exact(m).enumerate() {
+            let cols = p * PANEL..((p + 1) * PANEL).min(self.n);
+            for (r, lanes) in per_row.iter().enumerate() {
+                y[r * self.n + cols.start..r * self.n + cols.end]
+                    .copy_from_slice(&lanes[..cols.len()]);
+            }
+        }
+        y
     }
 
-    /// Weight rows `first..first + out.len() / m` against every row of `x`; `out` is
-    /// rows × m.
-    fn task(&self, x: &Q8_1Rows, first: usize, out: &mut [f32]) {
+    /// Panels `first..` against every row of `x`; `out` is panels × m.
+    fn task(&self, x: &Q8_1Rows, first: usize, out: &mut [[f32; PANEL]]) {
         #[cfg(target_arch = "x86_64")]
         if let Some(simd) = pulp::x86::V3::try_new() {
-            return simd.vectorize(|| avx2::rows(simd, self, x, first, out));
+            return simd.vectorize(|| avx2::panels(simd, self, x, first, out));
         }
-        scalar_rows(self, x, first, out);
+        scalar_panels(self, x, first, out);
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -131,6 +147,10 @@ struct Q8_1Rows {
 }
 
 impl Q8_1Rows {
+    fn rows(&self) -> usize {
+        self.d.len() / self.blocks_per_row.max(1)
+    }
+
     fn quantize(x: &[f32], m: usize, k: usize) -> Self {
         let blocks = m * k / BLOCK;
         let mut q = Self {
@@ -159,36 +179,36 @@ impl Q8_1Rows {
 }
 
 /// Candle's loop, block by block: the reference the SIMD path must equal bit for bit.
-fn scalar_rows(w: &Q4_1Weights, x: &Q8_1Rows, first: usize, out: &mut [f32]) {
+fn scalar_panels(w: &Q4_1Weights, x: &Q8_1Rows, first: usize, out: &mut [[f32; PANEL]]) {
     let nb = w.blocks_per_row();
-    let m = x.d.len() / x.blocks_per_row.max(1);
-    for (j, o) in out.chunks_exact_mut(m).enumerate() {
-        let wb = (first + j) * nb;
-        for (r, y) in o.iter_mut().enumerate() {
+    let m = x.rows();
+    for (p, per_row) in out.chunks_exact_mut(m).enumerate() {
+        let wb = (first + p) * nb;
+        for (r, lanes) in per_row.iter_mut().enumerate() {
             let xb = r * nb;
-            let mut sumf = 0f32;
-            for b in 0..nb {
-                let (qw, qx) = (&w.qs[wb + b], &x.qs[xb + b]);
-                let mut sumi = 0i32;
-                for i in 0..BLOCK / 2 {
-                    sumi += (qw[i] & 0x0F) as i32 * qx[i] as i32
-                        + (qw[i] >> 4) as i32 * qx[i + BLOCK / 2] as i32;
+            for (lane, y) in lanes.iter_mut().enumerate() {
+                let mut sumf = 0f32;
+                for b in 0..nb {
+                    let (qw, qx) = (&w.qs[wb + b][lane], &x.qs[xb + b]);
+                    let mut sumi = 0i32;
+                    for i in 0..BLOCK / 2 {
+                        sumi += (qw[i] & 0x0F) as i32 * qx[i] as i32
+                            + (qw[i] >> 4) as i32 * qx[i + BLOCK / 2] as i32;
+                    }
+                    sumf += sumi as f32 * w.d[wb + b][lane] * x.d[xb + b]
+                        + w.m[wb + b][lane] * x.s[xb + b];
                 }
-                sumf += sumi as f32 * w.d[wb + b] * x.d[xb + b] + w.m[wb + b] * x.s[xb + b];
+                *y = sumf;
             }
-            *y = sumf;
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BLOCK, Q4_1Weights, Q8_1Rows};
+    use super::{PANEL, Q4_1Weights, Q8_1Rows};
     use core::arch::x86_64::{__m128i, __m256, __m256i};
     use pulp::x86::V3;
-
-    /// Blocks whose integer sums are reduced together.
-    const GROUP: usize = 8;
 
     /// A block's 32 weights as unsigned bytes, in element order.
     #[inline(always)]
@@ -202,8 +222,7 @@ mod avx2 {
 
     /// Eight i32 partial sums of `Σ q_w · q_x` over one block.
     #[inline(always)]
-    fn dot(simd: V3, w: __m256i, x: &[i8; BLOCK]) -> __m256i {
-        let x: __m256i = bytemuck::cast(*x);
+    fn dot(simd: V3, w: __m256i, x: __m256i) -> __m256i {
         let pairs = simd.avx2._mm256_maddubs_epi16(w, x);
         simd.avx2
             ._mm256_madd_epi16(pairs, simd.avx._mm256_set1_epi16(1))
@@ -212,7 +231,7 @@ mod avx2 {
     /// Lane `i` of the result: the sum of `v[i]`'s eight lanes (integer sums are exact in any
     /// order).
     #[inline(always)]
-    fn reduce8(simd: V3, v: &[__m256i; GROUP]) -> __m256i {
+    fn reduce8(simd: V3, v: &[__m256i; PANEL]) -> __m256i {
         let a = simd.avx2;
         let h01 = a._mm256_hadd_epi32(v[0], v[1]);
         let h23 = a._mm256_hadd_epi32(v[2], v[3]);
@@ -225,47 +244,41 @@ mod avx2 {
         a._mm256_add_epi32(lo, hi)
     }
 
-    fn load8(v: &[f32], from: usize, n: usize) -> __m256 {
-        let mut a = [0f32; GROUP];
-        a[..n].copy_from_slice(&v[from..from + n]);
-        bytemuck::cast(a)
-    }
-
     #[inline(always)]
-    pub(super) fn rows(simd: V3, w: &Q4_1Weights, x: &Q8_1Rows, first: usize, out: &mut [f32]) {
+    pub(super) fn panels(
+        simd: V3,
+        w: &Q4_1Weights,
+        x: &Q8_1Rows,
+        first: usize,
+        out: &mut [[f32; PANEL]],
+    ) {
         let nb = w.blocks_per_row();
-        let m = x.d.len() / x.blocks_per_row.max(1);
-        let zero = simd.avx._mm256_setzero_si256();
-        for (j, o) in out.chunks_exact_mut(m).enumerate() {
-            let wb = (first + j) * nb;
-            o.fill(0.0);
-            let mut b = 0;
-            while b < nb {
-                let g = (nb - b).min(GROUP);
-                let mut wv = [zero; GROUP];
-                for (i, v) in wv.iter_mut().enumerate().take(g) {
-                    *v = unpack(simd, &w.qs[wb + b + i]);
-                }
-                let dw = load8(&w.d, wb + b, g);
-                let mw = load8(&w.m, wb + b, g);
-                for (r, y) in o.iter_mut().enumerate() {
+        let m = x.rows();
+        let v = simd.avx;
+        let mut acc: Vec<__m256> = vec![v._mm256_setzero_ps(); m];
+        for (p, per_row) in out.chunks_exact_mut(m).enumerate() {
+            let wb = (first + p) * nb;
+            acc.fill(v._mm256_setzero_ps());
+            for b in 0..nb {
+                let slot = wb + b;
+                let qs = &w.qs[slot];
+                let wv: [__m256i; PANEL] = std::array::from_fn(|lane| unpack(simd, &qs[lane]));
+                let dw: __m256 = bytemuck::cast(w.d[slot]);
+                let mw: __m256 = bytemuck::cast(w.m[slot]);
+                for (r, a) in acc.iter_mut().enumerate() {
                     let xb = r * nb + b;
-                    let mut sums = [zero; GROUP];
-                    for i in 0..g {
-                        sums[i] = dot(simd, wv[i], &x.qs[xb + i]);
-                    }
-                    let sumi = simd.avx._mm256_cvtepi32_ps(reduce8(simd, &sums));
-                    // (sumi · d_w) · d_x + m_w · s_x, as candle's scalar code rounds it.
-                    let t = simd
-                        .avx
-                        ._mm256_mul_ps(simd.avx._mm256_mul_ps(sumi, dw), load8(&x.d, xb, g));
-                    let u = simd.avx._mm256_mul_ps(mw, load8(&x.s, xb, g));
-                    let terms: [f32; GROUP] = bytemuck::cast(simd.avx._mm256_add_ps(t, u));
-                    for t in &terms[..g] {
-                        *y += t;
-                    }
+                    let xv: __m256i = bytemuck::cast(x.qs[xb]);
+                    let sums: [__m256i; PANEL] =
+                        std::array::from_fn(|lane| dot(simd, wv[lane], xv));
+                    let sumi = v._mm256_cvtepi32_ps(reduce8(simd, &sums));
+                    // (sumi · d_w) · d_x + m_w · s_x, then the running sum: candle's order.
+                    let t = v._mm256_mul_ps(v._mm256_mul_ps(sumi, dw), v._mm256_set1_ps(x.d[xb]));
+                    let u = v._mm256_mul_ps(mw, v._mm256_set1_ps(x.s[xb]));
+                    *a = v._mm256_add_ps(*a, v._mm256_add_ps(t, u));
                 }
-                b += g;
+            }
+            for (lanes, a) in per_row.iter_mut().zip(&acc) {
+                *lanes = bytemuck::cast(*a);
             }
         }
     }
@@ -311,13 +324,16 @@ mod tests {
             let w = Q4_1Weights::from_ggml(&blocks(n, k, (m * k + n) as u32), n, k).unwrap();
             let x = activations(m, k);
             let xq = Q8_1Rows::quantize(&x, m, k);
-            let mut want = vec![0f32; n * m];
-            scalar_rows(&w, &xq, 0, &mut want);
+            let panels = n.div_ceil(PANEL);
+            let mut want = vec![[0f32; PANEL]; panels * m];
+            scalar_panels(&w, &xq, 0, &mut want);
             #[cfg(target_arch = "x86_64")]
             if let Some(simd) = pulp::x86::V3::try_new() {
-                let mut got = vec![0f32; n * m];
-                simd.vectorize(|| avx2::rows(simd, &w, &xq, 0, &mut got));
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let mut got = vec![[0f32; PANEL]; panels * m];
+                simd.vectorize(|| avx2::panels(simd, &w, &xq, 0, &mut got));
+                let bits = |v: &[[f32; PANEL]]| {
+                    v.iter().flatten().map(|f| f.to_bits()).collect::<Vec<_>>()
+                };
                 assert_eq!(bits(&got), bits(&want), "AVX2 ({m},{k},{n})");
             }
             let got = w.matmul(&x, m);
@@ -325,7 +341,7 @@ mod tests {
                 for j in 0..n {
                     assert_eq!(
                         got[i * n + j].to_bits(),
-                        want[j * m + i].to_bits(),
+                        want[(j / PANEL) * m + i][j % PANEL].to_bits(),
                         "({m},{k},{n}) [{i},{j}]"
                     );
                 }
