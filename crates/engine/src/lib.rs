@@ -66,6 +66,23 @@ pub struct CandleArgs {
     /// are loaded) given to the KV cache when `--kv-cache-blocks` is not set.
     #[arg(long = "kv-cache-memory-fraction", value_parser = memory_fraction)]
     pub kv_cache_memory_fraction: Option<f64>,
+    /// How decode rows attend on the CPU with f32 activations: `paged` reads keys and values
+    /// in place from the cache blocks (tandem's kernel); `gather` copies each context into a
+    /// tensor and uses candle's ops, as candle's reference model does; `auto`: paged, except
+    /// with `--dtype quantized`, whose 8-bit activations turn another summation order into
+    /// other tokens within a few steps (gather keeps it equal to the reference bit for bit).
+    /// Prefills and GPUs use candle's ops.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub attention_backend: AttentionBackend,
+}
+
+/// `--attention-backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttentionBackend {
+    #[default]
+    Auto,
+    Paged,
+    Gather,
 }
 
 impl Default for CandleArgs {
@@ -74,6 +91,7 @@ impl Default for CandleArgs {
             device: "cpu".into(),
             dtype: DtypeArg::Auto,
             kv_cache_memory_fraction: None,
+            attention_backend: AttentionBackend::Auto,
         }
     }
 }
@@ -164,9 +182,14 @@ impl CandleEngine {
             (DtypeArg::F16, false) => WeightFormat::Dense(DType::F16),
             (DtypeArg::Quantized, _) => WeightFormat::Quantized,
         };
-        let (model, file) = match weights {
+        let (mut model, file) = match weights {
             WeightsSource::Gguf(p) => (Model::from_gguf(p, format, &device)?, p),
             WeightsSource::HfDir(d) => (Model::from_hf_dir(d, format, &device)?, d),
+        };
+        model.paged_attention = match args.attention_backend {
+            AttentionBackend::Paged => true,
+            AttentionBackend::Gather => false,
+            AttentionBackend::Auto => format != WeightFormat::Quantized,
         };
         let block_size = batching.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         let max_model_len = max_model_len.min(model.config.max_position).max(1);

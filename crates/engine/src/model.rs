@@ -287,6 +287,9 @@ pub struct Model {
     /// kernel's parallel loop starts on a worker that joins in, instead of handing every
     /// matmul from the scheduler's thread to the pool and sleeping until it is done.
     pool: Option<rayon::ThreadPool>,
+    /// Decode rows attend through [`tandem_kernels::attention`] where it applies (CPU, f32
+    /// cache); otherwise, or when false, through gathered contexts and candle's ops.
+    pub paged_attention: bool,
 }
 
 /// Where tensors come from while loading.
@@ -558,6 +561,7 @@ impl Model {
             cos,
             sin,
             neg_inf,
+            paged_attention: true,
             pool: if ld.device.is_cpu() {
                 Some(
                     rayon::ThreadPoolBuilder::new()
@@ -612,11 +616,24 @@ impl Model {
         let cos = self.cos.index_select(&positions, 0)?;
         let sin = self.sin.index_select(&positions, 0)?;
 
+        let paged = self.paged_attention
+            && n_decode > 0
+            && dev.is_cpu()
+            && cache.k.first().is_some_and(|k| k.dtype() == DType::F32);
+        // With the paged kernel, each decode row's context slots in position order.
+        let decode_slots: Vec<Vec<u32>> = if paged {
+            seqs[..n_decode]
+                .iter()
+                .map(|s| (0..=s.start).map(|p| slot(s, p)).collect())
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Decode rows grouped by context length: a group attends as one batched matmul with
         // no padding, which keeps every row's arithmetic identical to a solo run (padding
         // would move elements between SIMD lanes and the scalar tail of the reductions).
         let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
-        for (i, s) in seqs[..n_decode].iter().enumerate() {
+        for (i, s) in seqs[..if paged { 0 } else { n_decode }].iter().enumerate() {
             let len = s.start + 1;
             match groups.iter_mut().find(|(l, _)| *l == len) {
                 Some((_, rows)) => rows.push(i as u32),
@@ -701,6 +718,9 @@ impl Model {
 
             let q = q.squeeze(0)?; // [nh, tokens, hd]
             let mut outs = Vec::with_capacity(1 + prefill_ctx.len());
+            if paged {
+                outs.push(self.paged_decode(&q, n_decode, &decode_slots, cache, l)?);
+            }
             let mut decoded = Vec::with_capacity(decode_ctx.len());
             for (rows, g, gather, len) in &decode_ctx {
                 let qd = q
@@ -776,6 +796,47 @@ impl Model {
             .forward_step(&x, decode_only)?
             .to_dtype(DType::F32)?;
         logits.to_vec2::<f32>()
+    }
+
+    /// The decode rows' attention output `[rows, heads × head_dim]`, read in place from
+    /// layer `l`'s cache (already holding this step's keys and values).
+    fn paged_decode(
+        &self,
+        q: &Tensor,
+        rows: usize,
+        slots: &[Vec<u32>],
+        cache: &KvCache,
+        l: usize,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let q = q
+            .narrow(1, 0, rows)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (ks, kl) = cache.k[l].storage_and_layout();
+        let (vs, vl) = cache.v[l].storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(k),
+            candle_core::Storage::Cpu(v),
+            Some((k0, k1)),
+            Some((v0, v1)),
+        ) = (&*ks, &*vs, kl.contiguous_offsets(), vl.contiguous_offsets())
+        else {
+            candle_core::bail!("paged attention needs a contiguous CPU cache");
+        };
+        let kv = tandem_kernels::attention::PagedKv {
+            k: &k.as_slice::<f32>()?[k0..k1],
+            v: &v.as_slice::<f32>()?[v0..v1],
+        };
+        let heads = tandem_kernels::attention::Heads {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let y = tandem_kernels::attention::decode_attention(&q, slots, kv, heads);
+        Tensor::from_vec(y, (rows, c.num_heads * c.head_dim), &self.device)
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {

@@ -11,10 +11,14 @@
 //! [`matmul_small_m_f16`]: the same with f16 weights, converted row by row into an f32 scratch
 //! buffer that stays in cache (half the bytes read from memory).
 //!
+//! [`attention::decode_attention`]: decode rows attend over keys and values read in place from
+//! the paged cache (no gather, no repeated KV heads).
+//!
 //! [`Q4_1Weights`]: GGUF's Q4_1 blocks × f32 activations, bit-identical to candle's (scalar)
 //! quantized matmul, with AVX2 integer dot products and each unpacked weight block reused by
 //! every row of the batch (see [`q4_1`]).
 
+pub mod attention;
 pub mod q4_1;
 
 pub use q4_1::Q4_1Weights;
