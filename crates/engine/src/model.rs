@@ -66,6 +66,9 @@ enum Weights {
     /// GGUF Q4_1 blocks on the CPU, repacked at load for [`tandem_kernels::Q4_1Weights`]
     /// (same arithmetic as candle's Q4_1 matmul, so the same tokens).
     Q4_1(tandem_kernels::Q4_1Weights),
+    /// GGUF Q8_0 blocks on an AVX2 CPU, for [`tandem_kernels::Q8_0Weights`] (candle's AVX2
+    /// arithmetic, bit for bit, without its second thread pool).
+    Q8_0(tandem_kernels::Q8_0Weights),
 }
 
 impl From<QMatMul> for Weights {
@@ -74,15 +77,19 @@ impl From<QMatMul> for Weights {
     }
 }
 
-/// `x · wᵀ` through the Q4_1 kernel; `x` is `[rows, k]` f32.
-fn q4_1_matmul(x: &Tensor, w: &tandem_kernels::Q4_1Weights) -> candle_core::Result<Tensor> {
+/// `x · wᵀ` through one of our quantized kernels; `x` is `[rows, k]` f32.
+fn kernel_matmul(
+    x: &Tensor,
+    n: usize,
+    matmul: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> candle_core::Result<Tensor> {
     let (m, _) = x.dims2()?;
     let rows = x
         .to_dtype(DType::F32)?
         .contiguous()?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    Tensor::from_vec(w.matmul(&rows, m), (m, w.rows()), x.device())
+    Tensor::from_vec(matmul(&rows, m), (m, n), x.device())
 }
 
 /// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul.
@@ -138,7 +145,8 @@ impl Linear {
     /// reference model computes them with.
     fn forward_step(&self, x: &Tensor, decode_batch: bool) -> candle_core::Result<Tensor> {
         let y = match &self.w {
-            Weights::Q4_1(w) => q4_1_matmul(x, w)?,
+            Weights::Q4_1(w) => kernel_matmul(x, w.rows(), |x, m| w.matmul(x, m))?,
+            Weights::Q8_0(w) => kernel_matmul(x, w.rows(), |x, m| w.matmul(x, m))?,
             Weights::Candle(QMatMul::Tensor(w)) if decode_batch => match small_m_matmul(x, w)? {
                 Some(y) => y,
                 None => QMatMul::Tensor(w.clone()).forward(x)?,
@@ -362,6 +370,19 @@ impl Loader {
                             tandem_kernels::Q4_1Weights::from_ggml(&bytes, n, k)
                                 .map_err(|e| load_err(format!("{gguf}: {e}")))?,
                         )
+                    }
+                    GgmlDType::Q8_0 if self.device.is_cpu() => {
+                        let (n, k) = q.shape().dims2().map_err(load_err)?;
+                        let bytes = q.data().map_err(load_err)?;
+                        match tandem_kernels::Q8_0Weights::from_ggml(&bytes, n, k) {
+                            Ok(w) => Weights::Q8_0(w),
+                            // No AVX2: candle's own path.
+                            Err(tandem_kernels::q8_0::Q8_0Error::NoAvx2) => {
+                                drop(bytes);
+                                QMatMul::QTensor(Arc::new(q)).into()
+                            }
+                            Err(e) => return Err(load_err(format!("{gguf}: {e}"))),
+                        }
                     }
                     _ => QMatMul::QTensor(Arc::new(q)).into(),
                 }))

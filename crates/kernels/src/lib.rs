@@ -16,12 +16,15 @@
 //!
 //! [`Q4_1Weights`]: GGUF's Q4_1 blocks × f32 activations, bit-identical to candle's (scalar)
 //! quantized matmul, with AVX2 integer dot products and each unpacked weight block reused by
-//! every row of the batch (see [`q4_1`]).
+//! every row of the batch (see [`q4_1`]); [`Q8_0Weights`] likewise for Q8_0, bit-identical to
+//! candle's AVX2 path.
 
 pub mod attention;
 pub mod q4_1;
+pub mod q8_0;
 
 pub use q4_1::Q4_1Weights;
+pub use q8_0::Q8_0Weights;
 
 use half::f16;
 use pulp::{Arch, Simd, WithSimd};

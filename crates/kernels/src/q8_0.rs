@@ -1,0 +1,216 @@
+//! Q8_0 weights × f32 activations with the exact arithmetic of candle's AVX2 `q8_0 · q8_0`
+//! dot product (the bundled model's tied output head is Q8_0), so outputs are bit-identical.
+//!
+//! A Q8_0 block is 32 `i8` with an f16 scale; activations are quantized to Q8_0 per row
+//! (`d = amax / 127`, `q = round(x / d)`). Per output, candle keeps eight f32 lanes: each block
+//! adds `d_w · d_x` times the eight 4-product partial sums (`vpmaddubsw` on |w| and sign-moved
+//! x, `vpmaddwd` with ones) by FMA, and the lanes are summed at the end in a fixed order. This
+//! kernel does the same per output, but converts the weight scales at load, takes |w| once per
+//! weight block for every row of the batch, and runs without candle's second thread pool
+//! (rayon over weight rows).
+
+use half::f16;
+use rayon::prelude::*;
+
+pub const BLOCK: usize = 32;
+/// Bytes per block in ggml's layout: f16 d, 32 × i8.
+pub const BLOCK_BYTES: usize = 34;
+const ROWS_PER_TASK: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Q8_0Error {
+    #[error("Q8_0 needs k divisible by {BLOCK}, got {0}")]
+    Columns(usize),
+    #[error("Q8_0 matrix of {n} × {k} takes {want} bytes, got {got}")]
+    Size {
+        n: usize,
+        k: usize,
+        want: usize,
+        got: usize,
+    },
+    #[error("this CPU has no AVX2/FMA: the Q8_0 kernel only reproduces candle's AVX2 arithmetic")]
+    NoAvx2,
+}
+
+/// An `n × k` Q8_0 matrix: per block, the scale as f32 and the 32 quants.
+pub struct Q8_0Weights {
+    n: usize,
+    k: usize,
+    d: Vec<f32>,
+    qs: Vec<[i8; BLOCK]>,
+}
+
+impl Q8_0Weights {
+    /// From ggml's block bytes. Needs AVX2 and FMA (what candle's own path uses); elsewhere
+    /// callers keep candle's matmul.
+    pub fn from_ggml(bytes: &[u8], n: usize, k: usize) -> Result<Self, Q8_0Error> {
+        if !avx2() {
+            return Err(Q8_0Error::NoAvx2);
+        }
+        if !k.is_multiple_of(BLOCK) {
+            return Err(Q8_0Error::Columns(k));
+        }
+        let want = n * k / BLOCK * BLOCK_BYTES;
+        if bytes.len() != want {
+            return Err(Q8_0Error::Size {
+                n,
+                k,
+                want,
+                got: bytes.len(),
+            });
+        }
+        let mut w = Self {
+            n,
+            k,
+            d: Vec::with_capacity(n * k / BLOCK),
+            qs: Vec::with_capacity(n * k / BLOCK),
+        };
+        for b in bytes.chunks_exact(BLOCK_BYTES) {
+            w.d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            w.qs.push(std::array::from_fn(|i| b[2 + i] as i8));
+        }
+        Ok(w)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// `y = x · wᵀ`; `x` is `m × k` row-major, `y` is `m × n` row-major.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "x is not m × k");
+        let mut yt = vec![0f32; self.n * m];
+        if m == 0 || self.n == 0 {
+            return yt;
+        }
+        let (xd, xq) = quantize(x);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            yt.par_chunks_mut(ROWS_PER_TASK * m)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    simd.vectorize(|| avx2::rows(simd, self, &xd, &xq, task * ROWS_PER_TASK, out))
+                });
+        }
+        crate::transpose(&yt, self.n, m)
+    }
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return pulp::x86::V3::try_new().is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// Rows of `x` as candle's `BlockQ8_0::from_float` quantizes them (scale kept as its f32 value).
+fn quantize(x: &[f32]) -> (Vec<f32>, Vec<[i8; BLOCK]>) {
+    x.chunks_exact(BLOCK)
+        .map(|xs| {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q = std::array::from_fn(|i| (xs[i] * id).round() as i8);
+            (f16::from_f32(d).to_f32(), q)
+        })
+        .unzip()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BLOCK, Q8_0Weights};
+    use core::arch::x86_64::{__m256, __m256i};
+    use pulp::x86::V3;
+
+    /// candle's `hsum_float_8`, operation for operation.
+    #[inline(always)]
+    fn hsum(simd: V3, x: __m256) -> f32 {
+        let (a, s, s3) = (simd.avx, simd.sse, simd.sse3);
+        let r = a._mm256_extractf128_ps::<1>(x);
+        let r = s._mm_add_ps(r, a._mm256_castps256_ps128(x));
+        let r = s._mm_add_ps(r, s._mm_movehl_ps(r, r));
+        let r = s._mm_add_ss(r, s3._mm_movehdup_ps(r));
+        s._mm_cvtss_f32(r)
+    }
+
+    #[inline(always)]
+    pub(super) fn rows(
+        simd: V3,
+        w: &Q8_0Weights,
+        xd: &[f32],
+        xq: &[[i8; BLOCK]],
+        first: usize,
+        out: &mut [f32],
+    ) {
+        let nb = w.k / BLOCK;
+        let m = xd.len() / nb;
+        let (v, v2) = (simd.avx, simd.avx2);
+        let ones = v._mm256_set1_epi16(1);
+        let mut acc: Vec<__m256> = vec![v._mm256_setzero_ps(); m];
+        for (j, o) in out.chunks_exact_mut(m).enumerate() {
+            let wb = (first + j) * nb;
+            acc.fill(v._mm256_setzero_ps());
+            for b in 0..nb {
+                let wq: __m256i = bytemuck::cast(w.qs[wb + b]);
+                let aw = v2._mm256_sign_epi8(wq, wq);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb = r * nb + b;
+                    let d = v._mm256_set1_ps(w.d[wb + b] * xd[xb]);
+                    let sx = v2._mm256_sign_epi8(bytemuck::cast(xq[xb]), wq);
+                    let pairs = v2._mm256_maddubs_epi16(aw, sx);
+                    let q = v._mm256_cvtepi32_ps(v2._mm256_madd_epi16(ones, pairs));
+                    *a = simd.fma._mm256_fmadd_ps(d, q, *a);
+                }
+            }
+            for (y, a) in o.iter_mut().zip(&acc) {
+                *y = hsum(simd, *a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn approximates_the_dequantized_product() {
+        let (m, k, n) = (3, 96, 21);
+        let mut bytes = Vec::new();
+        let mut want_w = Vec::new();
+        for i in 0..n * k / BLOCK {
+            let d = f16::from_f32(0.01 + (i % 7) as f32 * 0.003);
+            bytes.extend_from_slice(&d.to_le_bytes());
+            for e in 0..BLOCK {
+                let q = ((i * 31 + e * 17) % 255) as i32 - 127;
+                bytes.push(q as i8 as u8);
+                want_w.push(d.to_f32() * q as f32);
+            }
+        }
+        let Ok(w) = Q8_0Weights::from_ggml(&bytes, n, k) else {
+            return; // no AVX2 here: the engine keeps candle's matmul
+        };
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+            .collect();
+        let y = w.matmul(&x, m);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|c| x[i * k + c] * want_w[j * k + c]).sum();
+                // Quantizing x moves each element by at most half a step (amax / 127 / 2).
+                let bound: f32 = (0..k)
+                    .map(|c| {
+                        let blk = &x[i * k + c / BLOCK * BLOCK..][..BLOCK];
+                        let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        want_w[j * k + c].abs() * amax / 127.0 * 0.51
+                    })
+                    .sum();
+                let got = y[i * n + j];
+                assert!(
+                    (got - want).abs() <= bound + 1e-4,
+                    "[{i},{j}] {got} vs {want} (±{bound})"
+                );
+            }
+        }
+    }
+}
