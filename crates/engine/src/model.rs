@@ -92,15 +92,24 @@ fn kernel_matmul(
     Tensor::from_vec(matmul(&rows, m), (m, n), x.device())
 }
 
-/// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul.
-const SMALL_M: std::ops::RangeInclusive<usize> = 1..=64;
+/// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul (inside
+/// the engine's pool; measured at 8, 12 and 16 decode rows: ahead at 8, even at 12, behind at
+/// 16, where candle's packed GEMM reuses each loaded weight across more rows).
+const SMALL_M_F32: std::ops::RangeInclusive<usize> = 1..=11;
+/// The same for f16 weights, where candle's path must first widen the whole matrix.
+const SMALL_M_F16: std::ops::RangeInclusive<usize> = 1..=64;
 
 /// `x · wᵀ` for a decode batch on the CPU with f32 or f16 weights and activations (the
 /// result in the activations' dtype), or `None` when another path applies.
 fn small_m_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     let dtype = w.dtype();
-    if !SMALL_M.contains(&m)
+    let rows = if dtype == DType::F16 {
+        SMALL_M_F16
+    } else {
+        SMALL_M_F32
+    };
+    if !rows.contains(&m)
         || !x.device().is_cpu()
         || !matches!(
             (x.dtype(), dtype),
