@@ -192,7 +192,7 @@ fn rows_f16c(x: &[f32], w: &[f16], m: usize, k: usize, out: &mut [f32]) {
 /// f16 → f32, exact. With F16C (every AVX2 CPU has it) eight at a time with `vcvtph2ps`,
 /// inlined into the loop: `half`'s slice conversion makes a call per eight values, which took
 /// more time than the dot products, and pulp exposes no F16C.
-fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
         #[allow(unsafe_code)]
