@@ -96,7 +96,8 @@ fn kernel_matmul(
 /// the engine's pool; measured at 8, 12 and 16 decode rows: ahead at 8, even at 12, behind at
 /// 16, where candle's packed GEMM reuses each loaded weight across more rows).
 const SMALL_M_F32: std::ops::RangeInclusive<usize> = 1..=11;
-/// The same for f16 weights, where candle's path must first widen the whole matrix.
+/// The same for f16 weights, where candle's path must first widen the whole matrix (at 16
+/// rows: kernel 172–193 tok/s, widening + GEMM 91–94).
 const SMALL_M_F16: std::ops::RangeInclusive<usize> = 1..=64;
 
 /// `x · wᵀ` for a decode batch on the CPU with f32 or f16 weights and activations (the
@@ -171,18 +172,23 @@ impl Linear {
         let y = match &self.w {
             Weights::Q4_1(w) => kernel_matmul(x, w.rows(), |x, m| w.matmul(x, m))?,
             Weights::Q8_0(w) => kernel_matmul(x, w.rows(), |x, m| w.matmul(x, m))?,
-            Weights::Candle(QMatMul::Tensor(w)) if decode_batch => match small_m_matmul(x, w)? {
-                Some(y) => y,
-                None => QMatMul::Tensor(w.clone()).forward(x)?,
-            },
-            Weights::Candle(QMatMul::Tensor(w))
-                if w.dtype() == DType::F16 && w.device().is_cpu() =>
-            {
-                // candle's f16 matmul on the CPU runs at a third of its f32 speed; a prefill's
-                // many rows pay for widening the weights once per call.
-                x.to_dtype(DType::F32)?
-                    .matmul(&widen_f16(w)?.t()?)?
-                    .to_dtype(x.dtype())?
+            Weights::Candle(QMatMul::Tensor(w)) => {
+                let small = if decode_batch {
+                    small_m_matmul(x, w)?
+                } else {
+                    None
+                };
+                match small {
+                    Some(y) => y,
+                    // candle's f16 matmul on the CPU runs at a third of its f32 speed (and
+                    // takes no f32 rows, which `HalfWeights` activations are); many rows pay
+                    // for widening the weights once per call.
+                    None if w.dtype() == DType::F16 && w.device().is_cpu() => x
+                        .to_dtype(DType::F32)?
+                        .matmul(&widen_f16(w)?.t()?)?
+                        .to_dtype(x.dtype())?,
+                    None => QMatMul::Tensor(w.clone()).forward(x)?,
+                }
             }
             Weights::Candle(w) => w.forward(x)?,
         };
@@ -958,4 +964,43 @@ fn append_raw(t: &Tensor, out: &mut Vec<u8>) -> candle_core::Result<()> {
         other => candle_core::bail!("no transfer format for {other:?} KV"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// f16 weights with f32 rows (`--dtype f16` on the CPU), for decode batches on both sides
+    /// of the small-batch kernel's range and for prefills: the result is f32 and right.
+    #[test]
+    fn f16_weights_take_f32_rows_at_every_batch_size() {
+        let (k, n) = (24, 5);
+        let w32: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 8.0)
+            .collect();
+        let w = Tensor::from_vec(w32.clone(), (n, k), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let lin = Linear {
+            w: QMatMul::Tensor(w).into(),
+            b: None,
+        };
+        for (m, decode) in [(1, true), (8, true), (70, true), (70, false)] {
+            let xs: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 5 % 13) as f32 - 6.0) / 9.0)
+                .collect();
+            let x = Tensor::from_vec(xs.clone(), (m, k), &Device::Cpu).unwrap();
+            let y = lin.forward_step(&x, decode).unwrap();
+            assert_eq!(y.dtype(), DType::F32);
+            let y = y.to_vec2::<f32>().unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|c| xs[i * k + c] * w32[j * k + c]).sum();
+                    assert!((y[i][j] - want).abs() < 1e-4, "m={m} [{i},{j}]");
+                }
+            }
+        }
+    }
 }
