@@ -53,9 +53,32 @@ pub async fn run_sdk_script(script: &str, base_url: &str, model: &str) -> Result
     Ok((out.status.success(), text))
 }
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, that no other test of this process was given, and
+/// that lies below the kernel's ephemeral range. (A port found by binding `:0` is an ephemeral
+/// one: released, it can become the source port of any outgoing connection — a NATS or etcd
+/// client's — before the process under test binds it, which failed a worker with "Address
+/// already in use" in a full-suite run.)
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const STRIDE: u32 = 16;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.clamp(12_000, 65_535));
+    let span = high - low;
+    // Different processes (test binaries run one after another, CI jobs side by side) start
+    // at different places. Ports go out 16 apart: the scripts under test number a few more
+    // from the one they are given (scripts/disagg.sh: system ports base, base + 1, …).
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span / STRIDE {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = low + (start + n * STRIDE) % span;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return Ok(port as u16);
+        }
+    }
+    bail!("no free port between {low} and {high}")
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout` naming `what`.
