@@ -20,16 +20,34 @@ use tandem_engine_api::{BatchingArgs, Engine};
 use tandem_model::{ModelFiles, WeightsSource};
 use tandem_protocols::llm::{PreprocessedRequest, StopConditions};
 
-fn prompt(files: &ModelFiles, i: usize) -> Vec<u32> {
-    let text = format!(
+/// The chat prompt of stream `i` (scripts/bench-llamacpp.py uses the same text).
+fn prompt_text(i: usize) -> String {
+    format!(
         "<|im_start|>user\nWrite a long story about traveller number {i} crossing a desert.<|im_end|>\n<|im_start|>assistant\n"
-    );
+    )
+}
+
+fn prompt(files: &ModelFiles, i: usize) -> Vec<u32> {
     files
         .tokenizer
-        .encode(text, false)
+        .encode(prompt_text(i), false)
         .unwrap()
         .get_ids()
         .to_vec()
+}
+
+/// A greedy request for `max_tokens` tokens that ignores end-of-sequence.
+fn request(token_ids: Vec<u32>, max_tokens: u32) -> PreprocessedRequest {
+    PreprocessedRequest {
+        model: "m".into(),
+        token_ids,
+        stop: StopConditions {
+            max_tokens: Some(max_tokens),
+            ignore_eos: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
 }
 
 /// candle's example loop; returns decode tokens/s (prompt excluded).
@@ -63,17 +81,7 @@ async fn tandem(
     tokens: usize,
 ) -> (f64, f64) {
     let requests: Vec<_> = (0..batch)
-        .map(|i| PreprocessedRequest {
-            model: "m".into(),
-            token_ids: prompt(files, i),
-            sampling: Default::default(),
-            stop: StopConditions {
-                max_tokens: Some(tokens as u32 + 1),
-                ignore_eos: true,
-                ..Default::default()
-            },
-            ..Default::default()
-        })
+        .map(|i| request(prompt(files, i), tokens as u32 + 1))
         .collect();
     let streams: Vec<_> = requests
         .into_iter()
@@ -99,27 +107,12 @@ async fn tandem(
 /// Prompt processing: one prompt of `n` tokens (prefix caching off), time to its first token,
 /// best of three.
 async fn prompt_processing(engine: &CandleEngine, files: &ModelFiles, n: usize) -> f64 {
-    let text: Vec<String> = (0..64)
-        .map(|i| {
-            format!(
-                "<|im_start|>user\nWrite a long story about traveller number {i} crossing a desert.<|im_end|>\n<|im_start|>assistant\n"
-            )
-        })
-        .collect();
+    let text: Vec<String> = (0..64).map(prompt_text).collect();
     let ids = files.tokenizer.encode(text.join(" "), false).unwrap();
     let prompt = ids.get_ids()[..n].to_vec();
     let mut best = 0f64;
     for _ in 0..3 {
-        let r = PreprocessedRequest {
-            model: "m".into(),
-            token_ids: prompt.clone(),
-            stop: StopConditions {
-                max_tokens: Some(1),
-                ignore_eos: true,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
+        let r = request(prompt.clone(), 1);
         let start = Instant::now();
         let mut s = engine.generate(r).unwrap();
         while s.next().await.is_some() {}

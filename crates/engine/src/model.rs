@@ -77,6 +77,28 @@ impl From<QMatMul> for Weights {
     }
 }
 
+/// A tensor's elements as f32, row-major: what the kernels take.
+fn f32_elements(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1::<f32>()
+}
+
+/// `f` on the elements of a contiguous CPU tensor, read in place; `None` for other storage.
+fn with_cpu_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<Option<R>> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    Ok(Some(f(&cpu.as_slice::<T>()?[start..end])))
+}
+
 /// `x · wᵀ` through one of our quantized kernels; `x` is `[rows, k]` f32.
 fn kernel_matmul(
     x: &Tensor,
@@ -84,12 +106,7 @@ fn kernel_matmul(
     matmul: impl FnOnce(&[f32], usize) -> Vec<f32>,
 ) -> candle_core::Result<Tensor> {
     let (m, _) = x.dims2()?;
-    let rows = x
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Tensor::from_vec(matmul(&rows, m), (m, n), x.device())
+    Tensor::from_vec(matmul(&f32_elements(x)?, m), (m, n), x.device())
 }
 
 /// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul (inside
@@ -120,48 +137,34 @@ fn small_m_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>>
         return Ok(None);
     }
     let (n, wk) = w.dims2()?;
-    let (storage, layout) = w.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
     if wk != k {
         return Ok(None);
     }
-    let rows = x
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let rows = f32_elements(x)?;
     let y = match dtype {
-        DType::F16 => tandem_kernels::matmul_small_m_f16(
-            &rows,
-            &cpu.as_slice::<half::f16>()?[start..end],
-            m,
-            k,
-            n,
-        ),
-        _ => tandem_kernels::matmul_small_m(&rows, &cpu.as_slice::<f32>()?[start..end], m, k, n),
+        DType::F16 => with_cpu_slice(w, |w: &[half::f16]| {
+            tandem_kernels::matmul_small_m_f16(&rows, w, m, k, n)
+        })?,
+        _ => with_cpu_slice(w, |w: &[f32]| {
+            tandem_kernels::matmul_small_m(&rows, w, m, k, n)
+        })?,
     };
-    Tensor::from_vec(y, (m, n), x.device())?
-        .to_dtype(x.dtype())
-        .map(Some)
+    y.map(|y| Tensor::from_vec(y, (m, n), x.device())?.to_dtype(x.dtype()))
+        .transpose()
 }
 
 /// An f16 CPU tensor as f32, converted eight values at a time (candle's own cast converts
 /// one value per call, ~15 % of an f16 prefill).
 fn widen_f16(w: &Tensor) -> candle_core::Result<Tensor> {
-    let (storage, layout) = w.storage_and_layout();
-    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        return w.to_dtype(DType::F32);
-    };
-    let src = &cpu.as_slice::<half::f16>()?[start..end];
-    let mut out = vec![0f32; src.len()];
-    tandem_kernels::f16_to_f32(src, &mut out);
-    Tensor::from_vec(out, w.shape(), w.device())
+    let widened = with_cpu_slice(w, |src: &[half::f16]| {
+        let mut out = vec![0f32; src.len()];
+        tandem_kernels::f16_to_f32(src, &mut out);
+        out
+    })?;
+    match widened {
+        Some(out) => Tensor::from_vec(out, w.shape(), w.device()),
+        None => w.to_dtype(DType::F32),
+    }
 }
 
 impl Linear {
@@ -407,7 +410,7 @@ impl Loader {
                         match tandem_kernels::Q8_0Weights::from_ggml(&bytes, n, k) {
                             Ok(w) => Weights::Q8_0(w),
                             // No AVX2: candle's own path.
-                            Err(tandem_kernels::q8_0::Q8_0Error::NoAvx2) => {
+                            Err(tandem_kernels::BlockError::NoAvx2) => {
                                 drop(bytes);
                                 QMatMul::QTensor(Arc::new(q)).into()
                             }
@@ -860,33 +863,23 @@ impl Model {
         l: usize,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let q = q
-            .narrow(1, 0, rows)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let (ks, kl) = cache.k[l].storage_and_layout();
-        let (vs, vl) = cache.v[l].storage_and_layout();
-        let (
-            candle_core::Storage::Cpu(k),
-            candle_core::Storage::Cpu(v),
-            Some((k0, k1)),
-            Some((v0, v1)),
-        ) = (&*ks, &*vs, kl.contiguous_offsets(), vl.contiguous_offsets())
-        else {
-            candle_core::bail!("paged attention needs a contiguous CPU cache");
-        };
-        let kv = tandem_kernels::attention::PagedKv {
-            k: &k.as_slice::<f32>()?[k0..k1],
-            v: &v.as_slice::<f32>()?[v0..v1],
-        };
+        let q = f32_elements(&q.narrow(1, 0, rows)?.transpose(0, 1)?)?;
         let heads = tandem_kernels::attention::Heads {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
-        let y = tandem_kernels::attention::decode_attention(&q, slots, kv, heads);
+        let y = with_cpu_slice(&cache.k[l], |k: &[f32]| {
+            with_cpu_slice(&cache.v[l], |v: &[f32]| {
+                let kv = tandem_kernels::attention::PagedKv { k, v };
+                tandem_kernels::attention::decode_attention(&q, slots, kv, heads)
+            })
+        })?
+        .transpose()?
+        .flatten();
+        let Some(y) = y else {
+            candle_core::bail!("paged attention needs a contiguous CPU cache");
+        };
         Tensor::from_vec(y, (rows, c.num_heads * c.head_dim), &self.device)
     }
 

@@ -14,11 +14,7 @@ const AGREE: usize = 16;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f16_weights_follow_the_f32_reference_within_tolerance() {
-    #[allow(unsafe_code)]
-    // SAFETY: set before this binary's only test starts anything that reads the environment.
-    unsafe {
-        std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1")
-    };
+    common::reference_in_f32();
     let files = common::files();
     let prompts = common::prompts(&files);
     let tokens = 24u32;

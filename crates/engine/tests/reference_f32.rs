@@ -1,5 +1,5 @@
 //! Greedy equality with candle-transformers' reference model, weights dequantized to f32
-//! (tandem's default on CPU; the reference dequantizes when CANDLE_DEQUANTIZE_ALL is set).
+//! (the reference dequantizes when CANDLE_DEQUANTIZE_ALL is set).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -7,11 +7,7 @@ use tandem_engine::DtypeArg;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paged_engine_matches_reference_solo_batched_and_cached() {
-    #[allow(unsafe_code)]
-    // SAFETY: set before this binary's only test starts anything that reads the environment.
-    unsafe {
-        std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1")
-    };
+    common::reference_in_f32();
     let files = common::files();
     let paris = common::reference_greedy(&common::prompts(&files)[0], 12);
     let text = files.tokenizer.decode(&paris, true).unwrap();

@@ -8,8 +8,9 @@
 //! and rayon splits the weight rows across cores. SIMD width is picked at run time by `pulp`
 //! (AVX2+FMA or AVX-512 where present, scalar elsewhere).
 //!
-//! [`matmul_small_m_f16`]: the same with f16 weights, converted row by row into an f32 scratch
-//! buffer that stays in cache (half the bytes read from memory).
+//! [`matmul_small_m_f16`]: the same with f16 weights (half the bytes read from memory), widened
+//! to f32 in registers for up to seven rows, or into an f32 scratch buffer that stays in cache
+//! for more.
 //!
 //! [`attention::decode_attention`]: decode rows attend over keys and values read in place from
 //! the paged cache (no gather, no repeated KV heads).
@@ -34,15 +35,73 @@ use rayon::prelude::*;
 /// balance across cores.
 const ROWS_PER_TASK: usize = 32;
 
+/// Values per block in ggml's Q4_1, Q8_0 and Q8_1 formats.
+pub const BLOCK: usize = 32;
+
+/// Why a ggml block matrix cannot be taken by one of the quantized kernels.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("{format} needs k divisible by {BLOCK}, got {k}")]
+    Columns { format: &'static str, k: usize },
+    #[error("{format} matrix of {n} × {k} takes {want} bytes, got {got}")]
+    Size {
+        format: &'static str,
+        n: usize,
+        k: usize,
+        want: usize,
+        got: usize,
+    },
+    #[error("this CPU has no AVX2/FMA: the Q8_0 kernel only reproduces candle's AVX2 arithmetic")]
+    NoAvx2,
+}
+
+/// The blocks of an `n × k` ggml matrix of `block_bytes`-byte blocks, once its shape and size
+/// are checked.
+fn ggml_blocks<'a>(
+    format: &'static str,
+    bytes: &'a [u8],
+    n: usize,
+    k: usize,
+    block_bytes: usize,
+) -> Result<std::slice::ChunksExact<'a, u8>, BlockError> {
+    if !k.is_multiple_of(BLOCK) {
+        return Err(BlockError::Columns { format, k });
+    }
+    let want = n * k / BLOCK * block_bytes;
+    if bytes.len() != want {
+        return Err(BlockError::Size {
+            format,
+            n,
+            k,
+            want,
+            got: bytes.len(),
+        });
+    }
+    Ok(bytes.chunks_exact(block_bytes))
+}
+
+/// One block of activations quantized to 8 bits as ggml's `quantize_row_q8_0` and
+/// `quantize_row_q8_1` (candle's `from_float`) do: the f16 scale `amax / 127` and the quants
+/// `round(x / scale)`.
+fn quantize_block(xs: &[f32]) -> (f16, [i8; BLOCK]) {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (
+        f16::from_f32(d),
+        std::array::from_fn(|i| (xs[i] * id).round() as i8),
+    )
+}
+
 /// `x`: `m × k` row-major; `w`: `n × k` row-major. Returns `y`: `m × n` row-major.
 pub fn matmul_small_m(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k, "w is not n × k");
     matmul_rows(x, WeightRows::F32(w), m, k, n)
 }
 
-/// [`matmul_small_m`] with f16 weights (half the bytes to read): each task converts its
-/// weight rows to f32 in a reused scratch buffer (F16C where the CPU has it, through `half`),
-/// then runs the f32 kernel; products and sums are f32.
+/// [`matmul_small_m`] with f16 weights (half the bytes to read); products and sums are f32.
+/// Up to seven rows the weights are widened in registers (F16C); from eight each task widens
+/// its weight rows into a reused scratch buffer and runs the f32 kernel.
 pub fn matmul_small_m_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k, "w is not n × k");
     matmul_rows(x, WeightRows::F16(w), m, k, n)
@@ -116,9 +175,7 @@ fn f16c_fma() -> bool {
         && std::arch::is_x86_feature_detected!("f16c")
 }
 
-/// f16 weight rows against a few f32 `x` rows, the weights widened in registers
-/// (`vcvtph2ps`) right before the FMAs — no scratch copy; what single-stream decode needs to
-/// read f16 at memory speed.
+/// Eight f16 values from `row[at..]`, widened.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -135,6 +192,9 @@ fn load_f32x8(row: &[f32], at: usize) -> core::arch::x86_64::__m256 {
     bytemuck::cast(*f)
 }
 
+/// f16 weight rows against a few f32 `x` rows, the weights widened in registers
+/// (`vcvtph2ps`) right before the FMAs — no scratch copy; what single-stream decode needs to
+/// read f16 at memory speed.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn rows_f16c(x: &[f32], w: &[f16], m: usize, k: usize, out: &mut [f32]) {

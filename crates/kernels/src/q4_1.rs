@@ -22,27 +22,14 @@
 use half::f16;
 use rayon::prelude::*;
 
-/// Weights per block.
-pub const BLOCK: usize = 32;
+use crate::{BLOCK, BlockError};
+
 /// Bytes per block in ggml's layout: f16 d, f16 m, 16 bytes of nibbles.
 pub const BLOCK_BYTES: usize = 20;
 /// Rows per panel: one AVX2 lane each.
 const PANEL: usize = 8;
 /// Panels per parallel task.
 const PANELS_PER_TASK: usize = 4;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Q4_1Error {
-    #[error("Q4_1 needs k divisible by {BLOCK}, got {0}")]
-    Columns(usize),
-    #[error("Q4_1 matrix of {n} × {k} takes {want} bytes, got {got}")]
-    Size {
-        n: usize,
-        k: usize,
-        want: usize,
-        got: usize,
-    },
-}
 
 /// An `n × k` Q4_1 matrix laid out for [`Self::matmul`]: panels of [`PANEL`] rows (the last
 /// padded with zero rows), each stored block by block.
@@ -58,19 +45,8 @@ pub struct Q4_1Weights {
 
 impl Q4_1Weights {
     /// From ggml's block bytes (a GGUF tensor's data), `n` rows of `k` weights.
-    pub fn from_ggml(bytes: &[u8], n: usize, k: usize) -> Result<Self, Q4_1Error> {
-        if !k.is_multiple_of(BLOCK) {
-            return Err(Q4_1Error::Columns(k));
-        }
-        let want = n * k / BLOCK * BLOCK_BYTES;
-        if bytes.len() != want {
-            return Err(Q4_1Error::Size {
-                n,
-                k,
-                want,
-                got: bytes.len(),
-            });
-        }
+    pub fn from_ggml(bytes: &[u8], n: usize, k: usize) -> Result<Self, BlockError> {
+        let blocks = crate::ggml_blocks("Q4_1", bytes, n, k, BLOCK_BYTES)?;
         let nb = k / BLOCK;
         let slots = n.div_ceil(PANEL) * nb;
         let mut w = Self {
@@ -81,7 +57,7 @@ impl Q4_1Weights {
             qs: vec![[[0; 16]; PANEL]; slots],
         };
         let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
-        for (i, b) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
+        for (i, b) in blocks.enumerate() {
             let (row, block) = (i / nb, i % nb);
             let (slot, lane) = ((row / PANEL) * nb + block, row % PANEL);
             w.d[slot][lane] = half(b, 0);
@@ -160,16 +136,8 @@ impl Q8_1Rows {
             qs: Vec::with_capacity(blocks),
         };
         for xs in x.chunks_exact(BLOCK) {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut qs = [0i8; BLOCK];
-            let mut sum = 0i32;
-            for (o, v) in qs.iter_mut().zip(xs) {
-                *o = (v * id).round() as i8;
-                sum += *o as i32;
-            }
-            let d16 = f16::from_f32(d);
+            let (d16, qs) = crate::quantize_block(xs);
+            let sum: i32 = qs.iter().map(|&q| q as i32).sum();
             q.d.push(d16.to_f32());
             q.s.push((f16::from_f32(sum as f32) * d16).to_f32());
             q.qs.push(qs);

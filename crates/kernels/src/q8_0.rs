@@ -12,25 +12,11 @@
 use half::f16;
 use rayon::prelude::*;
 
-pub const BLOCK: usize = 32;
+use crate::{BLOCK, BlockError};
+
 /// Bytes per block in ggml's layout: f16 d, 32 × i8.
 pub const BLOCK_BYTES: usize = 34;
 const ROWS_PER_TASK: usize = 16;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Q8_0Error {
-    #[error("Q8_0 needs k divisible by {BLOCK}, got {0}")]
-    Columns(usize),
-    #[error("Q8_0 matrix of {n} × {k} takes {want} bytes, got {got}")]
-    Size {
-        n: usize,
-        k: usize,
-        want: usize,
-        got: usize,
-    },
-    #[error("this CPU has no AVX2/FMA: the Q8_0 kernel only reproduces candle's AVX2 arithmetic")]
-    NoAvx2,
-}
 
 /// An `n × k` Q8_0 matrix: per block, the scale as f32 and the 32 quants.
 pub struct Q8_0Weights {
@@ -43,29 +29,18 @@ pub struct Q8_0Weights {
 impl Q8_0Weights {
     /// From ggml's block bytes. Needs AVX2 and FMA (what candle's own path uses); elsewhere
     /// callers keep candle's matmul.
-    pub fn from_ggml(bytes: &[u8], n: usize, k: usize) -> Result<Self, Q8_0Error> {
+    pub fn from_ggml(bytes: &[u8], n: usize, k: usize) -> Result<Self, BlockError> {
         if !avx2() {
-            return Err(Q8_0Error::NoAvx2);
+            return Err(BlockError::NoAvx2);
         }
-        if !k.is_multiple_of(BLOCK) {
-            return Err(Q8_0Error::Columns(k));
-        }
-        let want = n * k / BLOCK * BLOCK_BYTES;
-        if bytes.len() != want {
-            return Err(Q8_0Error::Size {
-                n,
-                k,
-                want,
-                got: bytes.len(),
-            });
-        }
+        let blocks = crate::ggml_blocks("Q8_0", bytes, n, k, BLOCK_BYTES)?;
         let mut w = Self {
             n,
             k,
             d: Vec::with_capacity(n * k / BLOCK),
             qs: Vec::with_capacity(n * k / BLOCK),
         };
-        for b in bytes.chunks_exact(BLOCK_BYTES) {
+        for b in blocks {
             w.d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
             w.qs.push(std::array::from_fn(|i| b[2 + i] as i8));
         }
@@ -107,11 +82,8 @@ fn avx2() -> bool {
 fn quantize(x: &[f32]) -> (Vec<f32>, Vec<[i8; BLOCK]>) {
     x.chunks_exact(BLOCK)
         .map(|xs| {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let q = std::array::from_fn(|i| (xs[i] * id).round() as i8);
-            (f16::from_f32(d).to_f32(), q)
+            let (d, q) = crate::quantize_block(xs);
+            (d.to_f32(), q)
         })
         .unzip()
 }

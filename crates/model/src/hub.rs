@@ -89,14 +89,16 @@ impl Hub {
     /// Settings from the environment, as `huggingface_hub` reads them.
     pub fn from_env() -> Result<Self, HubError> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        // hf-hub's own reading: HF_HOME or ~/.cache/huggingface, and the token file there.
+        let default = Cache::from_env();
         let cache = match (env("HF_HUB_CACHE"), env("HF_HOME")) {
             (Some(c), _) => PathBuf::from(c),
             (None, Some(h)) => PathBuf::from(h).join("hub"),
-            (None, None) => Cache::from_env().path().clone(),
+            (None, None) => default.path().clone(),
         };
         let token = env("HF_TOKEN")
             .or_else(|| env("HUGGING_FACE_HUB_TOKEN"))
-            .or_else(|| Cache::from_env().token());
+            .or_else(|| default.token());
         Self::new(
             env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into()),
             token,
@@ -148,21 +150,24 @@ impl Hub {
             .map_err(|e| http_error(format!("{repo} at {revision}: repo info"), e))?;
         let listed: HashSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
         let pinned = Repo::with_revision(repo.into(), RepoType::Model, info.sha.clone());
-        let fetch = |file: &'static str| self.file(&pinned, file);
         let mut dir = None;
         for file in REQUIRED {
             if !listed.contains(file) {
                 return Err(missing(&at, file));
             }
-            dir = fetch(file).await?.parent().map(Path::to_path_buf);
+            dir = self
+                .file(&pinned, file)
+                .await?
+                .parent()
+                .map(Path::to_path_buf);
         }
         for file in OPTIONAL.into_iter().filter(|f| listed.contains(f)) {
-            fetch(file).await?;
+            self.file(&pinned, file).await?;
         }
         if listed.contains(SINGLE_WEIGHTS) {
-            fetch(SINGLE_WEIGHTS).await?;
+            self.file(&pinned, SINGLE_WEIGHTS).await?;
         } else if listed.contains(WEIGHTS_INDEX) {
-            let index = fetch(WEIGHTS_INDEX).await?;
+            let index = self.file(&pinned, WEIGHTS_INDEX).await?;
             for shard in shards(&index)? {
                 if !listed.contains(shard.as_str()) {
                     return Err(missing(&at, &shard));

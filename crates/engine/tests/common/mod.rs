@@ -20,6 +20,16 @@ pub fn files() -> ModelFiles {
     ModelFiles::load(&model_path()).expect("bundled model (scripts/fetch-model.sh)")
 }
 
+/// Makes the reference below dequantize every weight to f32 (candle reads
+/// CANDLE_DEQUANTIZE_ALL when the model loads). Call first in a test binary's only test.
+pub fn reference_in_f32() {
+    #[allow(unsafe_code)]
+    // SAFETY: called before the binary's only test starts anything that reads the environment.
+    unsafe {
+        std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1")
+    };
+}
+
 /// Chat-formatted prompts of different lengths. No two share a full block (their system
 /// prompts differ early), so each one's cached blocks are its own.
 pub fn prompts(files: &ModelFiles) -> Vec<Vec<u32>> {
