@@ -255,7 +255,7 @@ async fn fake_instance(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gaps_stalls_and_missing_responders_are_distinct_errors() -> Result<()> {
-    use tandem_runtime::transport::{FrameKind, HDR_REPLY_TO, frame_headers, header};
+    use tandem_runtime::transport::{FrameKind, HDR_REPLY_TO, encode_frame, header};
     let stack = Stack::start().await?;
     let (mut sub, nats, _fake) = fake_instance(&stack, "fake").await?;
 
@@ -292,16 +292,14 @@ async fn gaps_stalls_and_missing_responders_are_distinct_errors() -> Result<()> 
         .to_string();
     nats.publish(msg.reply.clone().unwrap(), Bytes::new())
         .await?;
-    nats.publish_with_headers(
+    nats.publish(
         reply_to.clone(),
-        frame_headers(FrameKind::Data, Some(0)),
-        "a".into(),
+        encode_frame(FrameKind::Data, Some(0), b"a"),
     )
     .await?;
-    nats.publish_with_headers(
+    nats.publish(
         reply_to.clone(),
-        frame_headers(FrameKind::Data, Some(2)),
-        "c".into(),
+        encode_frame(FrameKind::Data, Some(2), b"c"),
     )
     .await?;
     let (first, second) = pending.await??;

@@ -321,16 +321,23 @@ impl<'a> RequestGuard<'a> {
             (true, Some(_)) => "error",
         };
         let span = &self.span;
+        // The GenAI attributes repeat Dynamo's fields for trace UIs: recorded for an exported
+        // trace only.
+        let gen_ai = tandem_telemetry::propagation::is_exported(span);
         span.record("input_tokens", self.input_tokens as u64);
         span.record("output_tokens", self.output_tokens);
-        span.record("gen_ai.usage.input_tokens", self.input_tokens as u64);
-        span.record("gen_ai.usage.output_tokens", self.output_tokens);
+        if gen_ai {
+            span.record("gen_ai.usage.input_tokens", self.input_tokens as u64);
+            span.record("gen_ai.usage.output_tokens", self.output_tokens);
+        }
         let ttft = self
             .first_token
             .map(|t| ((t - self.start).as_secs_f64() * 1e5).round() / 100.0);
         if let Some(ms) = ttft {
             span.record("ttft_ms", ms);
-            span.record("gen_ai.server.time_to_first_token", ms / 1e3);
+            if gen_ai {
+                span.record("gen_ai.server.time_to_first_token", ms / 1e3);
+            }
         }
         if let (Some(first), Some(last)) = (self.first_token, self.last_token)
             && self.output_tokens > 1

@@ -294,8 +294,12 @@ impl Client {
                     _ => RuntimeError::Nats(e.to_string()),
                 }
             })?;
-        if transport::header(ack.headers.as_ref(), transport::HDR_KIND) == Some("error") {
-            return Err(RuntimeError::Rejected(RemoteError::decode(&ack.payload)));
+        if let Some(refusal) =
+            transport::decode_frame(ack.payload).filter(|f| f.kind == FrameKind::Error)
+        {
+            return Err(RuntimeError::Rejected(RemoteError::decode(
+                &refusal.payload,
+            )));
         }
 
         let (tx, rx) = mpsc::channel(64);
@@ -433,7 +437,7 @@ async fn read_frames(
             Ok(Some(m)) => m,
         };
         last_frame = tokio::time::Instant::now();
-        let Some(frame) = transport::decode_frame(msg.headers.as_ref(), msg.payload) else {
+        let Some(frame) = transport::decode_frame(msg.payload) else {
             continue;
         };
         match frame.kind {

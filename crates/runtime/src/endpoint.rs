@@ -355,18 +355,12 @@ impl Ingress {
         ) else {
             m.errors.invalid_message.inc();
             if let Some(reply) = msg.reply {
-                let _ = self
-                    .nats
-                    .publish_with_headers(
-                        reply,
-                        transport::frame_headers(FrameKind::Error, None),
-                        RemoteError::new(
-                            ErrorCode::InvalidRequest,
-                            "request lacks tandem-request-id or tandem-reply-to",
-                        )
-                        .encode(),
-                    )
-                    .await;
+                let error = RemoteError::new(
+                    ErrorCode::InvalidRequest,
+                    "request lacks tandem-request-id or tandem-reply-to",
+                );
+                let frame = transport::encode_frame(FrameKind::Error, None, &error.encode());
+                let _ = self.nats.publish(reply, frame).await;
             }
             return;
         };
@@ -459,18 +453,13 @@ impl Ingress {
                             None => break,
                         }
                     }
-                    let (kind, payload) = if ready.len() == 1 {
-                        (FrameKind::Data, ready.swap_remove(0))
+                    let frame = if ready.len() == 1 {
+                        transport::encode_frame(FrameKind::Data, Some(seq), &ready[0])
                     } else {
-                        (FrameKind::Batch, transport::encode_batch(&ready))
+                        transport::encode_batch(seq, &ready)
                     };
-                    let len = payload.len();
-                    let headers = transport::frame_headers(kind, Some(seq));
-                    match self
-                        .nats
-                        .publish_with_headers(reply_to.to_string(), headers, payload)
-                        .await
-                    {
+                    let len = frame.len();
+                    match self.nats.publish(reply_to.to_string(), frame).await {
                         Ok(()) => m.response_bytes.inc_by(len as u64),
                         Err(e) => {
                             m.errors.publish_response.inc();
@@ -490,10 +479,10 @@ impl Ingress {
                 None => break,
             }
         }
-        let headers = transport::frame_headers(FrameKind::Final, Some(seq));
+        let frame = transport::encode_frame(FrameKind::Final, Some(seq), &[]);
         if self
             .nats
-            .publish_with_headers(reply_to.to_string(), headers, Bytes::new())
+            .publish(reply_to.to_string(), frame)
             .await
             .is_err()
         {
@@ -516,11 +505,10 @@ impl Ingress {
     }
 
     async fn publish_error(&self, reply_to: &str, error: &RemoteError) {
-        let headers = transport::frame_headers(FrameKind::Error, None);
-        let payload = error.encode();
+        let frame = transport::encode_frame(FrameKind::Error, None, &error.encode());
         if self
             .nats
-            .publish_with_headers(reply_to.to_string(), headers, payload)
+            .publish(reply_to.to_string(), frame)
             .await
             .is_err()
         {
@@ -561,8 +549,7 @@ async fn probe_caller(
             _ = tokio::time::sleep(interval) => {}
         }
         let request = async_nats::Request::new()
-            .headers(transport::frame_headers(FrameKind::Ping, None))
-            .payload(Bytes::new())
+            .payload(transport::encode_frame(FrameKind::Ping, None, &[]))
             .timeout(Some(interval));
         match nats.send_request(reply_to.clone(), request).await {
             Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {

@@ -16,21 +16,27 @@
 //! connection is gone. So a caller learns within a second that a stream will never finish.
 //!
 //! Responses are messages on the reply subject, each with a frame kind and, for data, batch
-//! and final frames, a sequence number starting at 0 (frames are numbered, not payloads). A
-//! `batch` frame carries several payloads that were ready together — a handler that streams
-//! faster than NATS takes its frames sends what piled up in one message instead of one each
-//! ([`encode_batch`]: each payload after its length, u32 little-endian). `final` ends a successful stream; `error`
-//! ends a failed one with a [`crate::RemoteError`] (JSON code and message) as payload. `ping` frames are the handler's liveness
-//! probes: the caller answers them, and their arrival also tells the caller that a slow
-//! handler is still alive.
+//! and final frames, a sequence number starting at 0 (frames are numbered, not payloads). The
+//! kind and number lead the message's payload ([`encode_frame`]: one kind byte, then for
+//! numbered kinds the number as u64 little-endian, then the body), not NATS headers: a
+//! message with headers costs a header map built, serialized and parsed again for every token
+//! on the worker, the NATS server and the caller. A `batch` frame carries several payloads
+//! that were ready together — a handler that streams faster than NATS takes its frames sends
+//! what piled up in one message instead of one each ([`encode_batch`]: each payload after its
+//! length, u32 little-endian). `final` ends a successful stream; `error` ends a failed one
+//! with a [`crate::RemoteError`] (JSON code and message) as body; an instance that refuses a
+//! request answers the request itself with an `error` frame instead of the empty
+//! acknowledgement. `ping` frames are the handler's liveness probes: the caller answers them,
+//! and their arrival also tells the caller that a slow handler is still alive.
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
 pub const HDR_REQUEST_ID: &str = "tandem-request-id";
 pub const HDR_REPLY_TO: &str = "tandem-reply-to";
+/// Kind of a message on the cancel subject (`control`, `ping`); response frames carry theirs
+/// in the payload.
 pub const HDR_KIND: &str = "tandem-kind";
-pub const HDR_SEQ: &str = "tandem-seq";
 /// Headers a caller's tracing context and request ids travel in. `traceparent` / `tracestate`
 /// are rewritten by the client to its own `client_request` span when tracing is installed.
 pub const PASSTHROUGH_HEADERS: [&str; 4] = [
@@ -72,25 +78,31 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
-    pub fn as_str(self) -> &'static str {
+    /// The frame's first byte.
+    fn code(self) -> u8 {
         match self {
-            Self::Data => "data",
-            Self::Batch => "batch",
-            Self::Final => "final",
-            Self::Error => "error",
-            Self::Ping => "ping",
+            Self::Data => b'd',
+            Self::Batch => b'b',
+            Self::Final => b'f',
+            Self::Error => b'e',
+            Self::Ping => b'p',
         }
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "data" => Self::Data,
-            "batch" => Self::Batch,
-            "final" => Self::Final,
-            "error" => Self::Error,
-            "ping" => Self::Ping,
+    fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            b'd' => Self::Data,
+            b'b' => Self::Batch,
+            b'f' => Self::Final,
+            b'e' => Self::Error,
+            b'p' => Self::Ping,
             _ => return None,
         })
+    }
+
+    /// Data, batch and final frames are numbered; error and ping frames are not.
+    fn numbered(self) -> bool {
+        matches!(self, Self::Data | Self::Batch | Self::Final)
     }
 }
 
@@ -102,9 +114,30 @@ pub struct Frame {
     pub payload: Bytes,
 }
 
-/// One `batch` frame's payload: each of `items` after its length (u32 little-endian).
-pub fn encode_batch(items: &[Bytes]) -> Bytes {
-    let mut out = Vec::with_capacity(items.iter().map(|b| b.len() + 4).sum());
+/// Bytes before a frame's body: the kind, and the number for numbered kinds.
+const HEADER_LEN: usize = 1 + 8;
+
+/// A frame's start: its kind byte and, for numbered kinds, `seq` (0 when absent).
+fn frame_start(kind: FrameKind, seq: Option<u64>, body_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + body_len);
+    out.push(kind.code());
+    if kind.numbered() {
+        out.extend_from_slice(&seq.unwrap_or(0).to_le_bytes());
+    }
+    out
+}
+
+/// A message's payload for one frame: kind, number (numbered kinds), `body`.
+pub fn encode_frame(kind: FrameKind, seq: Option<u64>, body: &[u8]) -> Bytes {
+    let mut out = frame_start(kind, seq, body.len());
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+/// A `batch` frame numbered `seq`: each of `items` after its length (u32 little-endian).
+pub fn encode_batch(seq: u64, items: &[Bytes]) -> Bytes {
+    let len = items.iter().map(|b| b.len() + 4).sum();
+    let mut out = frame_start(FrameKind::Batch, Some(seq), len);
     for item in items {
         out.extend_from_slice(&(item.len() as u32).to_le_bytes());
         out.extend_from_slice(item);
@@ -127,25 +160,21 @@ pub fn decode_batch(mut payload: Bytes) -> Option<Vec<Bytes>> {
     Some(items)
 }
 
-pub fn frame_headers(kind: FrameKind, seq: Option<u64>) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert(HDR_KIND, kind.as_str());
-    if let Some(seq) = seq {
-        h.insert(HDR_SEQ, seq.to_string().as_str());
-    }
-    h
-}
-
 pub fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers?.get(name).map(|v| v.as_str())
 }
 
-/// Decodes a message received on a reply subject; `None` for anything that is not a frame.
-pub fn decode_frame(headers: Option<&HeaderMap>, payload: Bytes) -> Option<Frame> {
-    let kind = FrameKind::parse(header(headers, HDR_KIND)?)?;
-    let seq = match header(headers, HDR_SEQ) {
-        Some(s) => Some(s.parse().ok()?),
-        None => None,
+/// Decodes a message received on a reply subject (or a request's answer); `None` for
+/// anything that is not a frame, such as the empty acknowledgement.
+pub fn decode_frame(mut payload: Bytes) -> Option<Frame> {
+    let kind = FrameKind::from_code(*payload.first()?)?;
+    let seq = if kind.numbered() {
+        let n: [u8; 8] = payload.get(1..HEADER_LEN)?.try_into().ok()?;
+        let _ = payload.split_to(HEADER_LEN);
+        Some(u64::from_le_bytes(n))
+    } else {
+        let _ = payload.split_to(1);
+        None
     };
     Some(Frame { kind, seq, payload })
 }
@@ -155,30 +184,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_round_trip_through_headers() {
+    fn frames_round_trip() {
         for (kind, seq) in [
             (FrameKind::Data, Some(7)),
             (FrameKind::Batch, Some(9)),
-            (FrameKind::Final, Some(8)),
+            (FrameKind::Final, Some(u64::MAX)),
             (FrameKind::Error, None),
             (FrameKind::Ping, None),
         ] {
-            let h = frame_headers(kind, seq);
-            let f = decode_frame(Some(&h), Bytes::from_static(b"x")).unwrap();
-            assert_eq!(f.kind, kind);
-            assert_eq!(f.seq, seq);
+            let f = decode_frame(encode_frame(kind, seq, b"x{}")).unwrap();
+            assert_eq!((f.kind, f.seq, &f.payload[..]), (kind, seq, &b"x{}"[..]));
         }
+        let f = decode_frame(encode_frame(FrameKind::Final, Some(3), b"")).unwrap();
+        assert!(f.payload.is_empty());
     }
 
     #[test]
     fn non_frames_are_rejected() {
-        assert!(decode_frame(None, Bytes::new()).is_none());
-        let mut h = HeaderMap::new();
-        h.insert(HDR_KIND, "bogus");
-        assert!(decode_frame(Some(&h), Bytes::new()).is_none());
-        let mut h = frame_headers(FrameKind::Data, None);
-        h.insert(HDR_SEQ, "not-a-number");
-        assert!(decode_frame(Some(&h), Bytes::new()).is_none());
+        assert!(decode_frame(Bytes::new()).is_none(), "the empty ack");
+        assert!(decode_frame(Bytes::from_static(b"{\"a\":1}")).is_none());
+        assert!(
+            decode_frame(Bytes::from_static(b"d\x01\x00")).is_none(),
+            "short number"
+        );
     }
 
     #[test]
@@ -188,7 +216,9 @@ mod tests {
             Bytes::new(),
             Bytes::from_static(b"xyz"),
         ];
-        assert_eq!(decode_batch(encode_batch(&items)), Some(items));
+        let frame = decode_frame(encode_batch(4, &items)).unwrap();
+        assert_eq!((frame.kind, frame.seq), (FrameKind::Batch, Some(4)));
+        assert_eq!(decode_batch(frame.payload), Some(items));
         assert_eq!(decode_batch(Bytes::new()), Some(vec![]));
         assert_eq!(decode_batch(Bytes::from_static(&[5, 0, 0, 0, b'a'])), None);
         assert_eq!(decode_batch(Bytes::from_static(&[1, 0])), None);

@@ -91,11 +91,22 @@ pub fn inject(span: &tracing::Span, headers: &mut Vec<(String, String)>) {
 pub(crate) static EXPORTING: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// Whether `span` will leave the process: export is on and its trace is sampled. Work done
-/// only for a trace (child spans nobody sees otherwise) can be skipped when it is not.
-pub fn is_exported(span: &tracing::Span) -> bool {
+/// Whether spans are exported over OTLP at all (one atomic load). Check it before building
+/// anything only a trace needs, such as the `Span::current()` that [`is_exported`] takes.
+pub fn exporting() -> bool {
     EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
-        && span.context().span().span_context().is_sampled()
+}
+
+/// Whether `span` will leave the process: export is on and its trace is sampled. Work done
+/// only for a trace (child spans nobody sees otherwise, attributes no log line shows) can be
+/// skipped when it is not.
+pub fn is_exported(span: &tracing::Span) -> bool {
+    exporting() && span.context().span().span_context().is_sampled()
+}
+
+/// Whether the span the caller runs in will be exported; one atomic load when export is off.
+pub fn current_is_exported() -> bool {
+    exporting() && is_exported(&tracing::Span::current())
 }
 
 /// `span`'s trace id (32 hex digits), if it has a valid OpenTelemetry context.

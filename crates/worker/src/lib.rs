@@ -317,12 +317,15 @@ impl Generate {
             (None, None) => "aggregated",
         };
         request_log::accepted(&self.endpoint, leg, prompt);
+        // OpenTelemetry's GenAI attributes, for an exported trace only (no log line shows them).
         let span = tracing::Span::current();
-        span.record("gen_ai.request.model", request.model.as_str());
-        if let Some(m) = request.stop.max_tokens {
-            span.record("gen_ai.request.max_tokens", u64::from(m));
+        if tandem_telemetry::propagation::is_exported(&span) {
+            span.record("gen_ai.request.model", request.model.as_str());
+            if let Some(m) = request.stop.max_tokens {
+                span.record("gen_ai.request.max_tokens", u64::from(m));
+            }
+            span.record("gen_ai.usage.input_tokens", prompt as u64);
         }
-        span.record("gen_ai.usage.input_tokens", prompt as u64);
         match self.start(request, &ctx).await {
             Ok(stream) => {
                 let stream = request_log::Logged::new(stream, &self.endpoint, leg, prompt);

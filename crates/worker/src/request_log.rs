@@ -100,9 +100,11 @@ where
 impl<S> Drop for Logged<S> {
     fn drop(&mut self) {
         let span = &self.span;
-        span.record("gen_ai.usage.output_tokens", self.output_tokens as u64);
-        if let Ok(reasons) = serde_json::to_string(&self.finish_reasons) {
-            span.record("gen_ai.response.finish_reasons", reasons.as_str());
+        if tandem_telemetry::propagation::is_exported(span) {
+            span.record("gen_ai.usage.output_tokens", self.output_tokens as u64);
+            if let Ok(reasons) = serde_json::to_string(&self.finish_reasons) {
+                span.record("gen_ai.response.finish_reasons", reasons.as_str());
+            }
         }
         tracing::info!(
             target: REQUEST_LOG,

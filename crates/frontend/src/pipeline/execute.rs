@@ -57,7 +57,9 @@ pub fn generate(
     let span = tracing::Span::current();
     span.record("request_id", request_id.as_str());
     span.record("model", model.name.as_str());
-    record_gen_ai_request(&span, &model.name, endpoint, &p);
+    if tandem_telemetry::propagation::is_exported(&span) {
+        record_gen_ai_request(&span, &model.name, endpoint, &p);
+    }
     stream! {
         let mut guard = RequestGuard::new(&metrics, &model.name, endpoint, p.stream, span.clone());
         let prompt_tokens = p.request.token_ids.len();
@@ -174,10 +176,12 @@ pub fn generate(
             yield Err(e);
             return;
         }
-        span.record(
-            "gen_ai.response.finish_reasons",
-            serde_json::to_string(&finish_reasons).unwrap_or_default().as_str(),
-        );
+        if tandem_telemetry::propagation::is_exported(&span) {
+            span.record(
+                "gen_ai.response.finish_reasons",
+                serde_json::to_string(&finish_reasons).unwrap_or_default().as_str(),
+            );
+        }
         guard.ok();
         disconnect.done = true;
         yield Ok(GenEvent::Usage(post.usage()));
@@ -465,7 +469,9 @@ impl Mover<'_> {
     }
 }
 
-/// The GenAI semantic-convention attributes known before the worker is called.
+/// The GenAI semantic-convention attributes known before the worker is called; for an
+/// exported trace only (they repeat Dynamo's fields for trace UIs, and every recorded field
+/// is formatted by each tracing layer).
 fn record_gen_ai_request(span: &tracing::Span, model: &str, endpoint: &str, p: &Prepared) {
     let operation = if endpoint != "completions" {
         "chat"

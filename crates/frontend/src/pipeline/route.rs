@@ -202,13 +202,18 @@ fn route_kv(
     tokens: &[u32],
     parent: &tracing::Span,
 ) -> Option<Route> {
-    let span = tracing::info_span!(
-        parent: parent,
-        "kv_router.route_request",
-        worker_id = tracing::field::Empty,
-        overlap_blocks = tracing::field::Empty,
-        cost = tracing::field::Empty,
-    );
+    // For the trace only, like the router's own stage spans (see `KvRouter::route`).
+    let span = if tandem_telemetry::propagation::is_exported(parent) {
+        tracing::info_span!(
+            parent: parent,
+            "kv_router.route_request",
+            worker_id = tracing::field::Empty,
+            overlap_blocks = tracing::field::Empty,
+            cost = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     let _entered = span.enter();
     let d = kv.route(tokens, candidates)?;
     span.record("worker_id", d.worker_id);
