@@ -395,7 +395,7 @@ impl Stack {
     }
 }
 
-/// Worker arguments for a fast mocker engine (10× Dynamo's timing, 16-token blocks), then
+/// Worker arguments for a fast mocker engine (10× Dynamo's speed, 16-token blocks), then
 /// `extra`.
 pub fn mocker_args(extra: &[&str]) -> Vec<String> {
     [
@@ -412,15 +412,15 @@ pub fn mocker_args(extra: &[&str]) -> Vec<String> {
     .collect()
 }
 
-/// Worker arguments for the mocker at half Dynamo's timing (~10 ms a decode step, so a
-/// 300-token answer takes ~3 s) with 16-token blocks: slow enough for a test to act while
-/// requests run.
+/// Worker arguments for the mocker at 0.6× Dynamo's speed (~10 ms a decode step at low KV
+/// usage, so a 300-token answer takes ~3 s) with 16-token blocks: slow enough for a test to
+/// act while requests run.
 pub fn slow_mocker_args() -> Vec<String> {
     [
         "--engine",
         "mocker",
         "--speedup-ratio",
-        "2",
+        "0.6",
         "--block-size",
         "16",
     ]

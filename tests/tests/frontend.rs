@@ -397,7 +397,7 @@ async fn metrics_count_requests_and_dead_worker_means_503() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_mid_stream_frees_the_workers_blocks() -> Result<()> {
     use futures::StreamExt;
-    // Real mocker timing (about 20 ms a token): the stream is long enough to walk away from.
+    // Real mocker timing (about 6 ms a token): the stream is long enough to walk away from.
     let s = start("1").await?;
     let r = post(
         &s.url("/v1/chat/completions"),

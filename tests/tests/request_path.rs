@@ -351,7 +351,7 @@ async fn an_engine_failure_mid_stream_is_an_error_event_and_counted() -> Result<
 async fn a_choice_ended_by_a_stop_string_stops_generating_on_the_worker() -> Result<()> {
     const MAX: u64 = 300;
     // ~10 ms a step: the stop reaches the worker long before the other choice ends.
-    let s = start(&["--speedup-ratio", "2"]).await?;
+    let s = start(&["--speedup-ratio", "0.6"]).await?;
     let cmpl = s.url("/v1/completions");
     let generated = || worker_metric(&s, "vllm:generation_tokens_total", &[("model_name", MODEL)]);
     let body = json!({"model": MODEL, "prompt": "Once upon a time", "n": 2, "seed": 7,

@@ -4,10 +4,16 @@
 //! `max_num_seqs`, the `max_num_batched_tokens` budget and the free-block watermark over a
 //! real [`BlockPool`], so prefix caching, LRU eviction and block events are the real thing;
 //! preemption of the newest admitted sequence when blocks run out). Only the compute is
-//! simulated: a step lasts what Dynamo's timing model says (prefill time for newly admitted
-//! tokens plus a decode time that grows with KV usage), divided by `--speedup-ratio` (0: no
-//! delay at all), and each sequence's token is a pseudo-random id that avoids the low,
-//! special ids, so no end-of-sequence ever ends a choice early.
+//! simulated: a step lasts what Dynamo 1.6.1's mocker's polynomial timing model says, divided
+//! by `--speedup-ratio` (0: no delay at all) — one prefill charge for all the tokens the step
+//! computes anew, then one decode pass whose cost grows with the KV tokens of the sequences
+//! it serves (their prompt and output lengths, over the cache's capacity in tokens) — and
+//! each sequence's token is a pseudo-random id that avoids the low, special ids, so no
+//! end-of-sequence ever ends a choice early. Dynamo 1.6.1 also splits a prefill longer than
+//! `max_num_batched_tokens` over several passes (chunked prefill), each with a decode pass of
+//! the others; here a long prompt is one step, so a cold 10 k-token prompt's first token comes
+//! ~5 % sooner than on Dynamo's mocker and the others wait for it with one token instead of
+//! two.
 //!
 //! Disaggregation: the mocker plays both roles with the same block accounting as the candle
 //! engine (a prefill leg holds its blocks until fetched or released; a decode leg's import
@@ -124,6 +130,7 @@ impl MockEngine {
         });
         let scheduler = Scheduler {
             batcher,
+            capacity_tokens: args.num_blocks * args.block_size,
             speedup_ratio: args.speedup_ratio,
             fail_after_tokens: args.fail_after_tokens,
             vocab: vocab_size.max(FIRST_PLAIN_TOKEN + 1),
@@ -256,6 +263,8 @@ impl KvTransfer for MockTransfer {
 
 struct Scheduler {
     batcher: Batcher<MockSeq>,
+    /// Tokens the KV cache holds when full (blocks × block size): KV usage's denominator.
+    capacity_tokens: usize,
     speedup_ratio: f64,
     fail_after_tokens: Option<u32>,
     vocab: u32,
@@ -266,15 +275,21 @@ struct Scheduler {
 /// The timer's granularity: a sleep shorter than this lasts about this long.
 const TIMER_TICK: Duration = Duration::from_millis(1);
 
-/// Dynamo mocker's prefill cost in ms for `t` newly computed tokens.
+/// Dynamo 1.6.1 mocker's prefill cost in ms of a pass computing `t` new tokens (charged once
+/// per pass, not per sequence; nothing when nothing is prefilled).
 fn prefill_ms(t: usize) -> f64 {
+    if t == 0 {
+        return 0.0;
+    }
     let t = t as f64;
     4.209989e-07 * t * t + 1.518344e-02 * t + 16.50142
 }
 
-/// Dynamo mocker's decode iteration cost in ms at KV usage `p` (0..1).
+/// Dynamo 1.6.1 mocker's decode pass cost in ms at KV usage `p` (0..1): the KV tokens of the
+/// sequences decoded in the pass over the cache's capacity in tokens. At least 1 ms.
 fn decode_ms(p: f64) -> f64 {
-    -5.47 * p * p + 43.88 * p + 19.44
+    let p = p.clamp(0.0, 1.0);
+    (-25.74 * p * p + 54.01 * p + 5.74).max(1.0)
 }
 
 /// One choice as the mocker keeps it: its generator, and how many alternatives its logprobs
@@ -358,8 +373,8 @@ impl Scheduler {
         }
     }
 
-    /// How long the step would take on a real engine: prefill of the admitted sequences'
-    /// uncached tokens plus one decode iteration at the current KV usage.
+    /// How long the step would take on a real engine: one prefill charge for the admitted
+    /// sequences' uncached tokens, then one decode pass over every running sequence.
     fn simulated_ms(&self, scheduled: Scheduled) -> f64 {
         let running = &self.batcher.running;
         if running.is_empty() {
@@ -367,13 +382,15 @@ impl Scheduler {
         }
         // One token to feed is a decode, not a prefill: a decode leg whose prompt blocks were
         // imported starts with just the first token, as does a fully cached prompt.
-        let prefill: f64 = running[scheduled.decodes..]
+        let new_tokens: usize = running[scheduled.decodes..]
             .iter()
             .filter(|s| s.tokens.len() > s.computed + 1)
-            .map(|s| prefill_ms(s.tokens.len() - s.computed))
+            .map(|s| s.tokens.len() - s.computed)
             .sum();
-        let s = self.batcher.pool().stats();
-        prefill + decode_ms(s.active_blocks as f64 / s.total_blocks.max(1) as f64)
+        // Logical lengths, as Dynamo's model counts them: a shared prefix counts once per
+        // sequence that attends to it.
+        let kv_tokens: usize = running.iter().map(|s| s.tokens.len()).sum();
+        prefill_ms(new_tokens) + decode_ms(kv_tokens as f64 / self.capacity_tokens.max(1) as f64)
     }
 
     fn step(&mut self) {
@@ -479,12 +496,34 @@ mod tests {
         let start = tokio::time::Instant::now();
         let outs = outputs(engine.generate(request((0..10).collect(), 200, 1)).unwrap()).await;
         assert_eq!(outs.len(), 200);
-        // One prefill (~0.17 ms) and 199 decode steps (~0.19 ms each at this KV usage) of
-        // model time: ~39 ms. Sleeping for each step alone would take 200 ticks (200 ms).
-        let took = start.elapsed();
+        // One prefill of 10 tokens, then a decode pass per token at a KV usage of
+        // (10 + tokens so far) / 16384: ~11.6 ms of model time at this speed-up. Sleeping
+        // for each step alone would take 200 ticks (200 ms).
+        let capacity = (4096 * 4) as f64;
+        let model_ms = (prefill_ms(10)
+            + (0..200)
+                .map(|i| decode_ms((10 + i) as f64 / capacity))
+                .sum::<f64>())
+            / 100.0;
+        assert!((11.0..12.5).contains(&model_ms), "{model_ms}");
+        let took = start.elapsed().as_secs_f64() * 1e3;
         assert!(
-            took >= Duration::from_millis(38) && took <= Duration::from_millis(45),
-            "{took:?}"
+            took >= model_ms - 1.0 && took <= model_ms + 3.0,
+            "{took} ms for {model_ms} ms of model time"
+        );
+    }
+
+    #[test]
+    fn timing_is_dynamo_1_6_1_polynomial_model() {
+        // A cold 10,374-token prompt (the router benchmark's first turn) and a decode pass
+        // of three such sequences on 16,384 blocks of 16 tokens.
+        assert!((prefill_ms(10_374) - 219.3).abs() < 0.1);
+        assert_eq!(prefill_ms(0), 0.0, "no prefill, no charge");
+        assert!((decode_ms(3.0 * 10_374.0 / 262_144.0) - 11.79).abs() < 0.01);
+        assert_eq!(decode_ms(0.0), 5.74);
+        assert!(
+            (decode_ms(1.0) - decode_ms(7.0)).abs() < 1e-12,
+            "usage is capped"
         );
     }
 
