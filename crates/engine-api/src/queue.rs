@@ -88,7 +88,10 @@ pub fn admit<S: Queued>(
         if pool.available_blocks() < needed + reserve_now {
             break;
         }
-        if admitted_any && front.tokens().len() > budget {
+        // The budget is what the step computes, as vLLM counts it: a prompt's cached prefix
+        // costs nothing, so several long prompts that hit the cache start in one step instead
+        // of one per step.
+        if admitted_any && new_tokens(pool, front.tokens().len(), needed) > budget {
             break;
         }
         let Some(mut seq) = waiting.pop_front() else {
@@ -110,6 +113,13 @@ pub fn admit<S: Queued>(
         admitted_any = true;
     }
     rejected
+}
+
+/// Tokens a prompt of `len` tokens needing `needed` new blocks computes: at least its last
+/// (a fully cached prompt still computes one token to produce output).
+fn new_tokens(pool: &BlockPool, len: usize, needed: usize) -> usize {
+    let cached_blocks = len.div_ceil(pool.block_size()).saturating_sub(needed);
+    len.saturating_sub(cached_blocks * pool.block_size()).max(1)
 }
 
 #[cfg(test)]
@@ -198,6 +208,50 @@ mod tests {
             batch.len(),
             1,
             "admitting would leave fewer than 3 blocks free"
+        );
+
+        // The budget counts new tokens: two 24-token prompts whose first 20 are cached (5 of
+        // 6 blocks) fit a budget of 10 together; uncached, only the first would.
+        let mut cache_pool = BlockPool::new(40, 4, true);
+        let mut warm = Vec::new();
+        let mut cold_q: VecDeque<S> = [seq(20, 900)].into_iter().collect();
+        admit(
+            &mut cache_pool,
+            &mut warm,
+            &mut cold_q,
+            LIMITS,
+            &mut counters,
+        );
+        let prompt = |tail: u32| S {
+            tokens: (900..920).chain([tail; 4]).collect(),
+            blocks: None,
+            cancelled: false,
+        };
+        let limits = AdmitLimits {
+            max_num_batched_tokens: 10 + warm.len(),
+            max_num_seqs: 10,
+            ..LIMITS
+        };
+        let mut hits: VecDeque<S> = [prompt(1), prompt(2)].into_iter().collect();
+        admit(&mut cache_pool, &mut warm, &mut hits, limits, &mut counters);
+        assert_eq!(
+            (warm.len(), hits.len()),
+            (3, 0),
+            "both cached prompts start"
+        );
+        let mut misses: VecDeque<S> = [seq(24, 2000), seq(24, 3000)].into_iter().collect();
+        let mut batch = Vec::new();
+        admit(
+            &mut cache_pool,
+            &mut batch,
+            &mut misses,
+            limits,
+            &mut counters,
+        );
+        assert_eq!(
+            (batch.len(), misses.len()),
+            (1, 1),
+            "only one uncached prompt starts"
         );
 
         running[1].cancelled = true;
