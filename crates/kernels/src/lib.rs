@@ -1,16 +1,16 @@
 //! CPU kernels candle lacks.
 //!
-//! [`matmul_small_m`]: `y = x · wᵀ` for the few rows of a decode step. candle's f32 matmul goes
+//! [`matmul_small_m`]: `y = x · wᵀ` for the rows of a decode step. candle's f32 matmul goes
 //! through `gemm`, which packs the whole weight matrix on every call and is tuned for large
-//! products; at 2–64 rows it runs several times slower than reading the weights once should
-//! allow. Here each weight row is loaded once, stays in L1 while it is dotted with every row
-//! of `x` (up to eight independent SIMD accumulators at a time, so the FMA chains overlap),
-//! and rayon splits the weight rows across cores. SIMD width is picked at run time by `pulp`
-//! (AVX2+FMA or AVX-512 where present, scalar elsewhere).
+//! products; at 1–64 rows it runs slower than reading the weights once should allow. Here
+//! rayon splits the weight rows across cores, and on AVX2 CPUs [`tiles`] keeps a tile of 3
+//! weight rows × 4 batch rows of sums in registers, so each weight vector loaded serves four
+//! rows and each `x` vector three (see there); elsewhere a portable kernel (`pulp`: AVX-512,
+//! AVX2 or scalar, picked at run time) dots each weight row with up to four rows at a time.
 //!
 //! [`matmul_small_m_f16`]: the same with f16 weights (half the bytes read from memory), widened
-//! to f32 in registers for up to seven rows, or into an f32 scratch buffer that stays in cache
-//! for more.
+//! to f32 in registers (F16C) once for the four rows that use them; without F16C, into an f32
+//! scratch buffer per task that stays in cache.
 //!
 //! [`attention::decode_attention`]: decode rows attend over keys and values read in place from
 //! the paged cache (no gather, no repeated KV heads).
@@ -23,6 +23,7 @@
 pub mod attention;
 pub mod q4_1;
 pub mod q8_0;
+mod tiles;
 
 pub use q4_1::Q4_1Weights;
 pub use q8_0::Q8_0Weights;
@@ -100,8 +101,6 @@ pub fn matmul_small_m(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec
 }
 
 /// [`matmul_small_m`] with f16 weights (half the bytes to read); products and sums are f32.
-/// Up to seven rows the weights are widened in registers (F16C); from eight each task widens
-/// its weight rows into a reused scratch buffer and runs the f32 kernel.
 pub fn matmul_small_m_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k, "w is not n × k");
     matmul_rows(x, WeightRows::F16(w), m, k, n)
@@ -114,7 +113,7 @@ enum WeightRows<'a> {
 }
 
 thread_local! {
-    /// Weight rows converted to f32, per rayon worker.
+    /// Weight rows converted to f32, per rayon worker (CPUs without F16C).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -125,6 +124,7 @@ fn matmul_rows(x: &[f32], w: WeightRows<'_>, m: usize, k: usize, n: usize) -> Ve
         return yt;
     }
     let arch = Arch::new();
+    let tiled = tiles::available();
     yt.par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
         .for_each(|(task, out)| {
@@ -132,6 +132,23 @@ fn matmul_rows(x: &[f32], w: WeightRows<'_>, m: usize, k: usize, n: usize) -> Ve
             let rows = out.len() / m;
             let span = first * k..(first + rows) * k;
             match w {
+                #[cfg(target_arch = "x86_64")]
+                WeightRows::F32(w) if tiled => {
+                    #[allow(unsafe_code)]
+                    // SAFETY: the function's one requirement is a CPU with AVX2, FMA and
+                    // F16C, detected by `tiles::available`.
+                    unsafe {
+                        tiles::rows_f32(x, &w[span], m, k, out)
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                WeightRows::F16(w) if tiled => {
+                    #[allow(unsafe_code)]
+                    // SAFETY: as above.
+                    unsafe {
+                        tiles::rows_f16(x, &w[span], m, k, out)
+                    }
+                }
                 WeightRows::F32(w) => arch.dispatch(Rows {
                     x,
                     w: &w[span],
@@ -139,17 +156,6 @@ fn matmul_rows(x: &[f32], w: WeightRows<'_>, m: usize, k: usize, n: usize) -> Ve
                     k,
                     out,
                 }),
-                #[cfg(target_arch = "x86_64")]
-                // Up to 7 rows: widen in registers. From 8 the scratch copy is amortised and
-                // the f32 kernel's loop is faster (measured at 8 and 16 streams).
-                WeightRows::F16(w) if m < 8 && f16c_fma() => {
-                    #[allow(unsafe_code)]
-                    // SAFETY: the function's one requirement is a CPU with AVX2, FMA and F16C,
-                    // detected by `f16c_fma`.
-                    unsafe {
-                        rows_f16c(x, &w[span], m, k, out)
-                    }
-                }
                 WeightRows::F16(w) => SCRATCH.with(|scratch| {
                     let mut buf = scratch.borrow_mut();
                     buf.resize(span.len(), 0.0);
@@ -166,87 +172,6 @@ fn matmul_rows(x: &[f32], w: WeightRows<'_>, m: usize, k: usize, n: usize) -> Ve
         });
     // yt is n × m (each task wrote whole rows of it); callers want m × n.
     transpose(&yt, n, m)
-}
-
-#[cfg(target_arch = "x86_64")]
-fn f16c_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
-}
-
-/// Eight f16 values from `row[at..]`, widened.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn load_f16x8(row: &[f16], at: usize) -> core::arch::x86_64::__m256 {
-    let h: &[f16; 8] = row[at..at + 8].try_into().unwrap_or(&[f16::ZERO; 8]);
-    core::arch::x86_64::_mm256_cvtph_ps(bytemuck::cast::<_, core::arch::x86_64::__m128i>(*h))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn load_f32x8(row: &[f32], at: usize) -> core::arch::x86_64::__m256 {
-    let f: &[f32; 8] = row[at..at + 8].try_into().unwrap_or(&[0.0; 8]);
-    bytemuck::cast(*f)
-}
-
-/// f16 weight rows against a few f32 `x` rows, the weights widened in registers
-/// (`vcvtph2ps`) right before the FMAs — no scratch copy; what single-stream decode needs to
-/// read f16 at memory speed.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn rows_f16c(x: &[f32], w: &[f16], m: usize, k: usize, out: &mut [f32]) {
-    use core::arch::x86_64::*;
-    let lanes = k / 8 * 8;
-    let tail = |wr: &[f16], xr: &[f32]| -> f32 {
-        wr[lanes..]
-            .iter()
-            .zip(&xr[lanes..])
-            .map(|(a, b)| a.to_f32() * b)
-            .sum()
-    };
-    let sum8 = |v: __m256| -> f32 { bytemuck::cast::<_, [f32; 8]>(v).iter().sum() };
-    let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
-    for (wr, o) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
-        let mut groups = xs.chunks_exact(4);
-        let mut outs = o.chunks_exact_mut(4);
-        for (g, og) in (&mut groups).zip(&mut outs) {
-            let (mut a0, mut a1, mut a2, mut a3) = (
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-            );
-            let mut at = 0;
-            while at < lanes {
-                let wf = load_f16x8(wr, at);
-                a0 = _mm256_fmadd_ps(load_f32x8(g[0], at), wf, a0);
-                a1 = _mm256_fmadd_ps(load_f32x8(g[1], at), wf, a1);
-                a2 = _mm256_fmadd_ps(load_f32x8(g[2], at), wf, a2);
-                a3 = _mm256_fmadd_ps(load_f32x8(g[3], at), wf, a3);
-                at += 8;
-            }
-            for ((acc, xr), y) in [a0, a1, a2, a3].into_iter().zip(g).zip(og.iter_mut()) {
-                *y = sum8(acc) + tail(wr, xr);
-            }
-        }
-        for (xr, y) in groups.remainder().iter().zip(outs.into_remainder()) {
-            // Two accumulators so consecutive FMAs do not wait on each other.
-            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut at = 0;
-            while at + 16 <= lanes {
-                a0 = _mm256_fmadd_ps(load_f32x8(xr, at), load_f16x8(wr, at), a0);
-                a1 = _mm256_fmadd_ps(load_f32x8(xr, at + 8), load_f16x8(wr, at + 8), a1);
-                at += 16;
-            }
-            if at < lanes {
-                a0 = _mm256_fmadd_ps(load_f32x8(xr, at), load_f16x8(wr, at), a0);
-            }
-            *y = sum8(_mm256_add_ps(a0, a1)) + tail(wr, xr);
-        }
-    }
 }
 
 /// f16 → f32, exact. With F16C (every AVX2 CPU has it) eight at a time with `vcvtph2ps`,
