@@ -32,16 +32,21 @@ mkdir -p "$models" "$out"
 # On CPUs with AMX (Intel Sapphire Rapids and later) llama.cpp's native build compiles its AMX
 # kernels in, and on such a machine here (a VM) every multi-token llama_decode crashed with
 # SIGSEGV, in llama-cpp-python's own high-level API too; built without AMX it runs (its AVX-512
-# paths stay). LLAMA_CMAKE_ARGS adds CMake flags of your own.
-cmake_args=${LLAMA_CMAKE_ARGS:-}
+# paths stay). LLAMA_CMAKE_ARGS adds CMake flags of your own (after these, so they win). The
+# flags a venv was built with are kept beside it; other flags rebuild it.
+cmake_args=""
 if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
-  cmake_args="$cmake_args -DCMAKE_C_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16 -DCMAKE_CXX_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
+  cmake_args="-DCMAKE_C_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16 -DCMAKE_CXX_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
 fi
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import llama_cpp, gguf' 2>/dev/null; then
+cmake_args="$cmake_args ${LLAMA_CMAKE_ARGS:-}"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import llama_cpp, gguf' 2>/dev/null \
+  || [ "$(cat "$venv/cmake-args" 2>/dev/null)" != "$cmake_args" ]; then
   echo "installing llama-cpp-python 0.3.36 from PyPI (builds llama.cpp, once)..." >&2
+  rm -rf "$venv"
   python3 -m venv "$venv"
   CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL=$threads "$venv/bin/pip" install -q --no-cache-dir \
     llama-cpp-python==0.3.36 gguf numpy >&2
+  printf '%s' "$cmake_args" >"$venv/cmake-args"
 fi
 echo "building engine_bench (release)..." >&2
 cargo build --release --quiet -p tandem-engine --example engine_bench

@@ -189,8 +189,8 @@ async fn frontend_paths(c: &Cluster, path: &str) -> Result<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_return_to_zero_after_completion_and_client_disconnects() -> Result<()> {
     use futures::StreamExt;
-    // A slow prefill worker (prefill takes about a second) and a decode worker at real mocker
-    // speed (about 20 ms a token): both legs are long enough to walk away from.
+    // A slow prefill worker (a step takes about half a second) and a decode worker at real mocker
+    // speed (about 6 ms a token): both legs are long enough to walk away from.
     let c = Cluster::start_disagg(
         1,
         1,

@@ -365,7 +365,9 @@ async fn at_the_default_log_level_both_processes_log_the_request_with_its_trace_
     assert_eq!(done["span_id"], payload.span_id.as_str());
     assert_eq!(done["span_name"], "handle_payload");
     assert_eq!(done["endpoint"], "dyn://dynamo.backend.generate");
+    assert_eq!(done["model"], MODEL);
     assert_eq!(done["output_tokens"], 4);
+    assert_eq!(done["finish_reasons"], r#"["length"]"#);
     assert_eq!(done["outcome"], "success");
     assert_eq!(
         lines_with(&s.worker.output(), xid, "request accepted").len(),

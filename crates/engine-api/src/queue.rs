@@ -115,11 +115,16 @@ pub fn admit<S: Queued>(
     rejected
 }
 
-/// Tokens a prompt of `len` tokens needing `needed` new blocks computes: at least its last
-/// (a fully cached prompt still computes one token to produce output).
+/// Tokens a prompt of `len` tokens needing `needed` new blocks computes, by the rule
+/// [`BlockPool::allocate`] applies: a prompt cached to its last token gives back its last
+/// cached block, whose tokens are computed again to produce output.
 fn new_tokens(pool: &BlockPool, len: usize, needed: usize) -> usize {
-    let cached_blocks = len.div_ceil(pool.block_size()).saturating_sub(needed);
-    len.saturating_sub(cached_blocks * pool.block_size()).max(1)
+    let bs = pool.block_size();
+    let mut cached_blocks = len.div_ceil(bs).saturating_sub(needed);
+    if cached_blocks > 0 && cached_blocks * bs >= len {
+        cached_blocks -= 1;
+    }
+    len - (cached_blocks * bs).min(len)
 }
 
 #[cfg(test)]

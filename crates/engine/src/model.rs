@@ -110,10 +110,14 @@ fn kernel_matmul(
 }
 
 /// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul (inside
-/// the engine's pool). With the register-tiled kernel (3 weight rows × 4 batch rows) it is
-/// ahead through decode batches: at 16 rows 188–192 tok/s against candle's GEMM 154–156;
-/// at a 480-token prefill the two are even, so prefills stay on candle's GEMM.
+/// the engine's pool). With the register-tiled kernels (3 weight rows × 4 batch rows; AVX2 or
+/// AVX-512) it is ahead through decode batches: at 16 rows 188–192 tok/s against candle's
+/// GEMM 154–156; at a 480-token prefill the two are even, so longer prompts stay on the GEMM
+/// (prompts of up to 64 tokens take the kernel).
 const SMALL_M_F32: std::ops::RangeInclusive<usize> = 1..=64;
+/// The same with the portable kernel (CPUs without AVX2; one weight row at a time, measured
+/// before the tiles: ahead at 8 rows, even at 12, behind at 16).
+const SMALL_M_F32_PORTABLE: std::ops::RangeInclusive<usize> = 1..=11;
 /// The same for f16 weights, where candle's path must first widen the whole matrix (at 16
 /// rows: kernel 172–193 tok/s, widening + GEMM 91–94).
 const SMALL_M_F16: std::ops::RangeInclusive<usize> = 1..=64;
@@ -125,8 +129,10 @@ fn small_m_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>>
     let dtype = w.dtype();
     let rows = if dtype == DType::F16 {
         SMALL_M_F16
-    } else {
+    } else if tandem_kernels::tiled() {
         SMALL_M_F32
+    } else {
+        SMALL_M_F32_PORTABLE
     };
     if !rows.contains(&m)
         || !x.device().is_cpu()

@@ -3,10 +3,10 @@
 //! [`matmul_small_m`]: `y = x · wᵀ` for the rows of a decode step. candle's f32 matmul goes
 //! through `gemm`, which packs the whole weight matrix on every call and is tuned for large
 //! products; at 1–64 rows it runs slower than reading the weights once should allow. Here
-//! rayon splits the weight rows across cores, and on AVX2 CPUs [`tiles`] keeps a tile of 3
-//! weight rows × 4 batch rows of sums in registers, so each weight vector loaded serves four
-//! rows and each `x` vector three (see there); elsewhere a portable kernel (`pulp`: AVX-512,
-//! AVX2 or scalar, picked at run time) dots each weight row with up to four rows at a time.
+//! rayon splits the weight rows across cores, and on AVX2 or AVX-512 CPUs `tiles` keeps a
+//! tile of 3 weight rows × 4 batch rows of sums in registers, so each weight vector loaded
+//! serves four rows and each `x` vector three (see there); elsewhere a portable kernel
+//! (`pulp`, picked at run time) dots each weight row with up to four rows at a time.
 //!
 //! [`matmul_small_m_f16`]: the same with f16 weights (half the bytes read from memory), widened
 //! to f32 in registers (F16C) once for the four rows that use them; without F16C, into an f32
@@ -94,6 +94,12 @@ fn quantize_block(xs: &[f32]) -> (f16, [i8; BLOCK]) {
     )
 }
 
+/// Whether this CPU runs the register-tiled kernels ([`tiles`]: AVX2, FMA and F16C) rather
+/// than the portable ones; callers choosing between these kernels and a GEMM ask.
+pub fn tiled() -> bool {
+    tiles::level().is_some()
+}
+
 /// `x`: `m × k` row-major; `w`: `n × k` row-major. Returns `y`: `m × n` row-major.
 pub fn matmul_small_m(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(w.len(), n * k, "w is not n × k");
@@ -118,45 +124,74 @@ thread_local! {
 }
 
 fn matmul_rows(x: &[f32], w: WeightRows<'_>, m: usize, k: usize, n: usize) -> Vec<f32> {
+    matmul_rows_at(x, w, m, k, n, tiles::level())
+}
+
+/// [`matmul_rows`] with the tiled kernels of `tiled` (`None`: the portable ones, as on CPUs
+/// without AVX2).
+fn matmul_rows_at(
+    x: &[f32],
+    w: WeightRows<'_>,
+    m: usize,
+    k: usize,
+    n: usize,
+    tiled: Option<tiles::Level>,
+) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x is not m × k");
     let mut yt = vec![0f32; n * m];
     if m == 0 || n == 0 {
         return yt;
     }
     let arch = Arch::new();
-    let tiled = tiles::available();
     yt.par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
         .for_each(|(task, out)| {
             let first = task * ROWS_PER_TASK;
             let rows = out.len() / m;
             let span = first * k..(first + rows) * k;
-            match w {
+            // Each tiled kernel's one requirement is a CPU with the features of its level
+            // (AVX-512F; AVX2, FMA and F16C), detected by `tiles::level`.
+            match (w, tiled) {
                 #[cfg(target_arch = "x86_64")]
-                WeightRows::F32(w) if tiled => {
+                (WeightRows::F32(w), Some(tiles::Level::Avx512)) => {
                     #[allow(unsafe_code)]
-                    // SAFETY: the function's one requirement is a CPU with AVX2, FMA and
-                    // F16C, detected by `tiles::available`.
+                    // SAFETY: the level says the CPU has the kernel's features.
+                    unsafe {
+                        tiles::rows_f32_x16(x, &w[span], m, k, out)
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                (WeightRows::F16(w), Some(tiles::Level::Avx512)) => {
+                    #[allow(unsafe_code)]
+                    // SAFETY: as above.
+                    unsafe {
+                        tiles::rows_f16_x16(x, &w[span], m, k, out)
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                (WeightRows::F32(w), Some(tiles::Level::Avx2)) => {
+                    #[allow(unsafe_code)]
+                    // SAFETY: as above.
                     unsafe {
                         tiles::rows_f32(x, &w[span], m, k, out)
                     }
                 }
                 #[cfg(target_arch = "x86_64")]
-                WeightRows::F16(w) if tiled => {
+                (WeightRows::F16(w), Some(tiles::Level::Avx2)) => {
                     #[allow(unsafe_code)]
                     // SAFETY: as above.
                     unsafe {
                         tiles::rows_f16(x, &w[span], m, k, out)
                     }
                 }
-                WeightRows::F32(w) => arch.dispatch(Rows {
+                (WeightRows::F32(w), _) => arch.dispatch(Rows {
                     x,
                     w: &w[span],
                     m,
                     k,
                     out,
                 }),
-                WeightRows::F16(w) => SCRATCH.with(|scratch| {
+                (WeightRows::F16(w), _) => SCRATCH.with(|scratch| {
                     let mut buf = scratch.borrow_mut();
                     buf.resize(span.len(), 0.0);
                     f16_to_f32(&w[span], &mut buf);
@@ -308,31 +343,34 @@ mod tests {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
                 .collect();
-            let y = matmul_small_m(&x, &w, m, k, n);
             let w16: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
-            let y16 = matmul_small_m_f16(&x, &w16, m, k, n);
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|c| x[i * k + c] as f64 * w16[j * k + c].to_f64())
-                        .sum();
-                    let got = y16[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "f16 ({m},{k},{n}) [{i},{j}] {got} vs {want}"
-                    );
+            // The tiled kernels where the CPU has them, and the portable ones every CPU runs.
+            for tiled in [tiles::level(), None] {
+                let y = matmul_rows_at(&x, WeightRows::F32(&w), m, k, n, tiled);
+                let y16 = matmul_rows_at(&x, WeightRows::F16(&w16), m, k, n, tiled);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|c| x[i * k + c] as f64 * w16[j * k + c].to_f64())
+                            .sum();
+                        let got = y16[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "f16 ({m},{k},{n}) [{i},{j}] {got} vs {want}"
+                        );
+                    }
                 }
-            }
-            for i in 0..m {
-                for j in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
-                        .sum();
-                    let got = y[i * n + j] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "({m},{k},{n}) [{i},{j}] {got} vs {want}"
-                    );
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                            .sum();
+                        let got = y[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "({m},{k},{n}) [{i},{j}] {got} vs {want}"
+                        );
+                    }
                 }
             }
         }

@@ -1,9 +1,10 @@
-//! Register-tiled `y = x · wᵀ` for a batch of rows (AVX2 + FMA, F16C for f16 weights).
+//! Register-tiled `y = x · wᵀ` for a batch of rows: 8-lane (AVX2 + FMA, F16C for f16 weights)
+//! and 16-lane (AVX-512F) versions of the same tiles, one macro instantiated for each.
 //!
 //! The row-at-a-time kernel (`crate::matmul_small_m`'s portable path) dots one weight row
 //! with four `x` rows per pass: five vector loads feed four FMAs, so from four rows on it
 //! waits on loads, not on arithmetic. Here a tile of [`TILE_W`] weight rows × [`TILE_X`] `x`
-//! rows keeps its `TILE_W × TILE_X` sums in registers: each step of eight columns loads
+//! rows keeps its `TILE_W × TILE_X` sums in registers: each step of eight (sixteen) columns loads
 //! `TILE_W + TILE_X` vectors for `TILE_W × TILE_X` FMAs, and an f16 weight vector is widened
 //! once (`vcvtph2ps`) for the `TILE_X` rows that use it. The `x` rows (a decode batch: at most a
 //! few tens of KiB) stay in L1/L2 while the weights stream through once per tile column.
@@ -13,9 +14,10 @@
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::{
-    __m128i, __m256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128, _mm_movehl_ps,
-    _mm_shuffle_ps, _mm256_castps256_ps128, _mm256_cvtph_ps, _mm256_extractf128_ps,
-    _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
+    __m128i, __m256, __m256i, __m512, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_loadu_si128,
+    _mm_movehl_ps, _mm_shuffle_ps, _mm256_castps256_ps128, _mm256_cvtph_ps, _mm256_extractf128_ps,
+    _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256, _mm256_setzero_ps, _mm512_cvtph_ps,
+    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_reduce_add_ps, _mm512_setzero_ps,
 };
 use half::f16;
 
@@ -24,17 +26,30 @@ pub(crate) const TILE_W: usize = 3;
 /// `x` rows per tile.
 pub(crate) const TILE_X: usize = 4;
 
-/// Whether this CPU runs the tiled kernels.
+/// The widest tiled kernel this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Level {
+    /// 16-lane vectors (AVX-512F, on a CPU that also has everything `Avx2` needs).
+    Avx512,
+    /// 8-lane vectors (AVX2, FMA, F16C).
+    Avx2,
+}
+
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
+pub(crate) fn level() -> Option<Level> {
+    let avx2 = std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
+        && std::arch::is_x86_feature_detected!("f16c");
+    match (avx2, std::arch::is_x86_feature_detected!("avx512f")) {
+        (true, true) => Some(Level::Avx512),
+        (true, false) => Some(Level::Avx2),
+        _ => None,
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn available() -> bool {
-    false
+pub(crate) fn level() -> Option<Level> {
+    None
 }
 
 /// The sum of a vector's eight lanes, in a fixed order.
@@ -67,15 +82,45 @@ unsafe fn load_f16(row: &[f16], at: usize) -> __m256 {
     unsafe { _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(at).cast::<__m128i>())) }
 }
 
+/// Sixteen f32 values from `row[at..]`. The caller guarantees `at + 16 <= row.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(unsafe_code)]
+unsafe fn load_f32x16(row: &[f32], at: usize) -> __m512 {
+    // SAFETY: `at + 16 <= row.len()` (the caller's contract).
+    unsafe { _mm512_loadu_ps(row.as_ptr().add(at)) }
+}
+
+/// Sixteen f16 values from `row[at..]`, widened. The caller guarantees `at + 16 <= row.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(unsafe_code)]
+unsafe fn load_f16x16(row: &[f16], at: usize) -> __m512 {
+    // SAFETY: `at + 16 <= row.len()` (the caller's contract): 32 bytes inside `row`.
+    unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(at).cast::<__m256i>())) }
+}
+
+/// The sum of a vector's sixteen lanes (a fixed tree).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn hsum16(v: __m512) -> f32 {
+    _mm512_reduce_add_ps(v)
+}
+
 /// Defines the tiled kernel for one weight type: `$rows(x, w, m, k, out)` writes
 /// `out[r * m + i] = w_r · x_i` for every weight row `r` of `w` and row `i` of `x` (the
 /// transposed layout the caller's tasks write), through `$tile::<R, C>` on each tile.
 macro_rules! tiled {
-    ($rows:ident, $tile:ident, $t:ty, $load:ident, $scalar:expr) => {
+    ($rows:ident, $tile:ident, $t:ty, $load:ident, $scalar:expr, $feat:literal, $width:literal,
+     $zero:ident, $fma:ident, $xload:ident, $hsum:ident) => {
         /// One tile: `R` weight rows × `C` rows of `x`, each sum over the first `lanes`
-        /// columns (a multiple of eight) in registers, then the remaining columns in scalar.
+        /// columns (a multiple of the vector width) in registers, then the remaining columns
+        /// in scalar.
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[target_feature(enable = $feat)]
         fn $tile<const R: usize, const C: usize>(
             ws: &[&[$t]],
             xs: &[&[f32]],
@@ -85,26 +130,30 @@ macro_rules! tiled {
         ) {
             let ws: [&[$t]; R] = std::array::from_fn(|r| ws[r]);
             let xs: [&[f32]; C] = std::array::from_fn(|c| xs[c]);
-            assert!(ws.iter().all(|w| w.len() >= lanes) && xs.iter().all(|x| x.len() >= lanes));
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let mut wv = [_mm256_setzero_ps(); R];
+            assert!(
+                lanes % $width == 0
+                    && ws.iter().all(|w| w.len() >= lanes)
+                    && xs.iter().all(|x| x.len() >= lanes)
+            );
+            let mut acc = [[$zero(); C]; R];
+            let mut wv = [$zero(); R];
             let mut at = 0;
             while at < lanes {
                 #[allow(unsafe_code)]
-                // SAFETY: `at + 8 <= lanes` (a multiple of eight) and every row holds at
-                // least `lanes` values (asserted above).
+                // SAFETY: `at + $width <= lanes` (a multiple of the width) and every row
+                // holds at least `lanes` values (asserted above).
                 unsafe {
                     for r in 0..R {
                         wv[r] = $load(ws[r], at);
                     }
                     for c in 0..C {
-                        let xv = load_f32(xs[c], at);
+                        let xv = $xload(xs[c], at);
                         for r in 0..R {
-                            acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+                            acc[r][c] = $fma(wv[r], xv, acc[r][c]);
                         }
                     }
                 }
-                at += 8;
+                at += $width;
             }
             for r in 0..R {
                 for c in 0..C {
@@ -113,15 +162,15 @@ macro_rules! tiled {
                         .zip(&xs[c][lanes..])
                         .map(|(w, x)| $scalar(*w) * x)
                         .sum();
-                    out[r * m + c] = hsum(acc[r][c]) + tail;
+                    out[r * m + c] = $hsum(acc[r][c]) + tail;
                 }
             }
         }
 
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma,f16c")]
+        #[target_feature(enable = $feat)]
         pub(crate) fn $rows(x: &[f32], w: &[$t], m: usize, k: usize, out: &mut [f32]) {
-            let lanes = k / 8 * 8;
+            let lanes = k / $width * $width;
             let xs: Vec<&[f32]> = x.chunks_exact(k).collect();
             let ws: Vec<&[$t]> = w.chunks_exact(k).collect();
             for (wt, ot) in ws.chunks(TILE_W).zip(out.chunks_mut(TILE_W * m)) {
@@ -147,8 +196,58 @@ macro_rules! tiled {
     };
 }
 
-tiled!(rows_f32, tile_f32, f32, load_f32, |w: f32| w);
-tiled!(rows_f16, tile_f16, f16, load_f16, |w: f16| w.to_f32());
+tiled!(
+    rows_f32,
+    tile_f32,
+    f32,
+    load_f32,
+    |w: f32| w,
+    "avx2,fma,f16c",
+    8,
+    _mm256_setzero_ps,
+    _mm256_fmadd_ps,
+    load_f32,
+    hsum
+);
+tiled!(
+    rows_f16,
+    tile_f16,
+    f16,
+    load_f16,
+    |w: f16| w.to_f32(),
+    "avx2,fma,f16c",
+    8,
+    _mm256_setzero_ps,
+    _mm256_fmadd_ps,
+    load_f32,
+    hsum
+);
+tiled!(
+    rows_f32_x16,
+    tile_f32_x16,
+    f32,
+    load_f32x16,
+    |w: f32| w,
+    "avx512f",
+    16,
+    _mm512_setzero_ps,
+    _mm512_fmadd_ps,
+    load_f32x16,
+    hsum16
+);
+tiled!(
+    rows_f16_x16,
+    tile_f16_x16,
+    f16,
+    load_f16x16,
+    |w: f16| w.to_f32(),
+    "avx512f",
+    16,
+    _mm512_setzero_ps,
+    _mm512_fmadd_ps,
+    load_f32x16,
+    hsum16
+);
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
@@ -157,10 +256,11 @@ mod tests {
     /// Every tile shape and a column tail, against f64 sums.
     #[test]
     fn tiles_match_plain_sums_at_every_shape() {
-        if !available() {
+        let Some(level) = level() else {
             return;
-        }
-        for (m, n, k) in [(1, 1, 8), (5, 7, 37), (4, 3, 64), (9, 10, 19), (16, 6, 576)] {
+        };
+        let shapes = (1..=9).flat_map(|m| (1..=7).map(move |n| (m, n, 16 + 8 * n + m)));
+        for (m, n, k) in shapes.chain([(16, 6, 576), (3, 2, 7)]) {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
                 .collect();
@@ -168,19 +268,25 @@ mod tests {
                 .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
                 .collect();
             let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
-            let (mut a, mut b) = (vec![0f32; n * m], vec![0f32; n * m]);
+            let mut outs = vec![vec![0f32; n * m]; 4];
             #[allow(unsafe_code)]
-            // SAFETY: AVX2, FMA and F16C were detected by `available`.
+            // SAFETY: `level` detected AVX2, FMA and F16C, and AVX-512F for the 16-lane ones.
             unsafe {
-                rows_f32(&x, &w, m, k, &mut a);
-                rows_f16(&x, &wh, m, k, &mut b);
+                rows_f32(&x, &w, m, k, &mut outs[0]);
+                rows_f16(&x, &wh, m, k, &mut outs[1]);
+                if level == Level::Avx512 {
+                    rows_f32_x16(&x, &w, m, k, &mut outs[2]);
+                    rows_f16_x16(&x, &wh, m, k, &mut outs[3]);
+                } else {
+                    outs.truncate(2);
+                }
             }
             for r in 0..n {
                 for i in 0..m {
                     let want: f64 = (0..k)
                         .map(|j| f64::from(w[r * k + j]) * f64::from(x[i * k + j]))
                         .sum();
-                    for got in [a[r * m + i], b[r * m + i]] {
+                    for got in outs.iter().map(|o| o[r * m + i]) {
                         assert!((f64::from(got) - want).abs() < 1e-3, "{m}×{n}×{k} {r},{i}");
                     }
                 }

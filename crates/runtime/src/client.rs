@@ -437,8 +437,14 @@ async fn read_frames(
             Ok(Some(m)) => m,
         };
         last_frame = tokio::time::Instant::now();
+        // Only the handler publishes to this inbox: anything else is a handler speaking
+        // another wire format (a worker of another tandem version), reported, not waited on.
         let Some(frame) = transport::decode_frame(msg.payload) else {
-            continue;
+            break Err(RuntimeError::Decode(
+                "the worker's response is not a tandem frame (frontend and worker of different \
+                 versions?)"
+                    .into(),
+            ));
         };
         match frame.kind {
             FrameKind::Ping => {

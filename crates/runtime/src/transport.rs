@@ -117,8 +117,13 @@ pub struct Frame {
 /// Bytes before a frame's body: the kind, and the number for numbered kinds.
 const HEADER_LEN: usize = 1 + 8;
 
-/// A frame's start: its kind byte and, for numbered kinds, `seq` (0 when absent).
+/// A frame's start: its kind byte and, for numbered kinds, `seq`.
 fn frame_start(kind: FrameKind, seq: Option<u64>, body_len: usize) -> Vec<u8> {
+    debug_assert_eq!(
+        kind.numbered(),
+        seq.is_some(),
+        "{kind:?} frame numbered {seq:?}"
+    );
     let mut out = Vec::with_capacity(HEADER_LEN + body_len);
     out.push(kind.code());
     if kind.numbered() {

@@ -98,8 +98,8 @@ pub fn exporting() -> bool {
 }
 
 /// Whether `span` will leave the process: export is on and its trace is sampled. Work done
-/// only for a trace (child spans nobody sees otherwise, attributes no log line shows) can be
-/// skipped when it is not.
+/// only for a trace (child spans no log line is written in, attributes that repeat what the
+/// log lines carry as fields of their own) can be skipped when it is not.
 pub fn is_exported(span: &tracing::Span) -> bool {
     exporting() && span.context().span().span_context().is_sampled()
 }

@@ -316,8 +316,9 @@ impl Generate {
             (None, Some(_)) => "decode",
             (None, None) => "aggregated",
         };
-        request_log::accepted(&self.endpoint, leg, prompt);
-        // OpenTelemetry's GenAI attributes, for an exported trace only (no log line shows them).
+        request_log::accepted(&self.endpoint, leg, &request.model, prompt);
+        // OpenTelemetry's GenAI attributes, for an exported trace only: the log lines carry
+        // the same facts as fields of their own.
         let span = tracing::Span::current();
         if tandem_telemetry::propagation::is_exported(&span) {
             span.record("gen_ai.request.model", request.model.as_str());
@@ -326,13 +327,14 @@ impl Generate {
             }
             span.record("gen_ai.usage.input_tokens", prompt as u64);
         }
+        let model = request.model.clone();
         match self.start(request, &ctx).await {
             Ok(stream) => {
-                let stream = request_log::Logged::new(stream, &self.endpoint, leg, prompt);
+                let stream = request_log::Logged::new(stream, &self.endpoint, leg, &model, prompt);
                 Ok(stream.map(|item| item.map_err(engine_error)).boxed())
             }
             Err(e) => {
-                request_log::refused(&self.endpoint, leg, prompt, &e);
+                request_log::refused(&self.endpoint, leg, &model, prompt, &e);
                 Err(engine_error(e))
             }
         }

@@ -1,11 +1,12 @@
 //! The worker's request log lines, at info under target [`REQUEST_LOG`] (so the default
 //! `DYN_LOG=info` shows them; `DYN_LOG=info,tandem_worker::request=off` hides them): "request
 //! accepted" when a generate request starts and "request completed" when its output stream
-//! ends — endpoint, prompt and output tokens, duration, outcome (`success`, `error`,
-//! `cancelled`). Both are written in the request's `handle_payload` span, so a JSONL line
-//! carries the request's `trace_id`, `span_id` and `x_request_id`, joinable with the
-//! frontend's lines. The same numbers go on the span as OpenTelemetry's GenAI attributes
-//! (`gen_ai.usage.*`, `gen_ai.response.finish_reasons`).
+//! ends — endpoint, model, prompt and output tokens, finish reasons, duration, outcome
+//! (`success`, `error`, `cancelled`). Both are written in the request's `handle_payload`
+//! span, so a JSONL line carries the request's `trace_id`, `span_id` and `x_request_id`,
+//! joinable with the frontend's lines. When the trace is exported, the same numbers also go
+//! on the span as OpenTelemetry's GenAI attributes (`gen_ai.usage.*`,
+//! `gen_ai.response.finish_reasons`).
 
 use futures::Stream;
 use std::pin::Pin;
@@ -18,11 +19,12 @@ use tandem_protocols::llm::EngineOutput;
 pub const REQUEST_LOG: &str = "tandem_worker::request";
 
 /// The line of a request that arrived; `leg` is `prefill`, `decode` or `aggregated`.
-pub fn accepted(endpoint: &str, leg: &'static str, prompt_tokens: usize) {
+pub fn accepted(endpoint: &str, leg: &'static str, model: &str, prompt_tokens: usize) {
     tracing::info!(
         target: REQUEST_LOG,
         endpoint,
         leg,
+        model,
         prompt_tokens,
         "request accepted"
     );
@@ -33,6 +35,7 @@ pub struct Logged<S> {
     inner: S,
     span: tracing::Span,
     endpoint: String,
+    model: String,
     leg: &'static str,
     started: Instant,
     prompt_tokens: usize,
@@ -43,11 +46,18 @@ pub struct Logged<S> {
 
 impl<S> Logged<S> {
     /// Wraps the request's outputs; call in the request's span.
-    pub fn new(inner: S, endpoint: &str, leg: &'static str, prompt_tokens: usize) -> Self {
+    pub fn new(
+        inner: S,
+        endpoint: &str,
+        leg: &'static str,
+        model: &str,
+        prompt_tokens: usize,
+    ) -> Self {
         Self {
             inner,
             span: tracing::Span::current(),
             endpoint: endpoint.to_string(),
+            model: model.to_string(),
             leg,
             started: Instant::now(),
             prompt_tokens,
@@ -59,11 +69,18 @@ impl<S> Logged<S> {
 }
 
 /// The completion line of a request refused before it produced anything.
-pub fn refused(endpoint: &str, leg: &'static str, prompt_tokens: usize, error: &EngineError) {
+pub fn refused(
+    endpoint: &str,
+    leg: &'static str,
+    model: &str,
+    prompt_tokens: usize,
+    error: &EngineError,
+) {
     tracing::info!(
         target: REQUEST_LOG,
         endpoint,
         leg,
+        model,
         prompt_tokens,
         output_tokens = 0u64,
         outcome = "error",
@@ -100,17 +117,18 @@ where
 impl<S> Drop for Logged<S> {
     fn drop(&mut self) {
         let span = &self.span;
+        let reasons = serde_json::to_string(&self.finish_reasons).unwrap_or_default();
         if tandem_telemetry::propagation::is_exported(span) {
             span.record("gen_ai.usage.output_tokens", self.output_tokens as u64);
-            if let Ok(reasons) = serde_json::to_string(&self.finish_reasons) {
-                span.record("gen_ai.response.finish_reasons", reasons.as_str());
-            }
+            span.record("gen_ai.response.finish_reasons", reasons.as_str());
         }
         tracing::info!(
             target: REQUEST_LOG,
             parent: &self.span,
             endpoint = %self.endpoint,
             leg = self.leg,
+            model = %self.model,
+            finish_reasons = %reasons,
             prompt_tokens = self.prompt_tokens,
             output_tokens = self.output_tokens,
             elapsed_ms = self.started.elapsed().as_millis() as u64,
