@@ -81,7 +81,19 @@ async fn beyond_the_concurrency_and_queue_limits_requests_get_503_with_retry_aft
     let running: Vec<_> = (0..2)
         .map(|_| tokio::spawn(post(url.clone(), chat(300), None)))
         .collect();
-    generating(&c, 2).await?;
+    if let Err(e) = generating(&c, 2).await {
+        // Say what became of the two requests (failed at once, or never both under way):
+        // this wait timed out once in a full run on a loaded 2-core box and not since.
+        let mut ended = Vec::new();
+        for r in running {
+            ended.push(match r.await {
+                Ok(Ok((status, _, body))) => format!("{status} {body}"),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            });
+        }
+        return Err(e.context(format!("the two long requests ended: {ended:?}")));
+    }
     let queued = tokio::spawn(post(url.clone(), chat(5), None));
     wait_for(Duration::from_secs(30), "one request queued", || async {
         let n = frontend_metric(&c, "dynamo_frontend_queued_requests", &[("model", MODEL)])
