@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tandem_runtime::{DistributedRuntime, EndpointId, RuntimeError};
+use tandem_runtime::{DistributedRuntime, EndpointId, ErrorCode, RemoteError, RuntimeError};
 use tandem_tests::{LineReader, Proc, Stack, free_port, metric_value, scrape, wait_for};
 
 const ENDPOINT: &str = "dyn://test.echo.generate";
@@ -254,7 +254,8 @@ async fn fake_instance(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gaps_stalls_and_missing_responders_are_distinct_errors() -> Result<()> {
+async fn gaps_stalls_refusals_foreign_messages_and_missing_responders_are_distinct_errors()
+-> Result<()> {
     use tandem_runtime::transport::{FrameKind, HDR_REPLY_TO, encode_frame, header};
     let stack = Stack::start().await?;
     let (mut sub, nats, _fake) = fake_instance(&stack, "fake").await?;
@@ -326,6 +327,57 @@ async fn gaps_stalls_and_missing_responders_are_distinct_errors() -> Result<()> 
     match pending.await?? {
         Some(Err(RuntimeError::StreamStalled(d))) => assert_eq!(d, Duration::from_secs(1)),
         other => panic!("expected StreamStalled, got {other:?}"),
+    }
+
+    // Refused: the instance answers the request itself with an error frame.
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .round_robin(Bytes::from_static(b"{}"), Default::default())
+                .await
+                .map(|_| ())
+        }
+    });
+    let msg = sub
+        .next()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no request"))?;
+    let refusal = RemoteError::new(ErrorCode::Overloaded, "busy").encode();
+    nats.publish(
+        msg.reply.clone().unwrap(),
+        encode_frame(FrameKind::Error, None, &refusal),
+    )
+    .await?;
+    match pending.await? {
+        Err(RuntimeError::Rejected(e)) => assert_eq!(e.code, ErrorCode::Overloaded),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+
+    // Not a frame on the reply subject (a worker of another wire format): reported at once.
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut s = client
+                .round_robin(Bytes::from_static(b"{}"), Default::default())
+                .await?;
+            anyhow::Ok(s.next().await)
+        }
+    });
+    let msg = sub
+        .next()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no request"))?;
+    let reply_to = header(msg.headers.as_ref(), HDR_REPLY_TO)
+        .unwrap_or_default()
+        .to_string();
+    nats.publish(msg.reply.clone().unwrap(), Bytes::new())
+        .await?;
+    nats.publish(reply_to, Bytes::from_static(b"{\"token_ids\":[1]}"))
+        .await?;
+    match pending.await?? {
+        Some(Err(RuntimeError::Decode(m))) => assert!(m.contains("not a tandem frame"), "{m}"),
+        other => panic!("expected Decode, got {other:?}"),
     }
 
     // No responders: the subscription is gone but the record is still in etcd.
