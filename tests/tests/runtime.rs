@@ -253,6 +253,26 @@ async fn fake_instance(
     Ok((sub, drt.nats().clone(), drt))
 }
 
+/// A request through `client` whose first response item the task returns.
+fn first_item(
+    client: &tandem_runtime::Client,
+) -> tokio::task::JoinHandle<Result<Option<Result<Bytes, RuntimeError>>>> {
+    let client = client.clone();
+    tokio::spawn(async move {
+        let mut s = client
+            .round_robin(Bytes::from_static(b"{}"), Default::default())
+            .await?;
+        anyhow::Ok(s.next().await)
+    })
+}
+
+/// The next request the fake instance's subscription receives.
+async fn next_request(sub: &mut async_nats::Subscriber) -> Result<async_nats::Message> {
+    sub.next()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no request"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gaps_stalls_refusals_foreign_messages_and_missing_responders_are_distinct_errors()
 -> Result<()> {
@@ -284,10 +304,7 @@ async fn gaps_stalls_refusals_foreign_messages_and_missing_responders_are_distin
             ))
         }
     });
-    let msg = sub
-        .next()
-        .await
-        .ok_or_else(|| anyhow::anyhow!("no request"))?;
+    let msg = next_request(&mut sub).await?;
     let reply_to = header(msg.headers.as_ref(), HDR_REPLY_TO)
         .unwrap_or_default()
         .to_string();
@@ -309,19 +326,8 @@ async fn gaps_stalls_refusals_foreign_messages_and_missing_responders_are_distin
     assert!(second.contains("expected frame 1, got 2"), "{second}");
 
     // Stall: acknowledged, then silence.
-    let pending = tokio::spawn({
-        let client = client.clone();
-        async move {
-            let mut s = client
-                .round_robin(Bytes::from_static(b"{}"), Default::default())
-                .await?;
-            anyhow::Ok(s.next().await)
-        }
-    });
-    let msg = sub
-        .next()
-        .await
-        .ok_or_else(|| anyhow::anyhow!("no request"))?;
+    let pending = first_item(&client);
+    let msg = next_request(&mut sub).await?;
     nats.publish(msg.reply.clone().unwrap(), Bytes::new())
         .await?;
     match pending.await?? {
@@ -339,10 +345,7 @@ async fn gaps_stalls_refusals_foreign_messages_and_missing_responders_are_distin
                 .map(|_| ())
         }
     });
-    let msg = sub
-        .next()
-        .await
-        .ok_or_else(|| anyhow::anyhow!("no request"))?;
+    let msg = next_request(&mut sub).await?;
     let refusal = RemoteError::new(ErrorCode::Overloaded, "busy").encode();
     nats.publish(
         msg.reply.clone().unwrap(),
@@ -355,19 +358,8 @@ async fn gaps_stalls_refusals_foreign_messages_and_missing_responders_are_distin
     }
 
     // Not a frame on the reply subject (a worker of another wire format): reported at once.
-    let pending = tokio::spawn({
-        let client = client.clone();
-        async move {
-            let mut s = client
-                .round_robin(Bytes::from_static(b"{}"), Default::default())
-                .await?;
-            anyhow::Ok(s.next().await)
-        }
-    });
-    let msg = sub
-        .next()
-        .await
-        .ok_or_else(|| anyhow::anyhow!("no request"))?;
+    let pending = first_item(&client);
+    let msg = next_request(&mut sub).await?;
     let reply_to = header(msg.headers.as_ref(), HDR_REPLY_TO)
         .unwrap_or_default()
         .to_string();

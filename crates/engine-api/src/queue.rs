@@ -82,7 +82,7 @@ pub fn admit<S: Queued>(
             rejected.extend(waiting.pop_front());
             continue;
         }
-        let needed = pool.blocks_needed(front.tokens());
+        let (needed, new_tokens) = pool.prompt_need(front.tokens());
         // An empty batch takes whatever fits, so a lone large prompt cannot wait forever.
         let reserve_now = if running.is_empty() { 0 } else { reserve };
         if pool.available_blocks() < needed + reserve_now {
@@ -91,7 +91,7 @@ pub fn admit<S: Queued>(
         // The budget is what the step computes, as vLLM counts it: a prompt's cached prefix
         // costs nothing, so several long prompts that hit the cache start in one step instead
         // of one per step.
-        if admitted_any && new_tokens(pool, front.tokens().len(), needed) > budget {
+        if admitted_any && new_tokens > budget {
             break;
         }
         let Some(mut seq) = waiting.pop_front() else {
@@ -113,18 +113,6 @@ pub fn admit<S: Queued>(
         admitted_any = true;
     }
     rejected
-}
-
-/// Tokens a prompt of `len` tokens needing `needed` new blocks computes, by the rule
-/// [`BlockPool::allocate`] applies: a prompt cached to its last token gives back its last
-/// cached block, whose tokens are computed again to produce output.
-fn new_tokens(pool: &BlockPool, len: usize, needed: usize) -> usize {
-    let bs = pool.block_size();
-    let mut cached_blocks = len.div_ceil(bs).saturating_sub(needed);
-    if cached_blocks > 0 && cached_blocks * bs >= len {
-        cached_blocks -= 1;
-    }
-    len - (cached_blocks * bs).min(len)
 }
 
 #[cfg(test)]

@@ -118,6 +118,16 @@ enum WeightRows<'a> {
     F16(&'a [f16]),
 }
 
+impl<'a> WeightRows<'a> {
+    /// The values in `span` (whole rows).
+    fn slice(self, span: std::ops::Range<usize>) -> Self {
+        match self {
+            Self::F32(w) => Self::F32(&w[span]),
+            Self::F16(w) => Self::F16(&w[span]),
+        }
+    }
+}
+
 thread_local! {
     /// Weight rows converted to f32, per rayon worker (CPUs without F16C).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -149,41 +159,9 @@ fn matmul_rows_at(
             let first = task * ROWS_PER_TASK;
             let rows = out.len() / m;
             let span = first * k..(first + rows) * k;
-            // Each tiled kernel's one requirement is a CPU with the features of its level
-            // (AVX-512F; AVX2, FMA and F16C), detected by `tiles::level`.
             match (w, tiled) {
                 #[cfg(target_arch = "x86_64")]
-                (WeightRows::F32(w), Some(tiles::Level::Avx512)) => {
-                    #[allow(unsafe_code)]
-                    // SAFETY: the level says the CPU has the kernel's features.
-                    unsafe {
-                        tiles::rows_f32_x16(x, &w[span], m, k, out)
-                    }
-                }
-                #[cfg(target_arch = "x86_64")]
-                (WeightRows::F16(w), Some(tiles::Level::Avx512)) => {
-                    #[allow(unsafe_code)]
-                    // SAFETY: as above.
-                    unsafe {
-                        tiles::rows_f16_x16(x, &w[span], m, k, out)
-                    }
-                }
-                #[cfg(target_arch = "x86_64")]
-                (WeightRows::F32(w), Some(tiles::Level::Avx2)) => {
-                    #[allow(unsafe_code)]
-                    // SAFETY: as above.
-                    unsafe {
-                        tiles::rows_f32(x, &w[span], m, k, out)
-                    }
-                }
-                #[cfg(target_arch = "x86_64")]
-                (WeightRows::F16(w), Some(tiles::Level::Avx2)) => {
-                    #[allow(unsafe_code)]
-                    // SAFETY: as above.
-                    unsafe {
-                        tiles::rows_f16(x, &w[span], m, k, out)
-                    }
-                }
+                (w, Some(level)) => tiles::run(level, x, w.slice(span), m, k, out),
                 (WeightRows::F32(w), _) => arch.dispatch(Rows {
                     x,
                     w: &w[span],
@@ -328,15 +306,28 @@ mod tests {
         }
     }
 
+    /// Odd shapes, and every tile shape of [`tiles`] with and without a column tail, on
+    /// each kernel this CPU runs: 16- and 8-lane tiles where it has them, and the portable
+    /// kernels every CPU runs.
     #[test]
     fn matches_a_plain_product_for_odd_shapes() {
-        for (m, k, n) in [
+        let mut levels = vec![None];
+        if let Some(best) = tiles::level() {
+            levels.push(Some(tiles::Level::Avx2));
+            if best == tiles::Level::Avx512 {
+                levels.push(Some(best));
+            }
+        }
+        let tile_shapes = (1..=9).flat_map(|m| (1..=7).map(move |n| (m, 16 + 8 * n + m, n)));
+        let odd = [
             (1, 3, 5),
             (2, 17, 33),
             (9, 64, 70),
             (16, 576, 100),
             (3, 1, 1),
-        ] {
+            (3, 7, 2),
+        ];
+        for (m, k, n) in odd.into_iter().chain(tile_shapes) {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
                 .collect();
@@ -344,8 +335,7 @@ mod tests {
                 .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
                 .collect();
             let w16: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
-            // The tiled kernels where the CPU has them, and the portable ones every CPU runs.
-            for tiled in [tiles::level(), None] {
+            for &tiled in &levels {
                 let y = matmul_rows_at(&x, WeightRows::F32(&w), m, k, n, tiled);
                 let y16 = matmul_rows_at(&x, WeightRows::F16(&w16), m, k, n, tiled);
                 for i in 0..m {

@@ -52,6 +52,31 @@ pub(crate) fn level() -> Option<Level> {
     None
 }
 
+/// `out[r * m + i] = w_r · x_i` on the kernels of `level`, which must come from [`level`]
+/// (this CPU has its features).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn run(
+    level: Level,
+    x: &[f32],
+    w: crate::WeightRows<'_>,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    use crate::WeightRows::{F16, F32};
+    #[allow(unsafe_code)]
+    // SAFETY: each kernel's one requirement is a CPU with the features of its level, which
+    // `level()` detected.
+    unsafe {
+        match (level, w) {
+            (Level::Avx512, F32(w)) => rows_f32_x16(x, w, m, k, out),
+            (Level::Avx512, F16(w)) => rows_f16_x16(x, w, m, k, out),
+            (Level::Avx2, F32(w)) => rows_f32(x, w, m, k, out),
+            (Level::Avx2, F16(w)) => rows_f16(x, w, m, k, out),
+        }
+    }
+}
+
 /// The sum of a vector's eight lanes, in a fixed order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -248,49 +273,3 @@ tiled!(
     load_f32x16,
     hsum16
 );
-
-#[cfg(all(test, target_arch = "x86_64"))]
-mod tests {
-    use super::*;
-
-    /// Every tile shape and a column tail, against f64 sums.
-    #[test]
-    fn tiles_match_plain_sums_at_every_shape() {
-        let Some(level) = level() else {
-            return;
-        };
-        let shapes = (1..=9).flat_map(|m| (1..=7).map(move |n| (m, n, 16 + 8 * n + m)));
-        for (m, n, k) in shapes.chain([(16, 6, 576), (3, 2, 7)]) {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
-                .collect();
-            let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
-            let mut outs = vec![vec![0f32; n * m]; 4];
-            #[allow(unsafe_code)]
-            // SAFETY: `level` detected AVX2, FMA and F16C, and AVX-512F for the 16-lane ones.
-            unsafe {
-                rows_f32(&x, &w, m, k, &mut outs[0]);
-                rows_f16(&x, &wh, m, k, &mut outs[1]);
-                if level == Level::Avx512 {
-                    rows_f32_x16(&x, &w, m, k, &mut outs[2]);
-                    rows_f16_x16(&x, &wh, m, k, &mut outs[3]);
-                } else {
-                    outs.truncate(2);
-                }
-            }
-            for r in 0..n {
-                for i in 0..m {
-                    let want: f64 = (0..k)
-                        .map(|j| f64::from(w[r * k + j]) * f64::from(x[i * k + j]))
-                        .sum();
-                    for got in outs.iter().map(|o| o[r * m + i]) {
-                        assert!((f64::from(got) - want).abs() < 1e-3, "{m}×{n}×{k} {r},{i}");
-                    }
-                }
-            }
-        }
-    }
-}

@@ -141,23 +141,34 @@ impl BlockPool {
             .count()
     }
 
-    /// New blocks a prompt of `tokens` would take, given what is cached.
-    pub fn blocks_needed(&self, tokens: &[u32]) -> usize {
+    /// For a prompt of `tokens`, given what is cached: the new blocks it would take, and the
+    /// tokens [`Self::allocate`] would leave to compute (the prompt less the cached blocks it
+    /// reuses). One hashing pass, nothing allocated.
+    pub fn prompt_need(&self, tokens: &[u32]) -> (usize, usize) {
         let hashes = sequence_hashes(tokens, self.block_size);
-        self.blocks_for(tokens.len()) - self.cached_prefix(&hashes)
+        let cached = self.cached_prefix(&hashes);
+        let reused = self.reusable(cached, tokens.len());
+        (
+            self.blocks_for(tokens.len()) - cached,
+            tokens.len() - reused * self.block_size,
+        )
+    }
+
+    /// Of `cached` leading blocks of a `len`-token prompt, those reused: never the whole
+    /// prompt, since its last token must be computed to produce output.
+    fn reusable(&self, cached: usize, len: usize) -> usize {
+        if cached > 0 && cached * self.block_size >= len {
+            cached - 1
+        } else {
+            cached
+        }
     }
 
     /// Allocates blocks for a prompt, reusing its cached prefix. `None` (and no change) when
     /// there are not enough blocks.
     pub fn allocate(&mut self, tokens: &[u32]) -> Option<SeqBlocks> {
         let hashes = sequence_hashes(tokens, self.block_size);
-        let matched = self.cached_prefix(&hashes);
-        // Never reuse the whole prompt: the last token must be computed to produce output.
-        let matched = if matched * self.block_size >= tokens.len() && matched > 0 {
-            matched - 1
-        } else {
-            matched
-        };
+        let matched = self.reusable(self.cached_prefix(&hashes), tokens.len());
         let reused: Vec<BlockId> = hashes[..matched]
             .iter()
             .filter_map(|h| self.by_hash.get(&h.sequence).copied())

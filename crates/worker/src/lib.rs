@@ -330,7 +330,7 @@ impl Generate {
         let model = request.model.clone();
         match self.start(request, &ctx).await {
             Ok(stream) => {
-                let stream = request_log::Logged::new(stream, &self.endpoint, leg, &model, prompt);
+                let stream = request_log::Logged::new(stream, &self.endpoint, leg, model, prompt);
                 Ok(stream.map(|item| item.map_err(engine_error)).boxed())
             }
             Err(e) => {

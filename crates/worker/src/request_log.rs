@@ -50,14 +50,14 @@ impl<S> Logged<S> {
         inner: S,
         endpoint: &str,
         leg: &'static str,
-        model: &str,
+        model: String,
         prompt_tokens: usize,
     ) -> Self {
         Self {
             inner,
             span: tracing::Span::current(),
             endpoint: endpoint.to_string(),
-            model: model.to_string(),
+            model,
             leg,
             started: Instant::now(),
             prompt_tokens,
