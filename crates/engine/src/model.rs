@@ -112,8 +112,8 @@ fn kernel_matmul(
 /// Row counts for which [`tandem_kernels::matmul_small_m`] beats candle's f32 matmul (inside
 /// the engine's pool). With the register-tiled kernels (3 weight rows × 4 batch rows; AVX2 or
 /// AVX-512) it is ahead through decode batches: at 16 rows 188–192 tok/s against candle's
-/// GEMM 154–156; at a 480-token prefill the two are even, so longer prompts stay on the GEMM
-/// (prompts of up to 64 tokens take the kernel).
+/// GEMM 154–156; at a 480-token prefill the two are even, so prompts take the GEMM (or, on
+/// AVX-512 CPUs, [`tandem_kernels::tall`]).
 const SMALL_M_F32: std::ops::RangeInclusive<usize> = 1..=64;
 /// The same with the portable kernel (CPUs without AVX2; one weight row at a time, measured
 /// before the tiles: ahead at 8 rows, even at 12, behind at 16).
@@ -122,9 +122,13 @@ const SMALL_M_F32_PORTABLE: std::ops::RangeInclusive<usize> = 1..=11;
 /// rows: kernel 172–193 tok/s, widening + GEMM 91–94).
 const SMALL_M_F16: std::ops::RangeInclusive<usize> = 1..=64;
 
-/// `x · wᵀ` for a decode batch on the CPU with f32 or f16 weights and activations (the
-/// result in the activations' dtype), or `None` when another path applies.
-fn small_m_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+/// `x · wᵀ` on the CPU with f32 or f16 weights and activations through one of our kernels (the
+/// result in the activations' dtype), or `None` when candle's matmul applies: the small-batch
+/// kernel for the rows of a decode batch in `SMALL_M_*`; [`tandem_kernels::tall`] for more
+/// rows (prompts) on AVX-512 CPUs, where candle's GEMM runs 8-lane AVX2 (480-token prompt,
+/// alternating on an AVX-512 Xeon: f32 439–449 → 521–527 tok/s, f16 412–424 → 519–548;
+/// docs/benchmarks.md, change 13).
+fn cpu_matmul(x: &Tensor, w: &Tensor, decode_batch: bool) -> candle_core::Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     let dtype = w.dtype();
     let rows = if dtype == DType::F16 {
@@ -134,7 +138,8 @@ fn small_m_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>>
     } else {
         SMALL_M_F32_PORTABLE
     };
-    if !rows.contains(&m)
+    let small = decode_batch && rows.contains(&m);
+    if !(small || tandem_kernels::tall::available())
         || !x.device().is_cpu()
         || !matches!(
             (x.dtype(), dtype),
@@ -148,15 +153,22 @@ fn small_m_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>>
         return Ok(None);
     }
     let rows = f32_elements(x)?;
-    let y = match dtype {
-        DType::F16 => with_cpu_slice(w, |w: &[half::f16]| {
-            tandem_kernels::matmul_small_m_f16(&rows, w, m, k, n)
+    let y = match (dtype, small) {
+        (DType::F16, true) => with_cpu_slice(w, |w: &[half::f16]| {
+            Some(tandem_kernels::matmul_small_m_f16(&rows, w, m, k, n))
         })?,
-        _ => with_cpu_slice(w, |w: &[f32]| {
-            tandem_kernels::matmul_small_m(&rows, w, m, k, n)
+        (_, true) => with_cpu_slice(w, |w: &[f32]| {
+            Some(tandem_kernels::matmul_small_m(&rows, w, m, k, n))
+        })?,
+        (DType::F16, false) => with_cpu_slice(w, |w: &[half::f16]| {
+            tandem_kernels::tall::matmul(&rows, tandem_kernels::tall::Weights::F16(w), m, k, n)
+        })?,
+        (_, false) => with_cpu_slice(w, |w: &[f32]| {
+            tandem_kernels::tall::matmul(&rows, tandem_kernels::tall::Weights::F32(w), m, k, n)
         })?,
     };
-    y.map(|y| Tensor::from_vec(y, (m, n), x.device())?.to_dtype(x.dtype()))
+    y.flatten()
+        .map(|y| Tensor::from_vec(y, (m, n), x.device())?.to_dtype(x.dtype()))
         .transpose()
 }
 
@@ -176,18 +188,14 @@ fn widen_f16(w: &Tensor) -> candle_core::Result<Tensor> {
 
 impl Linear {
     /// `decode_batch`: the rows are one new token each of different sequences. Only then
-    /// does the small-batch kernel run; prefills keep candle's matmul, which is what the
-    /// reference model computes them with.
+    /// does the small-batch kernel run; prefills take candle's matmul, or
+    /// [`tandem_kernels::tall`] on AVX-512 CPUs (the reference tests hold either way).
     fn forward_step(&self, x: &Tensor, decode_batch: bool) -> candle_core::Result<Tensor> {
         let y = match &self.w {
             Weights::Q4_1(w) => kernel_matmul(x, w.rows(), |x, m| w.matmul(x, m))?,
             Weights::Q8_0(w) => kernel_matmul(x, w.rows(), |x, m| w.matmul(x, m))?,
             Weights::Candle(QMatMul::Tensor(w)) => {
-                let small = if decode_batch {
-                    small_m_matmul(x, w)?
-                } else {
-                    None
-                };
+                let small = cpu_matmul(x, w, decode_batch)?;
                 match small {
                     Some(y) => y,
                     // candle's f16 matmul on the CPU runs at a third of its f32 speed (and

@@ -12,6 +12,10 @@
 //! to f32 in registers (F16C) once for the four rows that use them; without F16C, into an f32
 //! scratch buffer per task that stays in cache.
 //!
+//! [`tall::matmul`]: `y = x · wᵀ` for the many rows of a prompt on AVX-512F CPUs, where
+//! candle's GEMM runs its AVX2 microkernel: tiles of 4 weight rows × 6 rows in registers,
+//! each thread a band of rows (see [`tall`]).
+//!
 //! [`attention::decode_attention`]: decode rows attend over keys and values read in place from
 //! the paged cache (no gather, no repeated KV heads).
 //!
@@ -23,6 +27,7 @@
 pub mod attention;
 pub mod q4_1;
 pub mod q8_0;
+pub mod tall;
 mod tiles;
 
 pub use q4_1::Q4_1Weights;
