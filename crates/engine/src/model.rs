@@ -343,8 +343,9 @@ pub struct Model {
     /// kernel's parallel loop starts on a worker that joins in, instead of handing every
     /// matmul from the scheduler's thread to the pool and sleeping until it is done.
     pool: Option<rayon::ThreadPool>,
-    /// Decode rows attend through [`tandem_kernels::attention`] where it applies (CPU, f32
-    /// cache); otherwise, or when false, through gathered contexts and candle's ops.
+    /// Every row attends through [`tandem_kernels::attention`] where it applies (CPU, f32
+    /// cache; a prompt row over its context up to itself); otherwise, or when false, through
+    /// gathered contexts and candle's ops.
     pub paged_attention: bool,
 }
 
@@ -686,18 +687,23 @@ impl Model {
         let sin = self.sin.index_select(&positions, 0)?;
 
         let paged = self.paged_attention
-            && n_decode > 0
             && dev.is_cpu()
             && cache.k.first().is_some_and(|k| k.dtype() == DType::F32);
-        // With the paged kernel, each decode row's context slots in position order.
-        let decode_slots: Vec<Vec<u32>> = if paged {
-            seqs[..n_decode]
-                .iter()
-                .map(|s| (0..=s.start).map(|p| slot(s, p)).collect())
+        // With the paged kernel, each sequence's slots in position order; a row attends over
+        // a prefix of its sequence's (a decode row the whole context, a prompt row the
+        // context up to its own position: the causal mask).
+        let seq_slots: Vec<Vec<u32>> = if paged {
+            seqs.iter()
+                .map(|s| (0..s.start + s.tokens.len()).map(|p| slot(s, p)).collect())
                 .collect()
         } else {
             Vec::new()
         };
+        let paged_slots: Vec<&[u32]> = seqs
+            .iter()
+            .zip(&seq_slots)
+            .flat_map(|(s, all)| (0..s.tokens.len()).map(move |i| &all[..=s.start + i]))
+            .collect();
         // Decode rows grouped by context length: a group attends as one batched matmul with
         // no padding, which keeps every row's arithmetic identical to a solo run (padding
         // would move elements between SIMD lanes and the scalar tail of the reductions).
@@ -735,9 +741,9 @@ impl Model {
         } else {
             None
         };
-        // Contexts and causal masks of the prefill rows.
+        // Contexts and causal masks of the prefill rows (for candle's ops).
         let mut prefill_ctx = Vec::new();
-        for s in &seqs[n_decode..] {
+        for s in &seqs[if paged { seqs.len() } else { n_decode }..] {
             let t = s.tokens.len();
             let ctx = s.start + t;
             let gather: Vec<u32> = (0..ctx).map(|p| slot(s, p)).collect();
@@ -788,7 +794,7 @@ impl Model {
             let q = q.squeeze(0)?; // [nh, tokens, hd]
             let mut outs = Vec::with_capacity(1 + prefill_ctx.len());
             if paged {
-                outs.push(self.paged_decode(&q, n_decode, &decode_slots, cache, l)?);
+                outs.push(self.paged(&q, &paged_slots, cache, l)?);
             }
             let mut decoded = Vec::with_capacity(decode_ctx.len());
             for (rows, g, gather, len) in &decode_ctx {
@@ -867,18 +873,19 @@ impl Model {
         logits.to_vec2::<f32>()
     }
 
-    /// The decode rows' attention output `[rows, heads × head_dim]`, read in place from
-    /// layer `l`'s cache (already holding this step's keys and values).
-    fn paged_decode(
+    /// The attention output `[rows, heads × head_dim]` of every row of the step (`slots[r]`:
+    /// row `r`'s context), read in place from layer `l`'s cache (already holding this step's
+    /// keys and values).
+    fn paged(
         &self,
         q: &Tensor,
-        rows: usize,
-        slots: &[Vec<u32>],
+        slots: &[&[u32]],
         cache: &KvCache,
         l: usize,
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let q = f32_elements(&q.narrow(1, 0, rows)?.transpose(0, 1)?)?;
+        let rows = slots.len();
+        let q = f32_elements(&q.transpose(0, 1)?)?;
         let heads = tandem_kernels::attention::Heads {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
@@ -887,7 +894,7 @@ impl Model {
         let y = with_cpu_slice(&cache.k[l], |k: &[f32]| {
             with_cpu_slice(&cache.v[l], |v: &[f32]| {
                 let kv = tandem_kernels::attention::PagedKv { k, v };
-                tandem_kernels::attention::decode_attention(&q, slots, kv, heads)
+                tandem_kernels::attention::paged_attention(&q, slots, kv, heads)
             })
         })?
         .transpose()?

@@ -1,6 +1,9 @@
-//! Decode attention that reads keys and values where the paged cache keeps them.
+//! Attention that reads keys and values where the paged cache keeps them.
 //!
-//! A decode row is one new query per sequence. For each (row, head) the scores against every
+//! A row is one query: a decode row (one new token of a sequence) attends over its whole
+//! context, a prompt row over the context up to its own position (the causal mask is the
+//! length of its slot list; a prompt's rows share one list, each taking a prefix). For each
+//! (row, head) the scores against every
 //! cached position are `q · k / √d`, softmaxed, and the output is the probability-weighted sum
 //! of the values. Position `t` of a row lives at cache slot `slots[t]` (block id × block size +
 //! offset), so keys and values are read in place: no gather into a contiguous copy, no copy
@@ -28,7 +31,7 @@ pub struct Heads {
 
 /// `q`: rows × heads × head_dim. `slots[r]`: the cache slots of row `r`'s context, in
 /// position order (its new key and value already written). Returns rows × heads × head_dim.
-pub fn decode_attention(q: &[f32], slots: &[Vec<u32>], kv: PagedKv<'_>, h: Heads) -> Vec<f32> {
+pub fn paged_attention(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads) -> Vec<f32> {
     let hd = h.head_dim;
     assert_eq!(
         q.len(),
@@ -48,7 +51,7 @@ pub fn decode_attention(q: &[f32], slots: &[Vec<u32>], kv: PagedKv<'_>, h: Heads
             let offset = (head / group) * hd;
             arch.dispatch(Head {
                 q: qh,
-                slots: &slots[row],
+                slots: slots[row],
                 kv,
                 kv_dim,
                 offset,
@@ -185,7 +188,8 @@ mod tests {
         let q: Vec<f32> = (0..slots.len() * h.heads * h.head_dim)
             .map(|i| val(i, 13))
             .collect();
-        let got = decode_attention(&q, &slots, PagedKv { k: &k, v: &v }, h);
+        let rows: Vec<&[u32]> = slots.iter().map(Vec::as_slice).collect();
+        let got = paged_attention(&q, &rows, PagedKv { k: &k, v: &v }, h);
         let want = reference(&q, &slots, &k, &v, h);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((*g as f64 - w).abs() < 1e-5, "[{i}] {g} vs {w}");

@@ -16,8 +16,8 @@
 //! candle's GEMM runs its AVX2 microkernel: tiles of 4 weight rows × 6 rows in registers,
 //! each thread a band of rows (see [`tall`]).
 //!
-//! [`attention::decode_attention`]: decode rows attend over keys and values read in place from
-//! the paged cache (no gather, no repeated KV heads).
+//! [`attention::paged_attention`]: decode and prompt rows attend over keys and values read in
+//! place from the paged cache (no gather, no repeated KV heads).
 //!
 //! [`Q4_1Weights`]: GGUF's Q4_1 blocks × f32 activations, bit-identical to candle's (scalar)
 //! quantized matmul, with AVX2 integer dot products and each unpacked weight block reused by
