@@ -9,11 +9,14 @@
 //! offset), so keys and values are read in place: no gather into a contiguous copy, no copy
 //! per repeated KV head for grouped-query attention (query head `h` reads KV head
 //! `h / (heads / kv_heads)`), and no batching by context length. (row, head) pairs run in
-//! parallel on rayon; the dot products and the weighted sum use pulp's SIMD (AVX2+FMA or
-//! AVX-512 where present).
+//! parallel on rayon; on AVX-512 CPUs with heads of 32, 64 or 128 values through [`wide`]
+//! (sixteen scores per reduction, vector exponentials), elsewhere through pulp's SIMD (AVX2 and
+//! FMA at best).
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
+
+mod wide;
 
 /// One layer's cache: `[slots, kv_heads × head_dim]` row-major keys and values.
 #[derive(Clone, Copy)]
@@ -43,12 +46,17 @@ pub fn paged_attention(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads) -
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; q.len()];
     let arch = Arch::new();
+    let wide = wide::applies(hd);
     out.par_chunks_mut(hd)
         .zip(q.par_chunks(hd))
         .enumerate()
         .for_each_init(Vec::new, |scores, (i, (o, qh))| {
             let (row, head) = (i / h.heads, i % h.heads);
             let offset = (head / group) * hd;
+            if wide {
+                let (k, v) = (kv.k, kv.v);
+                return wide::head(qh, slots[row], k, v, kv_dim, offset, scale, scores, o);
+            }
             arch.dispatch(Head {
                 q: qh,
                 slots: slots[row],
@@ -169,30 +177,40 @@ mod tests {
 
     #[test]
     fn matches_gathered_attention_with_grouped_heads_and_scattered_slots() {
-        let h = Heads {
-            heads: 6,
-            kv_heads: 2,
-            head_dim: 20, // not a multiple of the SIMD width: exercises the tails
-        };
-        let n_slots = 64;
-        let kv_dim = h.kv_heads * h.head_dim;
-        let val = |i: usize, m: usize| ((i * m % 97) as f32 - 48.0) / 50.0;
-        let k: Vec<f32> = (0..n_slots * kv_dim).map(|i| val(i, 31)).collect();
-        let v: Vec<f32> = (0..n_slots * kv_dim).map(|i| val(i, 17)).collect();
-        // Three rows with contexts of different lengths in non-contiguous slots.
-        let slots = vec![
-            vec![5u32],
-            (0..37).map(|t| ((t * 7) % 64) as u32).collect(),
-            (10..29).rev().collect(),
-        ];
-        let q: Vec<f32> = (0..slots.len() * h.heads * h.head_dim)
-            .map(|i| val(i, 13))
-            .collect();
-        let rows: Vec<&[u32]> = slots.iter().map(Vec::as_slice).collect();
-        let got = paged_attention(&q, &rows, PagedKv { k: &k, v: &v }, h);
-        let want = reference(&q, &slots, &k, &v, h);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!((*g as f64 - w).abs() < 1e-5, "[{i}] {g} vs {w}");
+        // 20: not a multiple of the SIMD width (the portable path's tails); 32, 64 and 128:
+        // the AVX-512 path where the CPU has it.
+        for head_dim in [20, 32, 64, 128] {
+            let h = Heads {
+                heads: 6,
+                kv_heads: 2,
+                head_dim,
+            };
+            let n_slots = 64;
+            let kv_dim = h.kv_heads * h.head_dim;
+            let val = |i: usize, m: usize| ((i * m % 97) as f32 - 48.0) / 50.0;
+            let k: Vec<f32> = (0..n_slots * kv_dim).map(|i| val(i, 31)).collect();
+            let v: Vec<f32> = (0..n_slots * kv_dim).map(|i| val(i, 17)).collect();
+            // Rows with contexts of different lengths (one key, under and over a group of
+            // sixteen, several groups) in non-contiguous slots.
+            let slots = vec![
+                vec![5u32],
+                (0..37).map(|t| ((t * 7) % 64) as u32).collect(),
+                (10..29).rev().collect(),
+                (0..64).rev().collect(),
+                (0..16).map(|t| t * 4).collect(),
+            ];
+            let q: Vec<f32> = (0..slots.len() * h.heads * h.head_dim)
+                .map(|i| val(i, 13))
+                .collect();
+            let rows: Vec<&[u32]> = slots.iter().map(Vec::as_slice).collect();
+            let got = paged_attention(&q, &rows, PagedKv { k: &k, v: &v }, h);
+            let want = reference(&q, &slots, &k, &v, h);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() < 1e-5,
+                    "head_dim {head_dim} [{i}] {g} vs {w}"
+                );
+            }
         }
     }
 }
