@@ -17,6 +17,10 @@
 //!   running sum as vectors — each lane sees the same IEEE operations in the same order as
 //!   candle's scalar loop, so the result is bit-identical, while eight rows' sums advance at
 //!   once instead of one dependent scalar chain;
+//! - on AVX-512 with VNNI, does the same with `vpdpbusd` on four rows' nibbles per vector
+//!   (each 128-bit quarter one row: low nibbles against the block's first sixteen activations,
+//!   high nibbles against the last sixteen), one transposing reduction per block for the
+//!   panel's eight rows, and the same per-lane float operations — bit-identical again;
 //! - splits the panels across cores with rayon.
 
 use half::f16;
@@ -101,6 +105,12 @@ impl Q4_1Weights {
 
     /// Panels `first..` against every row of `x`; `out` is panels × m.
     fn task(&self, x: &Q8_1Rows, first: usize, out: &mut [[f32; PANEL]]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has the features `avx512::panels` enables (checked just above).
+            return unsafe { avx512::panels(self, x, first, out) };
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(simd) = pulp::x86::V3::try_new() {
             return simd.vectorize(|| avx2::panels(simd, self, x, first, out));
@@ -247,6 +257,89 @@ mod avx2 {
             }
             for (lanes, a) in per_row.iter_mut().zip(&acc) {
                 *lanes = bytemuck::cast(*a);
+            }
+        }
+    }
+}
+
+/// The AVX-512 VNNI form of [`avx2::panels`]: same sums, same float operations per lane.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{PANEL, Q4_1Weights, Q8_1Rows};
+    use core::arch::x86_64::{
+        __m256, __m512i, _MM_PERM_BADC, _mm_loadu_si128, _mm256_add_ps, _mm256_cvtepi32_ps,
+        _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+        _mm512_add_epi32, _mm512_and_si512, _mm512_broadcast_i32x4, _mm512_castsi512_si256,
+        _mm512_dpbusd_epi32, _mm512_loadu_si512, _mm512_permutexvar_epi32, _mm512_set1_epi8,
+        _mm512_setr_epi32, _mm512_setzero_si512, _mm512_shuffle_epi32, _mm512_srli_epi16,
+        _mm512_unpackhi_epi32, _mm512_unpacklo_epi32,
+    };
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// Lane `r` of the result: the sum of row `r`'s four partial sums, rows 0–3 one per
+    /// 128-bit quarter of `a`, rows 4–7 of `b` (integer sums: exact in any order).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    #[inline]
+    fn reduce(a: __m512i, b: __m512i) -> core::arch::x86_64::__m256i {
+        // Per quarter q: [a0+a2, b0+b2, a1+a3, b1+b3], then [Σa, Σb, Σa, Σb].
+        let s = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<_MM_PERM_BADC>(s));
+        // Rows 0–3 are element 0 of quarters 0–3, rows 4–7 element 1.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+        _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, s))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    pub(super) fn panels(w: &Q4_1Weights, x: &Q8_1Rows, first: usize, out: &mut [[f32; PANEL]]) {
+        let nb = w.blocks_per_row();
+        let m = x.rows();
+        let nibble = _mm512_set1_epi8(0x0F);
+        let mut acc: Vec<__m256> = vec![_mm256_setzero_ps(); m];
+        for (p, per_row) in out.chunks_exact_mut(m).enumerate() {
+            let wb = (first + p) * nb;
+            acc.fill(_mm256_setzero_ps());
+            for b in 0..nb {
+                let slot = wb + b;
+                let qs: &[[u8; 16]; PANEL] = &w.qs[slot];
+                #[allow(unsafe_code)]
+                // SAFETY: `qs` is 8 × 16 contiguous bytes: two 64-byte loads; each `x.qs`
+                // block is 32 bytes: two 16-byte loads; `w.d`/`w.m` slots are 8 f32s.
+                unsafe {
+                    let raw0 = _mm512_loadu_si512(qs.as_ptr().cast());
+                    let raw1 = _mm512_loadu_si512(qs.as_ptr().add(4).cast());
+                    let lo0 = _mm512_and_si512(raw0, nibble);
+                    let hi0 = _mm512_and_si512(_mm512_srli_epi16::<4>(raw0), nibble);
+                    let lo1 = _mm512_and_si512(raw1, nibble);
+                    let hi1 = _mm512_and_si512(_mm512_srli_epi16::<4>(raw1), nibble);
+                    let dw = _mm256_loadu_ps(w.d[slot].as_ptr());
+                    let mw = _mm256_loadu_ps(w.m[slot].as_ptr());
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xb = r * nb + b;
+                        let xq = x.qs[xb].as_ptr();
+                        let xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(xq.cast()));
+                        let xhi = _mm512_broadcast_i32x4(_mm_loadu_si128(xq.add(16).cast()));
+                        let z = _mm512_setzero_si512();
+                        let s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo0, xlo), hi0, xhi);
+                        let s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo1, xlo), hi1, xhi);
+                        let sumi = _mm256_cvtepi32_ps(reduce(s0, s1));
+                        // (sumi · d_w) · d_x + m_w · s_x, then the running sum: candle's order.
+                        let t = _mm256_mul_ps(_mm256_mul_ps(sumi, dw), _mm256_set1_ps(x.d[xb]));
+                        let u = _mm256_mul_ps(mw, _mm256_set1_ps(x.s[xb]));
+                        *a = _mm256_add_ps(*a, _mm256_add_ps(t, u));
+                    }
+                }
+            }
+            for (lanes, a) in per_row.iter_mut().zip(&acc) {
+                #[allow(unsafe_code)]
+                // SAFETY: `lanes` holds eight f32s.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a)
+                };
             }
         }
     }
