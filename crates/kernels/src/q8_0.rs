@@ -7,7 +7,9 @@
 //! x, `vpmaddwd` with ones) by FMA, and the lanes are summed at the end in a fixed order. This
 //! kernel does the same per output, but converts the weight scales at load, takes |w| once per
 //! weight block for every row of the batch, and runs without candle's second thread pool
-//! (rayon over weight rows).
+//! (rayon over weight rows). On AVX-512 with VNNI, two blocks per vector: `vpdpbusd` makes
+//! the same eight 4-product sums per block (no saturation either way: |w| ≤ 128, |x| ≤ 127),
+//! and the blocks' FMAs still run one after the other into the same eight lanes.
 
 use half::f16;
 use rayon::prelude::*;
@@ -59,6 +61,19 @@ impl Q8_0Weights {
             return yt;
         }
         let (xd, xq) = quantize(x);
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            yt.par_chunks_mut(ROWS_PER_TASK * m)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    #[allow(unsafe_code)]
+                    // SAFETY: the CPU has the features `avx512::rows` enables (checked above).
+                    unsafe {
+                        avx512::rows(self, &xd, &xq, task * ROWS_PER_TASK, out)
+                    }
+                });
+            return crate::transpose(&yt, self.n, m);
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(simd) = pulp::x86::V3::try_new() {
             yt.par_chunks_mut(ROWS_PER_TASK * m)
@@ -136,6 +151,93 @@ mod avx2 {
             }
             for (y, a) in o.iter_mut().zip(&acc) {
                 *y = hsum(simd, *a);
+            }
+        }
+    }
+}
+
+/// The AVX-512 VNNI form of [`avx2::rows`]: the same lanes, the same FMA order.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{BLOCK, Q8_0Weights};
+    use core::arch::x86_64::{
+        __m256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehdup_ps, _mm_movehl_ps,
+        _mm256_castps256_ps128, _mm256_cvtepi32_ps, _mm256_extractf128_ps, _mm256_fmadd_ps,
+        _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_set1_epi16, _mm256_set1_ps,
+        _mm256_setzero_ps, _mm256_sign_epi8, _mm512_abs_epi8, _mm512_castps512_ps256,
+        _mm512_cvtepi32_ps, _mm512_dpbusd_epi32, _mm512_extractf32x8_ps, _mm512_loadu_si512,
+        _mm512_mask_sub_epi8, _mm512_movepi8_mask, _mm512_setzero_si512,
+    };
+
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// candle's `hsum_float_8`, operation for operation.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+    #[inline]
+    fn hsum(x: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+    pub(super) fn rows(
+        w: &Q8_0Weights,
+        xd: &[f32],
+        xq: &[[i8; BLOCK]],
+        first: usize,
+        out: &mut [f32],
+    ) {
+        let nb = w.k / BLOCK;
+        let m = xd.len() / nb;
+        let pairs = nb / 2;
+        let mut acc: Vec<__m256> = vec![_mm256_setzero_ps(); m];
+        for (j, o) in out.chunks_exact_mut(m).enumerate() {
+            let wb = (first + j) * nb;
+            acc.fill(_mm256_setzero_ps());
+            #[allow(unsafe_code)]
+            // SAFETY: blocks `wb + 2p` and `wb + 2p + 1` (and `xb`, `xb + 1`) are adjacent
+            // 32-byte arrays of one row, so each 64-byte load stays inside its `Vec`.
+            unsafe {
+                for p in 0..pairs {
+                    let b = 2 * p;
+                    let wq = _mm512_loadu_si512(w.qs[wb + b].as_ptr().cast());
+                    let aw = _mm512_abs_epi8(wq);
+                    let neg = _mm512_movepi8_mask(wq);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xb = r * nb + b;
+                        let x = _mm512_loadu_si512(xq[xb].as_ptr().cast());
+                        // x with w's sign (where w is 0, |w| is 0: the sign does not matter).
+                        let sx = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+                        let q =
+                            _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, sx));
+                        let d0 = _mm256_set1_ps(w.d[wb + b] * xd[xb]);
+                        let d1 = _mm256_set1_ps(w.d[wb + b + 1] * xd[xb + 1]);
+                        *a = _mm256_fmadd_ps(d0, _mm512_castps512_ps256(q), *a);
+                        *a = _mm256_fmadd_ps(d1, _mm512_extractf32x8_ps::<1>(q), *a);
+                    }
+                }
+                if nb % 2 == 1 {
+                    // The odd last block as the AVX2 path computes it.
+                    let b = nb - 1;
+                    let wq: core::arch::x86_64::__m256i = bytemuck::cast(w.qs[wb + b]);
+                    let aw = _mm256_sign_epi8(wq, wq);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xb = r * nb + b;
+                        let sx = _mm256_sign_epi8(bytemuck::cast(xq[xb]), wq);
+                        let pairs = _mm256_maddubs_epi16(aw, sx);
+                        let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), pairs));
+                        *a = _mm256_fmadd_ps(_mm256_set1_ps(w.d[wb + b] * xd[xb]), q, *a);
+                    }
+                }
+            }
+            for (y, a) in o.iter_mut().zip(&acc) {
+                *y = hsum(*a);
             }
         }
     }
