@@ -68,12 +68,12 @@ pub struct CandleArgs {
     /// are loaded) given to the KV cache when `--kv-cache-blocks` is not set.
     #[arg(long = "kv-cache-memory-fraction", value_parser = memory_fraction)]
     pub kv_cache_memory_fraction: Option<f64>,
-    /// How decode rows attend on the CPU with f32 activations: `paged` reads keys and values
-    /// in place from the cache blocks (tandem's kernel); `gather` copies each context into a
-    /// tensor and uses candle's ops, as candle's reference model does; `auto`: paged, except
-    /// with `--dtype quantized`, whose 8-bit activations turn another summation order into
-    /// other tokens within a few steps (gather keeps it equal to the reference bit for bit).
-    /// Prefills and GPUs use candle's ops.
+    /// How decode and prompt rows attend on the CPU with f32 activations: `paged` reads keys
+    /// and values in place from the cache blocks (tandem's kernel; a prompt row over its
+    /// context up to itself); `gather` copies each context into a tensor and uses candle's
+    /// ops, as candle's reference model does; `auto`: paged, except with `--dtype quantized`,
+    /// whose 8-bit activations turn another summation order into other tokens (gather keeps
+    /// it equal to the reference bit for bit). GPUs use candle's ops.
     #[arg(long, value_enum, default_value = "auto")]
     pub attention_backend: AttentionBackend,
 }
