@@ -4,12 +4,18 @@
 //! in the batch are packed into one `[tokens, hidden]` matrix, so every projection and MLP
 //! runs once for all of them. Per layer, the new keys and values are scattered into their
 //! slots of the [`KvCache`] (slot = block id × block size + offset), then each sequence
-//! attends over the slots of its block table. Decode rows (one new token each) are attended
-//! together, their contexts gathered and padded to the longest; prefill rows one sequence at
-//! a time with a causal mask. Only the last row of each sequence reaches the output head.
+//! attends over the slots of its block table: on the CPU with f32 activations through
+//! [`tandem_kernels::attention::paged_attention`], which reads them in place (decode rows; on
+//! AVX-512 CPUs prompt rows too, each over its context up to itself); otherwise with the
+//! contexts gathered (decode rows grouped by context length, prompt rows one sequence at a
+//! time with a causal mask) and candle's ops. Only the last row of each sequence reaches the
+//! output head.
 //!
-//! The arithmetic follows candle-transformers' Llama models op for op (same RoPE table, same
-//! scaling, masking and softmax), which is what lets the tests demand identical greedy tokens.
+//! With gathered attention and candle's matmuls (`--dtype quantized`, or `--attention-backend
+//! gather` on a CPU without AVX-512) the arithmetic follows candle-transformers' Llama models
+//! op for op (same RoPE table, scaling, masking and softmax), which is what lets the tests
+//! demand identical greedy tokens; tandem's kernels sum in other orders, and the tests hold
+//! them to the reference's greedy tokens (f32) or a documented tolerance (f16).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
@@ -124,8 +130,9 @@ const SMALL_M_F16: std::ops::RangeInclusive<usize> = 1..=64;
 
 /// `x · wᵀ` on the CPU with f32 or f16 weights and activations through one of our kernels (the
 /// result in the activations' dtype), or `None` when candle's matmul applies: the small-batch
-/// kernel for the rows of a decode batch in `SMALL_M_*`; [`tandem_kernels::tall`] for more
-/// rows (prompts) on AVX-512 CPUs, where candle's GEMM runs 8-lane AVX2 (480-token prompt,
+/// kernel for the rows of a decode batch in `SMALL_M_*` (any product of so few rows on CPUs
+/// with `tall`); [`tandem_kernels::tall`] for every other product on AVX-512 CPUs, where
+/// candle's GEMM runs 8-lane AVX2 (480-token prompt,
 /// alternating on an AVX-512 Xeon: f32 439–449 → 521–527 tok/s, f16 412–424 → 519–548;
 /// docs/benchmarks.md, change 13).
 fn cpu_matmul(x: &Tensor, w: &Tensor, decode_batch: bool) -> candle_core::Result<Option<Tensor>> {
@@ -138,7 +145,10 @@ fn cpu_matmul(x: &Tensor, w: &Tensor, decode_batch: bool) -> candle_core::Result
     } else {
         SMALL_M_F32_PORTABLE
     };
-    let small = decode_batch && rows.contains(&m);
+    // Off a decode batch the small kernel still beats `tall` for a few rows (a short prompt,
+    // the output head after a prefill), where `tall` would pad them to a panel of 32; on
+    // CPUs without `tall` those stay on candle's GEMM, as its reference model computes them.
+    let small = rows.contains(&m) && (decode_batch || tandem_kernels::tall::available());
     if !(small || tandem_kernels::tall::available())
         || !x.device().is_cpu()
         || !matches!(
@@ -689,16 +699,23 @@ impl Model {
         let paged = self.paged_attention
             && dev.is_cpu()
             && cache.k.first().is_some_and(|k| k.dtype() == DType::F32);
+        // Prompt rows take the paged kernel where its 16-lane form runs (measured there:
+        // docs/benchmarks.md, changes 15–16); elsewhere they keep candle's ops.
+        let paged_prompts = paged && tandem_kernels::attention::wide(hd);
+        let n_paged = if paged_prompts {
+            seqs.len()
+        } else if paged {
+            n_decode
+        } else {
+            0
+        };
         // With the paged kernel, each sequence's slots in position order; a row attends over
         // a prefix of its sequence's (a decode row the whole context, a prompt row the
         // context up to its own position: the causal mask).
-        let seq_slots: Vec<Vec<u32>> = if paged {
-            seqs.iter()
-                .map(|s| (0..s.start + s.tokens.len()).map(|p| slot(s, p)).collect())
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let seq_slots: Vec<Vec<u32>> = seqs[..n_paged]
+            .iter()
+            .map(|s| (0..s.start + s.tokens.len()).map(|p| slot(s, p)).collect())
+            .collect();
         let paged_slots: Vec<&[u32]> = seqs
             .iter()
             .zip(&seq_slots)
@@ -744,7 +761,7 @@ impl Model {
         };
         // Contexts and causal masks of the prefill rows (for candle's ops).
         let mut prefill_ctx = Vec::new();
-        for s in &seqs[if paged { seqs.len() } else { n_decode }..] {
+        for s in &seqs[n_paged.max(n_decode)..] {
             let t = s.tokens.len();
             let ctx = s.start + t;
             let gather = head_rows(
@@ -797,7 +814,7 @@ impl Model {
 
             let q = q.squeeze(0)?; // [nh, tokens, hd]
             let mut outs = Vec::with_capacity(1 + prefill_ctx.len());
-            if paged {
+            if !paged_slots.is_empty() {
                 outs.push(self.paged(&q, &paged_slots, cache, l)?);
             }
             let mut decoded = Vec::with_capacity(decode_ctx.len());
@@ -889,7 +906,7 @@ impl Model {
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let rows = slots.len();
-        let q = f32_elements(&q.transpose(0, 1)?)?;
+        let q = f32_elements(&q.narrow(1, 0, rows)?.transpose(0, 1)?)?;
         let heads = tandem_kernels::attention::Heads {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
@@ -942,7 +959,11 @@ impl Model {
 /// position: the row of the cache seen as `[slots × kv_heads, head_dim]` that holds the key
 /// (or value) of that head's KV head there.
 fn head_rows(contexts: impl Iterator<Item = Vec<u32>>, heads: usize, kv_heads: usize) -> Vec<u32> {
-    let n_rep = (heads / kv_heads.max(1)).max(1);
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads),
+        "{heads} query heads do not group over {kv_heads} KV heads"
+    );
+    let n_rep = heads / kv_heads;
     let mut out = Vec::new();
     for ctx in contexts {
         for h in 0..heads {

@@ -3,9 +3,8 @@
 //! A row is one query: a decode row (one new token of a sequence) attends over its whole
 //! context, a prompt row over the context up to its own position (the causal mask is the
 //! length of its slot list; a prompt's rows share one list, each taking a prefix). For each
-//! (row, head) the scores against every
-//! cached position are `q · k / √d`, softmaxed, and the output is the probability-weighted sum
-//! of the values. Position `t` of a row lives at cache slot `slots[t]` (block id × block size +
+//! (row, head) the scores against every cached position are `q · k / √d`, softmaxed, and the
+//! output is the probability-weighted sum of the values. Position `t` of a row lives at cache slot `slots[t]` (block id × block size +
 //! offset), so keys and values are read in place: no gather into a contiguous copy, no copy
 //! per repeated KV head for grouped-query attention (query head `h` reads KV head
 //! `h / (heads / kv_heads)`), and no batching by context length. (row, head) pairs run in
@@ -17,6 +16,11 @@ use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 mod wide;
+
+/// Whether rows with heads of `head_dim` values take the 16-lane AVX-512 path on this CPU.
+pub fn wide(head_dim: usize) -> bool {
+    wide::applies(head_dim)
+}
 
 /// One layer's cache: `[slots, kv_heads × head_dim]` row-major keys and values.
 #[derive(Clone, Copy)]

@@ -13,8 +13,8 @@
 //! scratch buffer per task that stays in cache.
 //!
 //! [`tall::matmul`]: `y = x · wᵀ` for the many rows of a prompt on AVX-512F CPUs, where
-//! candle's GEMM runs its AVX2 microkernel: tiles of 4 weight rows × 6 rows in registers,
-//! each thread a band of rows (see [`tall`]).
+//! candle's GEMM runs its AVX2 microkernel: `x` packed into panels of 32 rows, tiles of 12
+//! weight rows × 32 rows of sums in registers, rayon tasks of 48 weight rows (see [`tall`]).
 //!
 //! [`attention::paged_attention`]: decode and prompt rows attend over keys and values read in
 //! place from the paged cache (no gather, no repeated KV heads).

@@ -279,6 +279,8 @@ mod avx512 {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
     }
 
     /// Lane `r` of the result: the sum of row `r`'s four partial sums, rows 0–3 one per

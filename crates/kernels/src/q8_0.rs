@@ -247,6 +247,43 @@ mod avx512 {
 mod tests {
     use super::*;
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_rows_equal_the_avx2_rows_bit_for_bit() {
+        let Some(simd) = pulp::x86::V3::try_new() else {
+            return;
+        };
+        if !avx512::available() {
+            eprintln!("no AVX-512 VNNI: nothing to compare");
+            return;
+        }
+        // An even and an odd number of blocks per row (two at a time, then the tail).
+        for (m, k, n) in [(1, 256, 7), (3, 96, 5), (8, 288, 4)] {
+            let bytes: Vec<u8> = (0..n * k / BLOCK)
+                .flat_map(|i| {
+                    let d = f16::from_f32(0.002 + (i % 5) as f32 * 0.001).to_le_bytes();
+                    let q = (0..BLOCK).map(move |e| ((i * 37 + e * 11) % 256) as u8);
+                    d.into_iter().chain(q)
+                })
+                .collect();
+            let w = Q8_0Weights::from_ggml(&bytes, n, k).unwrap();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 23) as f32 - 11.0) / 3.0)
+                .collect();
+            let (xd, xq) = quantize(&x);
+            let mut wide = vec![0f32; n * m];
+            let mut narrow = vec![0f32; n * m];
+            #[allow(unsafe_code)]
+            // SAFETY: AVX-512 VNNI was detected just above.
+            unsafe {
+                avx512::rows(&w, &xd, &xq, 0, &mut wide)
+            };
+            simd.vectorize(|| avx2::rows(simd, &w, &xd, &xq, 0, &mut narrow));
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&wide), bits(&narrow), "{m}x{k}x{n}");
+        }
+    }
+
     #[test]
     fn approximates_the_dequantized_product() {
         let (m, k, n) = (3, 96, 21);

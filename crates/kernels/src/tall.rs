@@ -8,11 +8,11 @@
 //! multiplied into the panel's two vectors, so the 12 × 32 sums stay in 24 of the 32 vector
 //! registers and no horizontal sum is ever needed (two loads and twelve broadcasts feed 24
 //! FMAs). The weights are read in place, never repacked: only the activations (`m × k`,
-//! small next to the weights) are. Columns are taken in blocks of at most [`KC`] so that a
+//! small next to the weights) are. Columns are taken in equal blocks of at most [`KC`] so that a
 //! tile's slice of weight rows stays in L1 while the panels stream from L2; a block's sums
 //! are added to `y`. f16 weights are widened once per task into a per-thread scratch.
 //!
-//! Each output is summed in column order, in blocks of `KC`, whatever the other rows.
+//! Each output is summed in column order, block by block, whatever the other rows.
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::{
@@ -182,6 +182,7 @@ fn products(
     k0: usize,
     sums: &mut [[f32; NR]; MR],
 ) {
+    debug_assert!(available(), "tall::products without AVX-512F");
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)]
     // SAFETY: `matmul` runs only after `available()` found AVX-512F.
@@ -198,7 +199,8 @@ fn products(
             4 => kernel::<4>(tile, k, panel, k0, sums),
             3 => kernel::<3>(tile, k, panel, k0, sums),
             2 => kernel::<2>(tile, k, panel, k0, sums),
-            _ => kernel::<1>(tile, k, panel, k0, sums),
+            1 => kernel::<1>(tile, k, panel, k0, sums),
+            _ => unreachable!("a tile has 1 to {MR} rows"),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -283,6 +285,8 @@ mod tests {
             (65, 64, 131),
             (100, 576, 60),
             (33, 1300, 13),
+            // Several tasks (weight rows past 48), each over several blocks of columns.
+            (40, 1300, 100),
             (13, 5, 3),
         ] {
             let x = values(m * k, 1);

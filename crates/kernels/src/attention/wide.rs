@@ -42,6 +42,10 @@ pub(super) fn head(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    debug_assert!(
+        applies(q.len()),
+        "wide::head without AVX-512F or for this head size"
+    );
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)]
     // SAFETY: `applies` found AVX-512F before any call (the caller's contract).
@@ -170,7 +174,8 @@ fn reduce16(a: &[__m512; 16]) -> __m512 {
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn exp_le0(x: __m512) -> __m512 {
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+    // NaN stays NaN (maxps returns its second operand when either is NaN), as in libm.
+    let x = _mm512_max_ps(_mm512_set1_ps(-104.0), x);
     let n = _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
     let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_145_75), x);
     let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428_606_8e-6), r);
