@@ -4,23 +4,29 @@
 # as shipped (tandem --dtype quantized), F16 and F32 (tandem dequantizes the Q4_1 file on load;
 # llama.cpp gets the same values as an F16 / F32 GGUF made here with the `gguf` package).
 #   scripts/bench-engine.sh [--write] [--formats q4_1,f16,f32] [--tokens 128] [--prompt-tokens 480]
+#                           [--isa avx2]
 # llama.cpp: llama-cpp-python 0.3.36 built from PyPI into .bench/venv-llamacpp (once, ~8 min on
 # 2 cores), driven through its C API by scripts/bench-llamacpp.py. tandem:
 # crates/engine/examples/engine_bench.rs (release). Both use THREADS threads (default: the
 # machine's cores; tandem's through RAYON_NUM_THREADS).
 # Prints a markdown table (tok/s and tandem ÷ llama.cpp); --write also puts it, with the CPU
 # named, between the "engine bench" markers of docs/benchmarks.md.
+# --isa avx2: both sides limited to AVX2 on an AVX-512 CPU, as on a CPU without AVX-512:
+# llama.cpp built for AVX2/FMA/F16C only (its own venv, .bench/venv-llamacpp-avx2), tandem with
+# TANDEM_CPU_KERNELS=avx2 (the worker's --cpu-kernels avx2); --write then fills the
+# "engine bench (avx2)" markers.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-write=0 formats=q4_1,f16,f32 tokens=128 prompt_tokens=480
+write=0 formats=q4_1,f16,f32 tokens=128 prompt_tokens=480 isa=auto
 while [ $# -gt 0 ]; do
   case "$1" in
     --write) write=1; shift ;;
     --formats) formats=$2; shift 2 ;;
     --tokens) tokens=$2; shift 2 ;;
     --prompt-tokens) prompt_tokens=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --isa) isa=$2; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-engine.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -28,6 +34,13 @@ threads=${THREADS:-$(nproc)}
 bash scripts/install-deps.sh >/dev/null
 model=$(bash scripts/fetch-model.sh)
 venv="$root/.bench/venv-llamacpp" models="$root/.bench/models" out="$root/.bench/engine"
+case "$isa" in
+  auto) marker="engine bench" ;;
+  avx2)
+    venv="$root/.bench/venv-llamacpp-avx2" marker="engine bench (avx2)"
+    export TANDEM_CPU_KERNELS=avx2 ;;
+  *) echo "bench-engine.sh: --isa auto or avx2, not $isa" >&2; exit 2 ;;
+esac
 mkdir -p "$models" "$out"
 # On CPUs with AMX (Intel Sapphire Rapids and later) llama.cpp's native build compiles its AMX
 # kernels in, and on such a machine here (a VM) every multi-token llama_decode crashed with
@@ -37,6 +50,9 @@ mkdir -p "$models" "$out"
 cmake_args=""
 if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
   cmake_args="-DCMAKE_C_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16 -DCMAKE_CXX_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
+fi
+if [ "$isa" = avx2 ]; then
+  cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 fi
 cmake_args="$cmake_args ${LLAMA_CMAKE_ARGS:-}"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import llama_cpp, gguf' 2>/dev/null \
@@ -72,7 +88,7 @@ done
 
 cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 table=$(python3 - "$results" "$cpu" "$threads" "$tokens" "$prompt_tokens" <<'PY'
-import json, sys, datetime
+import json, os, sys, datetime
 path, cpu, threads, tokens, ptoks = sys.argv[1:]
 rows = [json.loads(l) for l in open(path) if l.strip()]
 def key(r):
@@ -81,7 +97,8 @@ by = {}
 for r in rows:
     by.setdefault(key(r), {})[r["engine"]] = r["tok_s"]
 day = datetime.date.today().isoformat()
-print(f"`scripts/bench-engine.sh` on {cpu}, {threads} threads, {day}: greedy decode of {tokens} tokens "
+isa = " --isa avx2 (both sides limited to AVX2)" if os.environ.get("TANDEM_CPU_KERNELS") == "avx2" else ""
+print(f"`scripts/bench-engine.sh{isa}` on {cpu}, {threads} threads, {day}: greedy decode of {tokens} tokens "
       f"after ~30-token prompts (aggregate tok/s over the batch), prompt processing of one "
       f"{ptoks}-token prompt. llama.cpp: llama-cpp-python 0.3.36 built from PyPI, its batched C API.")
 print()
@@ -96,11 +113,11 @@ PY
 )
 echo "$table"
 if [ "$write" = 1 ]; then
-  python3 - "$root/docs/benchmarks.md" "$table" <<'PY'
+  python3 - "$root/docs/benchmarks.md" "$table" "$marker" <<'PY'
 import sys
-path, table = sys.argv[1:]
+path, table, marker = sys.argv[1:]
 s = open(path).read()
-start, end = "<!-- engine bench: start -->", "<!-- engine bench: end -->"
+start, end = f"<!-- {marker}: start -->", f"<!-- {marker}: end -->"
 block = f"{start}\n{table}\n{end}"
 if start in s and end in s:
     s = s[: s.index(start)] + block + s[s.index(end) + len(end):]

@@ -76,6 +76,19 @@ pub struct CandleArgs {
     /// it equal to the reference bit for bit). GPUs use candle's ops.
     #[arg(long, value_enum, default_value = "auto")]
     pub attention_backend: AttentionBackend,
+    /// The widest instruction set tandem's CPU kernels use: `auto`, the CPU's best; `avx2`
+    /// keeps them off their AVX-512 forms, as on a CPU without AVX-512 (to compare the paths
+    /// on one machine).
+    #[arg(long, value_enum, default_value = "auto", env = "TANDEM_CPU_KERNELS")]
+    pub cpu_kernels: CpuKernels,
+}
+
+/// `--cpu-kernels`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CpuKernels {
+    #[default]
+    Auto,
+    Avx2,
 }
 
 /// `--attention-backend`.
@@ -94,6 +107,7 @@ impl Default for CandleArgs {
             dtype: DtypeArg::Auto,
             kv_cache_memory_fraction: None,
             attention_backend: AttentionBackend::Auto,
+            cpu_kernels: CpuKernels::Auto,
         }
     }
 }
@@ -177,6 +191,7 @@ impl CandleEngine {
         }
         let loading = std::time::Instant::now();
         let device = parse_device(&args.device)?;
+        tandem_kernels::limit_to_avx2(args.cpu_kernels == CpuKernels::Avx2);
         let format = match (args.dtype, device.is_cpu()) {
             (DtypeArg::F32, _) => WeightFormat::Dense(DType::F32),
             (DtypeArg::Auto, false) | (DtypeArg::Bf16, _) => WeightFormat::Dense(DType::BF16),

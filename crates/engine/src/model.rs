@@ -5,8 +5,8 @@
 //! runs once for all of them. Per layer, the new keys and values are scattered into their
 //! slots of the [`KvCache`] (slot = block id × block size + offset), then each sequence
 //! attends over the slots of its block table: on the CPU with f32 activations through
-//! [`tandem_kernels::attention::paged_attention`], which reads them in place (decode rows; on
-//! AVX-512 CPUs prompt rows too, each over its context up to itself); otherwise with the
+//! [`tandem_kernels::attention::paged_attention`], which reads them in place (decode rows, and
+//! prompt rows each over its context up to itself); otherwise with the
 //! contexts gathered (decode rows grouped by context length, prompt rows one sequence at a
 //! time with a causal mask) and candle's ops. Only the last row of each sequence reaches the
 //! output head.
@@ -699,16 +699,9 @@ impl Model {
         let paged = self.paged_attention
             && dev.is_cpu()
             && cache.k.first().is_some_and(|k| k.dtype() == DType::F32);
-        // Prompt rows take the paged kernel where its 16-lane form runs (measured there:
-        // docs/benchmarks.md, changes 15–16); elsewhere they keep candle's ops.
-        let paged_prompts = paged && tandem_kernels::attention::wide(hd);
-        let n_paged = if paged_prompts {
-            seqs.len()
-        } else if paged {
-            n_decode
-        } else {
-            0
-        };
+        // Decode and prompt rows alike (docs/benchmarks.md, change 15: measured with the
+        // kernel's AVX2 form, the one CPUs without AVX-512 run).
+        let n_paged = if paged { seqs.len() } else { 0 };
         // With the paged kernel, each sequence's slots in position order; a row attends over
         // a prefix of its sequence's (a decode row the whole context, a prompt row the
         // context up to its own position: the causal mask).

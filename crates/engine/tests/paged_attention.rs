@@ -1,5 +1,5 @@
-//! The paged attention (keys and values read in place from the cache blocks; decode rows, and
-//! prompt rows on AVX-512 CPUs) against the gather path (contexts copied into tensors,
+//! The paged attention (keys and values read in place from the cache blocks; decode and
+//! prompt rows) against the gather path (contexts copied into tensors,
 //! candle's ops): with f32 weights a prompt many blocks long and a batch of prompts of
 //! different lengths decode the same greedy tokens either way. (`--dtype quantized` keeps the gather path by default: it quantizes every
 //! activation to 8 bits, so another summation order in attention moves values across rounding

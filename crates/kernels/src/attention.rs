@@ -8,14 +8,37 @@
 //! offset), so keys and values are read in place: no gather into a contiguous copy, no copy
 //! per repeated KV head for grouped-query attention (query head `h` reads KV head
 //! `h / (heads / kv_heads)`), and no batching by context length. (row, head) pairs run in
-//! parallel on rayon; on AVX-512 CPUs with heads of 32, 64 or 128 values through [`wide`]
-//! (sixteen scores per reduction, vector exponentials), elsewhere through pulp's SIMD (AVX2 and
-//! FMA at best).
+//! parallel on rayon; with heads of 32, 64 or 128 values through [`wide`] on AVX-512 CPUs
+//! (sixteen scores per reduction, vector exponentials) or [`wide8`] on AVX2 ones (the same
+//! with eight lanes), elsewhere through pulp's SIMD.
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
 
 mod wide;
+mod wide8;
+
+/// Which kernel attends one (row, head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// 16-lane AVX-512 ([`wide`]).
+    Wide,
+    /// 8-lane AVX2 + FMA ([`wide8`]).
+    Wide8,
+    /// pulp's SIMD, any head size.
+    Portable,
+}
+
+/// The fastest path this CPU has for heads of `head_dim` values.
+fn best_path(head_dim: usize) -> Path {
+    if wide::applies(head_dim) {
+        Path::Wide
+    } else if wide8::applies(head_dim) {
+        Path::Wide8
+    } else {
+        Path::Portable
+    }
+}
 
 /// Whether rows with heads of `head_dim` values take the 16-lane AVX-512 path on this CPU.
 pub fn wide(head_dim: usize) -> bool {
@@ -39,6 +62,11 @@ pub struct Heads {
 /// `q`: rows × heads × head_dim. `slots[r]`: the cache slots of row `r`'s context, in
 /// position order (its new key and value already written). Returns rows × heads × head_dim.
 pub fn paged_attention(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads) -> Vec<f32> {
+    attend(q, slots, kv, h, best_path(h.head_dim))
+}
+
+/// [`paged_attention`] on `path`, which this CPU must run.
+fn attend(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads, path: Path) -> Vec<f32> {
     let hd = h.head_dim;
     assert_eq!(
         q.len(),
@@ -50,16 +78,21 @@ pub fn paged_attention(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads) -
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; q.len()];
     let arch = Arch::new();
-    let wide = wide::applies(hd);
     out.par_chunks_mut(hd)
         .zip(q.par_chunks(hd))
         .enumerate()
         .for_each_init(Vec::new, |scores, (i, (o, qh))| {
             let (row, head) = (i / h.heads, i % h.heads);
             let offset = (head / group) * hd;
-            if wide {
-                let (k, v) = (kv.k, kv.v);
-                return wide::head(qh, slots[row], k, v, kv_dim, offset, scale, scores, o);
+            let (k, v) = (kv.k, kv.v);
+            match path {
+                Path::Wide => {
+                    return wide::head(qh, slots[row], k, v, kv_dim, offset, scale, scores, o);
+                }
+                Path::Wide8 => {
+                    return wide8::head(qh, slots[row], k, v, kv_dim, offset, scale, scores, o);
+                }
+                Path::Portable => {}
             }
             arch.dispatch(Head {
                 q: qh,
@@ -207,13 +240,23 @@ mod tests {
                 .map(|i| val(i, 13))
                 .collect();
             let rows: Vec<&[u32]> = slots.iter().map(Vec::as_slice).collect();
-            let got = paged_attention(&q, &rows, PagedKv { k: &k, v: &v }, h);
             let want = reference(&q, &slots, &k, &v, h);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (*g as f64 - w).abs() < 1e-5,
-                    "head_dim {head_dim} [{i}] {g} vs {w}"
-                );
+            // Every path this CPU has, not only the fastest.
+            let paths = [Path::Wide, Path::Wide8, Path::Portable]
+                .into_iter()
+                .filter(|p| match p {
+                    Path::Wide => wide::applies(head_dim),
+                    Path::Wide8 => wide8::applies(head_dim),
+                    Path::Portable => true,
+                });
+            for path in paths {
+                let got = attend(&q, &rows, PagedKv { k: &k, v: &v }, h, path);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-5,
+                        "{path:?} head_dim {head_dim} [{i}] {g} vs {w}"
+                    );
+                }
             }
         }
     }

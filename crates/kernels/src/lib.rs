@@ -33,6 +33,21 @@ mod tiles;
 pub use q4_1::Q4_1Weights;
 pub use q8_0::Q8_0Weights;
 
+/// Set when the kernels must keep off their AVX-512 forms.
+static AVX2_AT_MOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keeps every kernel to its AVX2 form (or narrower) even on an AVX-512 CPU, as on a CPU
+/// without AVX-512: to compare the paths on one machine, or to check the AVX2 ones there
+/// (the worker's `--cpu-kernels avx2`). Process-wide; meant to be set once at start-up.
+pub fn limit_to_avx2(on: bool) {
+    AVX2_AT_MOST.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the AVX-512 forms may run (the CPU must still have the features).
+pub(crate) fn avx512_allowed() -> bool {
+    !AVX2_AT_MOST.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 use half::f16;
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;

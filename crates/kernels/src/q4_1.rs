@@ -276,7 +276,8 @@ mod avx512 {
     };
 
     pub(super) fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
+        crate::avx512_allowed()
+            && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
             && std::arch::is_x86_feature_detected!("avx2")

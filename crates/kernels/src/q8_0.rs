@@ -170,7 +170,8 @@ mod avx512 {
     };
 
     pub(super) fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
+        crate::avx512_allowed()
+            && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512dq")
             && std::arch::is_x86_feature_detected!("avx512vnni")

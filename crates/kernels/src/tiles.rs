@@ -40,7 +40,10 @@ pub(crate) fn level() -> Option<Level> {
     let avx2 = std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c");
-    match (avx2, std::arch::is_x86_feature_detected!("avx512f")) {
+    match (
+        avx2,
+        crate::avx512_allowed() && std::arch::is_x86_feature_detected!("avx512f"),
+    ) {
         (true, true) => Some(Level::Avx512),
         (true, false) => Some(Level::Avx2),
         _ => None,

@@ -7,7 +7,7 @@ use candle_transformers::models::quantized_llama::ModelWeights;
 use futures::StreamExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use tandem_engine::{CandleArgs, CandleEngine, DtypeArg};
+use tandem_engine::{CandleArgs, CandleEngine, CpuKernels, DtypeArg};
 use tandem_engine_api::{BatchingArgs, Engine};
 use tandem_model::{ModelFiles, WeightsSource};
 use tandem_protocols::llm::{PreprocessedRequest, SamplingOptions, StopConditions};
@@ -158,8 +158,15 @@ pub fn engine(dtype: DtypeArg, blocks: usize, max_num_seqs: usize) -> Arc<Candle
         max_num_seqs,
         ..Default::default()
     };
+    // `TANDEM_CPU_KERNELS=avx2` (as the worker reads it) runs the kernels' AVX2 forms on an
+    // AVX-512 CPU: `reference_avx2.rs` sets it.
+    let cpu_kernels = match std::env::var("TANDEM_CPU_KERNELS").as_deref() {
+        Ok("avx2") => CpuKernels::Avx2,
+        _ => CpuKernels::Auto,
+    };
     let args = CandleArgs {
         dtype,
+        cpu_kernels,
         ..Default::default()
     };
     CandleEngine::start(&WeightsSource::Gguf(model_path()), &args, &batching, 8192).unwrap()

@@ -19,7 +19,9 @@ use core::arch::x86_64::{
 pub(super) fn applies(head_dim: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        matches!(head_dim, 32 | 64 | 128) && std::arch::is_x86_feature_detected!("avx512f")
+        matches!(head_dim, 32 | 64 | 128)
+            && crate::avx512_allowed()
+            && std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
