@@ -4,16 +4,149 @@
 //! context, a prompt row over the context up to its own position (the causal mask is the
 //! length of its slot list; a prompt's rows share one list, each taking a prefix). For each
 //! (row, head) the scores against every cached position are `q · k / √d`, softmaxed, and the
-//! output is the probability-weighted sum of the values. Position `t` of a row lives at cache slot `slots[t]` (block id × block size +
-//! offset), so keys and values are read in place: no gather into a contiguous copy, no copy
-//! per repeated KV head for grouped-query attention (query head `h` reads KV head
-//! `h / (heads / kv_heads)`), and no batching by context length. (row, head) pairs run in
-//! parallel on rayon; with heads of 32, 64 or 128 values through [`wide`] on AVX-512 CPUs
-//! (sixteen scores per reduction, vector exponentials) or [`wide8`] on AVX2 ones (the same
-//! with eight lanes), elsewhere through pulp's SIMD.
+//! output is the probability-weighted sum of the values. Position `t` of a row lives at cache
+//! slot `slots[t]` (block id × block size + offset), so keys and values are read in place: no
+//! gather into a contiguous copy, no copy per repeated KV head for grouped-query attention
+//! (query head `h` reads KV head `h / (heads / kv_heads)`), and no batching by context length.
+//! (row, head) pairs run in parallel on rayon; with heads of 32, 64 or 128 values through
+//! [`wide`] on AVX-512 CPUs (sixteen scores per reduction, vector exponentials) or [`wide8`] on
+//! AVX2 ones (the same with eight lanes; both from one macro, `vector_head!`), elsewhere
+//! through pulp's SIMD.
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
+
+/// Defines `applies(head_dim)` and `head(...)` for one vector width: one (row, head) with the
+/// query's `D` vectors in registers (pre-scaled by `1/√d`), scores made `$w` keys at a time and
+/// left in one vector by `$reduce` (a transposing reduction instead of one horizontal sum per
+/// score), the softmax exponentials by `$exp` (a vector polynomial for `x ≤ 0`, -inf → 0, NaN
+/// kept), their sum by `$hsum`, and the weighted sum of values at `D` FMAs a key. `wide` and
+/// `wide8` instantiate it; `$detect` says whether the CPU runs `$feat`.
+macro_rules! vector_head {
+    ($feat:literal, $w:literal, $detect:expr, $vec:ty, $zero:ident, $set1:ident, $load:ident,
+     $store:ident, $mul:ident, $sub:ident, $add:ident, $fma:ident, $reduce:ident, $exp:ident,
+     $hsum:ident) => {
+        /// Whether this CPU and head size take [`head`].
+        pub(super) fn applies(head_dim: usize) -> bool {
+            #[cfg(target_arch = "x86_64")]
+            {
+                matches!(head_dim, 32 | 64 | 128) && $detect
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = head_dim;
+                false
+            }
+        }
+
+        /// One head: `out = softmax(q · kᵀ · scale) · v` over the keys and values at `slots`
+        /// (rows of `k` / `v` of `kv_dim` values, this head's at `offset`). `scores`: scratch.
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn head(
+            q: &[f32],
+            slots: &[u32],
+            k: &[f32],
+            v: &[f32],
+            kv_dim: usize,
+            offset: usize,
+            scale: f32,
+            scores: &mut Vec<f32>,
+            out: &mut [f32],
+        ) {
+            debug_assert!(
+                applies(q.len()),
+                "head without {} or for this head size",
+                $feat
+            );
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            // SAFETY: `applies` found the features before any call (the caller's contract).
+            unsafe {
+                match q.len() {
+                    32 => head_d::<{ 32 / $w }>(q, slots, k, v, kv_dim, offset, scale, scores, out),
+                    64 => head_d::<{ 64 / $w }>(q, slots, k, v, kv_dim, offset, scale, scores, out),
+                    _ => head_d::<{ 128 / $w }>(q, slots, k, v, kv_dim, offset, scale, scores, out),
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = (q, slots, k, v, kv_dim, offset, scale, scores, out);
+                unreachable!("applies() is false off x86-64");
+            }
+        }
+
+        /// [`head`] for a head of `D` vectors.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        fn head_d<const D: usize>(
+            q: &[f32],
+            slots: &[u32],
+            k: &[f32],
+            v: &[f32],
+            kv_dim: usize,
+            offset: usize,
+            scale: f32,
+            scores: &mut Vec<f32>,
+            out: &mut [f32],
+        ) {
+            let hd = D * $w;
+            assert!(q.len() == hd && out.len() == hd && offset + hd <= kv_dim);
+            assert!(
+                slots
+                    .iter()
+                    .all(|&s| (s as usize + 1) * kv_dim <= k.len().min(v.len())),
+                "a slot outside the cache"
+            );
+            let n = slots.len();
+            let row = |s: u32| s as usize * kv_dim + offset;
+            #[allow(unsafe_code)]
+            // SAFETY (every load and store below): `q` and `out` hold `D` vectors (asserted); a
+            // key or value row starts at `row(s)` with `row(s) + hd <= (s + 1) * kv_dim <= len`
+            // (asserted for every slot); `scores` is resized to whole groups before it is
+            // written.
+            unsafe {
+                let sv = $set1(scale);
+                let qv: [$vec; D] =
+                    std::array::from_fn(|d| $mul($load(q.as_ptr().add($w * d)), sv));
+                scores.clear();
+                scores.resize(n.div_ceil($w) * $w, f32::NEG_INFINITY);
+                for (g, group) in slots.chunks($w).enumerate() {
+                    let mut acc = [$zero(); $w];
+                    for (a, &s) in acc.iter_mut().zip(group) {
+                        let kp = k.as_ptr().add(row(s));
+                        for (d, qd) in qv.iter().enumerate() {
+                            *a = $fma(*qd, $load(kp.add($w * d)), *a);
+                        }
+                    }
+                    let mut sums = [0f32; $w];
+                    $store(sums.as_mut_ptr(), $reduce(&acc));
+                    // Lanes past the group's keys stay -inf (they were not keys).
+                    scores[$w * g..$w * g + group.len()].copy_from_slice(&sums[..group.len()]);
+                }
+                let max = $set1(scores.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+                let mut sumv = $zero();
+                for chunk in scores.chunks_exact_mut($w) {
+                    let p = $exp($sub($load(chunk.as_ptr()), max));
+                    sumv = $add(sumv, p);
+                    $store(chunk.as_mut_ptr(), p);
+                }
+                let inv = 1.0 / $hsum(sumv);
+                let mut o = [$zero(); D];
+                for (&s, &p) in slots.iter().zip(scores.iter()) {
+                    let vp = v.as_ptr().add(row(s));
+                    let w = $set1(p * inv);
+                    for (d, od) in o.iter_mut().enumerate() {
+                        *od = $fma(w, $load(vp.add($w * d)), *od);
+                    }
+                }
+                for (d, od) in o.iter().enumerate() {
+                    $store(out.as_mut_ptr().add($w * d), *od);
+                }
+            }
+        }
+    };
+}
 
 mod wide;
 mod wide8;

@@ -1,145 +1,42 @@
 //! One (row, head) of [`super::paged_attention`] on AVX-512F, for head sizes of 32, 64 or 128
 //! (the portable path, pulp's AVX2 at best, serves the rest).
 //!
-//! The query's `D` vectors stay in registers, pre-scaled by `1/√d`. Scores are made sixteen
-//! keys at a time: sixteen vectors of products, then one transposing reduction (unpacks and
-//! 128-bit shuffles, 45 operations) leaves the sixteen scores in one vector instead of sixteen
-//! horizontal sums. The softmax exponentials are a vector polynomial (`exp_le0`), and the
-//! weighted sum of values runs `D` FMAs a key.
+//! The kernel is `vector_head!` (in `attention.rs`, shared with the AVX2 form); here are its
+//! 16-lane parts: the transposing reduction of sixteen score vectors (unpacks and 128-bit
+//! shuffles, 45 operations, instead of sixteen horizontal sums) and the vector `exp`.
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::{
-    __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_blend_ps, _mm512_max_ps,
-    _mm512_mul_ps, _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_roundscale_ps,
-    _mm512_scalef_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps,
-    _mm512_storeu_ps, _mm512_sub_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+    __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_mul_ps,
+    _mm512_reduce_add_ps, _mm512_roundscale_ps, _mm512_scalef_ps, _mm512_set1_ps,
+    _mm512_setzero_ps, _mm512_shuffle_f32x4, _mm512_shuffle_ps, _mm512_storeu_ps, _mm512_sub_ps,
+    _mm512_unpackhi_ps, _mm512_unpacklo_ps,
 };
 
-/// Whether this CPU and head size take [`head`].
-pub(super) fn applies(head_dim: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        matches!(head_dim, 32 | 64 | 128)
-            && crate::avx512_allowed()
-            && std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = head_dim;
-        false
-    }
-}
+vector_head!(
+    "avx512f",
+    16,
+    crate::avx512_allowed() && std::arch::is_x86_feature_detected!("avx512f"),
+    __m512,
+    _mm512_setzero_ps,
+    _mm512_set1_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_mul_ps,
+    _mm512_sub_ps,
+    _mm512_add_ps,
+    _mm512_fmadd_ps,
+    reduce16,
+    exp_le0,
+    hsum16
+);
 
-/// One head: `out = softmax(q · kᵀ · scale) · v` over the keys and values at `slots` (rows of
-/// `k` / `v` of `kv_dim` values, this head's at `offset`). `scores`: scratch.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn head(
-    q: &[f32],
-    slots: &[u32],
-    k: &[f32],
-    v: &[f32],
-    kv_dim: usize,
-    offset: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    debug_assert!(
-        applies(q.len()),
-        "wide::head without AVX-512F or for this head size"
-    );
-    #[cfg(target_arch = "x86_64")]
-    #[allow(unsafe_code)]
-    // SAFETY: `applies` found AVX-512F before any call (the caller's contract).
-    unsafe {
-        match q.len() {
-            32 => head_d::<2>(q, slots, k, v, kv_dim, offset, scale, scores, out),
-            64 => head_d::<4>(q, slots, k, v, kv_dim, offset, scale, scores, out),
-            _ => head_d::<8>(q, slots, k, v, kv_dim, offset, scale, scores, out),
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (q, slots, k, v, kv_dim, offset, scale, scores, out);
-        unreachable!("applies() is false off x86-64");
-    }
-}
-
-/// [`head`] for a head of `D` vectors.
+/// The sum of a vector's sixteen lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-fn head_d<const D: usize>(
-    q: &[f32],
-    slots: &[u32],
-    k: &[f32],
-    v: &[f32],
-    kv_dim: usize,
-    offset: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let hd = D * 16;
-    assert!(q.len() == hd && out.len() == hd && offset + hd <= kv_dim);
-    assert!(
-        slots
-            .iter()
-            .all(|&s| (s as usize + 1) * kv_dim <= k.len().min(v.len())),
-        "a slot outside the cache"
-    );
-    let n = slots.len();
-    let row = |s: u32| s as usize * kv_dim + offset;
-    #[allow(unsafe_code)]
-    // SAFETY (every load and store below): `q` and `out` hold `D` vectors (asserted); a key or
-    // value row starts at `row(s)` with `row(s) + hd <= (s + 1) * kv_dim <= len` (asserted
-    // for every slot); `scores` is resized to whole groups of sixteen before it is written.
-    unsafe {
-        let sv = _mm512_set1_ps(scale);
-        let qv: [__m512; D] =
-            std::array::from_fn(|d| _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(16 * d)), sv));
-        scores.clear();
-        scores.resize(n.div_ceil(16) * 16, f32::NEG_INFINITY);
-        let mut maxv = _mm512_set1_ps(f32::NEG_INFINITY);
-        for (g, group) in slots.chunks(16).enumerate() {
-            let mut acc = [_mm512_setzero_ps(); 16];
-            for (a, &s) in acc.iter_mut().zip(group) {
-                let kp = k.as_ptr().add(row(s));
-                for (d, qd) in qv.iter().enumerate() {
-                    *a = _mm512_fmadd_ps(*qd, _mm512_loadu_ps(kp.add(16 * d)), *a);
-                }
-            }
-            let sums = reduce16(&acc);
-            // Lanes past the group's keys stay -inf (they were not keys).
-            let valid = if group.len() == 16 {
-                u16::MAX
-            } else {
-                (1u16 << group.len()) - 1
-            };
-            let sums = _mm512_mask_blend_ps(valid, _mm512_set1_ps(f32::NEG_INFINITY), sums);
-            maxv = _mm512_max_ps(maxv, sums);
-            _mm512_storeu_ps(scores.as_mut_ptr().add(16 * g), sums);
-        }
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(maxv));
-        let mut sumv = _mm512_setzero_ps();
-        for chunk in scores.chunks_exact_mut(16) {
-            let p = exp_le0(_mm512_sub_ps(_mm512_loadu_ps(chunk.as_ptr()), max));
-            sumv = _mm512_add_ps(sumv, p);
-            _mm512_storeu_ps(chunk.as_mut_ptr(), p);
-        }
-        let inv = 1.0 / _mm512_reduce_add_ps(sumv);
-        let mut o = [_mm512_setzero_ps(); D];
-        for (&s, &p) in slots.iter().zip(scores.iter()) {
-            let vp = v.as_ptr().add(row(s));
-            let w = _mm512_set1_ps(p * inv);
-            for (d, od) in o.iter_mut().enumerate() {
-                *od = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * d)), *od);
-            }
-        }
-        for (d, od) in o.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(16 * d), *od);
-        }
-    }
+#[inline]
+fn hsum16(v: __m512) -> f32 {
+    _mm512_reduce_add_ps(v)
 }
 
 /// Lane `j` of the result is the sum of the lanes of `a[j]`.

@@ -2,9 +2,9 @@
 //! 128: [`super::wide`]'s method with 8-lane vectors, for CPUs without AVX-512 (pulp's
 //! portable path makes one horizontal sum per score and a scalar `exp` per score).
 //!
-//! Scores are made eight keys at a time and reduced by one transposing tree (`vhaddps` twice,
-//! then the 128-bit halves); the softmax exponentials are a vector polynomial; the weighted
-//! sum of values runs `D` FMAs a key.
+//! The kernel is `vector_head!` (in `attention.rs`, shared with the AVX-512 form); here are its
+//! 8-lane parts: the transposing reduction of eight score vectors (`vhaddps` twice, then the
+//! 128-bit halves) and the vector `exp`, which builds `2ⁿ` in the exponent bits.
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::{
@@ -15,126 +15,36 @@ use core::arch::x86_64::{
     _mm256_slli_epi32, _mm256_storeu_ps, _mm256_sub_ps,
 };
 
-/// Whether this CPU and head size take [`head`].
-pub(super) fn applies(head_dim: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        matches!(head_dim, 32 | 64 | 128)
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = head_dim;
-        false
-    }
-}
+vector_head!(
+    "avx2,fma",
+    8,
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+    __m256,
+    _mm256_setzero_ps,
+    _mm256_set1_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_mul_ps,
+    _mm256_sub_ps,
+    _mm256_add_ps,
+    _mm256_fmadd_ps,
+    reduce8,
+    exp_le0,
+    hsum8
+);
 
-/// [`super::wide::head`] with 8-lane vectors.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn head(
-    q: &[f32],
-    slots: &[u32],
-    k: &[f32],
-    v: &[f32],
-    kv_dim: usize,
-    offset: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    debug_assert!(
-        applies(q.len()),
-        "wide8::head without AVX2 or for this head size"
-    );
-    #[cfg(target_arch = "x86_64")]
-    #[allow(unsafe_code)]
-    // SAFETY: `applies` found AVX2 and FMA before any call (the caller's contract).
-    unsafe {
-        match q.len() {
-            32 => head_d::<4>(q, slots, k, v, kv_dim, offset, scale, scores, out),
-            64 => head_d::<8>(q, slots, k, v, kv_dim, offset, scale, scores, out),
-            _ => head_d::<16>(q, slots, k, v, kv_dim, offset, scale, scores, out),
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (q, slots, k, v, kv_dim, offset, scale, scores, out);
-        unreachable!("applies() is false off x86-64");
-    }
-}
-
-/// [`head`] for a head of `D` vectors.
+/// The sum of a vector's eight lanes, in lane order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn head_d<const D: usize>(
-    q: &[f32],
-    slots: &[u32],
-    k: &[f32],
-    v: &[f32],
-    kv_dim: usize,
-    offset: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let hd = D * 8;
-    assert!(q.len() == hd && out.len() == hd && offset + hd <= kv_dim);
-    assert!(
-        slots
-            .iter()
-            .all(|&s| (s as usize + 1) * kv_dim <= k.len().min(v.len())),
-        "a slot outside the cache"
-    );
-    let n = slots.len();
-    let row = |s: u32| s as usize * kv_dim + offset;
+#[inline]
+fn hsum8(v: __m256) -> f32 {
+    let mut lanes = [0f32; 8];
     #[allow(unsafe_code)]
-    // SAFETY (every load and store below): `q` and `out` hold `D` vectors (asserted); a key or
-    // value row starts at `row(s)` with `row(s) + hd <= (s + 1) * kv_dim <= len` (asserted
-    // for every slot); `scores` is resized to whole groups of eight before it is written.
+    // SAFETY: `lanes` holds eight f32 values.
     unsafe {
-        let sv = _mm256_set1_ps(scale);
-        let qv: [__m256; D] =
-            std::array::from_fn(|d| _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(8 * d)), sv));
-        scores.clear();
-        scores.resize(n.div_ceil(8) * 8, f32::NEG_INFINITY);
-        for (g, group) in slots.chunks(8).enumerate() {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for (a, &s) in acc.iter_mut().zip(group) {
-                let kp = k.as_ptr().add(row(s));
-                for (d, qd) in qv.iter().enumerate() {
-                    *a = _mm256_fmadd_ps(*qd, _mm256_loadu_ps(kp.add(8 * d)), *a);
-                }
-            }
-            let mut sums = [0f32; 8];
-            _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(&acc));
-            // Lanes past the group's keys stay -inf (they were not keys).
-            scores[8 * g..8 * g + group.len()].copy_from_slice(&sums[..group.len()]);
-        }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let maxv = _mm256_set1_ps(max);
-        let mut sumv = _mm256_setzero_ps();
-        for chunk in scores.chunks_exact_mut(8) {
-            let p = exp_le0(_mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), maxv));
-            sumv = _mm256_add_ps(sumv, p);
-            _mm256_storeu_ps(chunk.as_mut_ptr(), p);
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sumv);
-        let inv = 1.0 / lanes.iter().sum::<f32>();
-        let mut o = [_mm256_setzero_ps(); D];
-        for (&s, &p) in slots.iter().zip(scores.iter()) {
-            let vp = v.as_ptr().add(row(s));
-            let w = _mm256_set1_ps(p * inv);
-            for (d, od) in o.iter_mut().enumerate() {
-                *od = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(8 * d)), *od);
-            }
-        }
-        for (d, od) in o.iter().enumerate() {
-            _mm256_storeu_ps(out.as_mut_ptr().add(8 * d), *od);
-        }
-    }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v)
+    };
+    lanes.iter().sum()
 }
 
 /// Lane `j` of the result is the sum of the lanes of `a[j]`.
