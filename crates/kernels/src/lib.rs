@@ -48,6 +48,19 @@ pub(crate) fn avx512_allowed() -> bool {
     !AVX2_AT_MOST.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether the Q4_1 and Q8_0 kernels' AVX-512 VNNI forms may run here: allowed, and the CPU
+/// has every feature they enable.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512_vnni() -> bool {
+    avx512_allowed()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+}
+
 use half::f16;
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;

@@ -106,7 +106,7 @@ impl Q4_1Weights {
     /// Panels `first..` against every row of `x`; `out` is panels × m.
     fn task(&self, x: &Q8_1Rows, first: usize, out: &mut [[f32; PANEL]]) {
         #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
+        if crate::avx512_vnni() {
             #[allow(unsafe_code)]
             // SAFETY: the CPU has the features `avx512::panels` enables (checked just above).
             return unsafe { avx512::panels(self, x, first, out) };
@@ -274,15 +274,6 @@ mod avx512 {
         _mm512_setr_epi32, _mm512_setzero_si512, _mm512_shuffle_epi32, _mm512_srli_epi16,
         _mm512_unpackhi_epi32, _mm512_unpacklo_epi32,
     };
-
-    pub(super) fn available() -> bool {
-        crate::avx512_allowed()
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-    }
 
     /// Lane `r` of the result: the sum of row `r`'s four partial sums, rows 0–3 one per
     /// 128-bit quarter of `a`, rows 4–7 of `b` (integer sums: exact in any order).

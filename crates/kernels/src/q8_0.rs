@@ -62,24 +62,22 @@ impl Q8_0Weights {
         }
         let (xd, xq) = quantize(x);
         #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
-            yt.par_chunks_mut(ROWS_PER_TASK * m)
-                .enumerate()
-                .for_each(|(task, out)| {
-                    #[allow(unsafe_code)]
-                    // SAFETY: the CPU has the features `avx512::rows` enables (checked above).
-                    unsafe {
-                        avx512::rows(self, &xd, &xq, task * ROWS_PER_TASK, out)
-                    }
-                });
-            return crate::transpose(&yt, self.n, m);
-        }
-        #[cfg(target_arch = "x86_64")]
         if let Some(simd) = pulp::x86::V3::try_new() {
+            let wide = crate::avx512_vnni();
             yt.par_chunks_mut(ROWS_PER_TASK * m)
                 .enumerate()
                 .for_each(|(task, out)| {
-                    simd.vectorize(|| avx2::rows(simd, self, &xd, &xq, task * ROWS_PER_TASK, out))
+                    let first = task * ROWS_PER_TASK;
+                    if wide {
+                        #[allow(unsafe_code)]
+                        // SAFETY: the CPU has the features `avx512::rows` enables (checked
+                        // by `avx512_vnni`).
+                        unsafe {
+                            avx512::rows(simd, self, &xd, &xq, first, out)
+                        }
+                    } else {
+                        simd.vectorize(|| avx2::rows(simd, self, &xd, &xq, first, out))
+                    }
                 });
         }
         crate::transpose(&yt, self.n, m)
@@ -111,7 +109,7 @@ mod avx2 {
 
     /// candle's `hsum_float_8`, operation for operation.
     #[inline(always)]
-    fn hsum(simd: V3, x: __m256) -> f32 {
+    pub(super) fn hsum(simd: V3, x: __m256) -> f32 {
         let (a, s, s3) = (simd.avx, simd.sse, simd.sse3);
         let r = a._mm256_extractf128_ps::<1>(x);
         let r = s._mm_add_ps(r, a._mm256_castps256_ps128(x));
@@ -131,27 +129,44 @@ mod avx2 {
     ) {
         let nb = w.k / BLOCK;
         let m = xd.len() / nb;
-        let (v, v2) = (simd.avx, simd.avx2);
-        let ones = v._mm256_set1_epi16(1);
-        let mut acc: Vec<__m256> = vec![v._mm256_setzero_ps(); m];
+        let mut acc: Vec<__m256> = vec![simd.avx._mm256_setzero_ps(); m];
         for (j, o) in out.chunks_exact_mut(m).enumerate() {
             let wb = (first + j) * nb;
-            acc.fill(v._mm256_setzero_ps());
+            acc.fill(simd.avx._mm256_setzero_ps());
             for b in 0..nb {
-                let wq: __m256i = bytemuck::cast(w.qs[wb + b]);
-                let aw = v2._mm256_sign_epi8(wq, wq);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xb = r * nb + b;
-                    let d = v._mm256_set1_ps(w.d[wb + b] * xd[xb]);
-                    let sx = v2._mm256_sign_epi8(bytemuck::cast(xq[xb]), wq);
-                    let pairs = v2._mm256_maddubs_epi16(aw, sx);
-                    let q = v._mm256_cvtepi32_ps(v2._mm256_madd_epi16(ones, pairs));
-                    *a = simd.fma._mm256_fmadd_ps(d, q, *a);
-                }
+                block(simd, w, wb, xd, xq, b, &mut acc);
             }
             for (y, a) in o.iter_mut().zip(&acc) {
                 *y = hsum(simd, *a);
             }
+        }
+    }
+
+    /// Weight block `wb + b` against block `b` of every row of `x`: each row's eight lanes
+    /// gain `d_w · d_x` times the block's eight 4-product sums (`vpmaddubsw` on |w| and x
+    /// with w's sign, `vpmaddwd` with ones), by FMA, as candle adds a block.
+    #[inline(always)]
+    pub(super) fn block(
+        simd: V3,
+        w: &Q8_0Weights,
+        wb: usize,
+        xd: &[f32],
+        xq: &[[i8; BLOCK]],
+        b: usize,
+        acc: &mut [__m256],
+    ) {
+        let nb = w.k / BLOCK;
+        let (v, v2) = (simd.avx, simd.avx2);
+        let ones = v._mm256_set1_epi16(1);
+        let wq: __m256i = bytemuck::cast(w.qs[wb + b]);
+        let aw = v2._mm256_sign_epi8(wq, wq);
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xb = r * nb + b;
+            let d = v._mm256_set1_ps(w.d[wb + b] * xd[xb]);
+            let sx = v2._mm256_sign_epi8(bytemuck::cast(xq[xb]), wq);
+            let pairs = v2._mm256_maddubs_epi16(aw, sx);
+            let q = v._mm256_cvtepi32_ps(v2._mm256_madd_epi16(ones, pairs));
+            *a = simd.fma._mm256_fmadd_ps(d, q, *a);
         }
     }
 }
@@ -159,35 +174,19 @@ mod avx2 {
 /// The AVX-512 VNNI form of [`avx2::rows`]: the same lanes, the same FMA order.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{BLOCK, Q8_0Weights};
+    use super::{BLOCK, Q8_0Weights, avx2};
     use core::arch::x86_64::{
-        __m256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehdup_ps, _mm_movehl_ps,
-        _mm256_castps256_ps128, _mm256_cvtepi32_ps, _mm256_extractf128_ps, _mm256_fmadd_ps,
-        _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_set1_epi16, _mm256_set1_ps,
-        _mm256_setzero_ps, _mm256_sign_epi8, _mm512_abs_epi8, _mm512_castps512_ps256,
-        _mm512_cvtepi32_ps, _mm512_dpbusd_epi32, _mm512_extractf32x8_ps, _mm512_loadu_si512,
-        _mm512_mask_sub_epi8, _mm512_movepi8_mask, _mm512_setzero_si512,
+        __m256, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm512_abs_epi8,
+        _mm512_castps512_ps256, _mm512_cvtepi32_ps, _mm512_dpbusd_epi32, _mm512_extractf32x8_ps,
+        _mm512_loadu_si512, _mm512_mask_sub_epi8, _mm512_movepi8_mask, _mm512_setzero_si512,
     };
+    use pulp::x86::V3;
 
-    pub(super) fn available() -> bool {
-        crate::avx512_allowed()
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-
-    /// candle's `hsum_float_8`, operation for operation.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
-    #[inline]
-    fn hsum(x: __m256) -> f32 {
-        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
-    }
-
+    /// `simd`: the AVX2 path's, whose block step (for an odd last block) and final sum are
+    /// reused here.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
     pub(super) fn rows(
+        simd: V3,
         w: &Q8_0Weights,
         xd: &[f32],
         xq: &[[i8; BLOCK]],
@@ -223,22 +222,13 @@ mod avx512 {
                         *a = _mm256_fmadd_ps(d1, _mm512_extractf32x8_ps::<1>(q), *a);
                     }
                 }
-                if nb % 2 == 1 {
-                    // The odd last block as the AVX2 path computes it.
-                    let b = nb - 1;
-                    let wq: core::arch::x86_64::__m256i = bytemuck::cast(w.qs[wb + b]);
-                    let aw = _mm256_sign_epi8(wq, wq);
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let xb = r * nb + b;
-                        let sx = _mm256_sign_epi8(bytemuck::cast(xq[xb]), wq);
-                        let pairs = _mm256_maddubs_epi16(aw, sx);
-                        let q = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), pairs));
-                        *a = _mm256_fmadd_ps(_mm256_set1_ps(w.d[wb + b] * xd[xb]), q, *a);
-                    }
-                }
+            }
+            if nb % 2 == 1 {
+                // The odd last block as the AVX2 path computes it.
+                avx2::block(simd, w, wb, xd, xq, nb - 1, &mut acc);
             }
             for (y, a) in o.iter_mut().zip(&acc) {
-                *y = hsum(*a);
+                *y = avx2::hsum(simd, *a);
             }
         }
     }
@@ -254,7 +244,7 @@ mod tests {
         let Some(simd) = pulp::x86::V3::try_new() else {
             return;
         };
-        if !avx512::available() {
+        if !crate::avx512_vnni() {
             eprintln!("no AVX-512 VNNI: nothing to compare");
             return;
         }
@@ -277,7 +267,7 @@ mod tests {
             #[allow(unsafe_code)]
             // SAFETY: AVX-512 VNNI was detected just above.
             unsafe {
-                avx512::rows(&w, &xd, &xq, 0, &mut wide)
+                avx512::rows(simd, &w, &xd, &xq, 0, &mut wide)
             };
             simd.vectorize(|| avx2::rows(simd, &w, &xd, &xq, 0, &mut narrow));
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
