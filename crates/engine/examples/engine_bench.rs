@@ -166,11 +166,7 @@ async fn main() {
         &CandleArgs {
             dtype,
             // As the worker reads it: `avx2` keeps the kernels off their AVX-512 forms.
-            cpu_kernels: match std::env::var("TANDEM_CPU_KERNELS").as_deref() {
-                Ok("avx2") => tandem_engine::CpuKernels::Avx2,
-                Ok("auto") | Err(_) => tandem_engine::CpuKernels::Auto,
-                Ok(other) => panic!("TANDEM_CPU_KERNELS={other}: auto or avx2"),
-            },
+            cpu_kernels: tandem_engine::CpuKernels::from_env().unwrap(),
             ..Default::default()
         },
         &BatchingArgs {

@@ -91,6 +91,18 @@ pub enum CpuKernels {
     Avx2,
 }
 
+impl CpuKernels {
+    /// `TANDEM_CPU_KERNELS` read as the worker's `--cpu-kernels` reads it (unset: `auto`), for
+    /// programs that build [`CandleArgs`] themselves (benchmarks, tests).
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("TANDEM_CPU_KERNELS") {
+            Err(_) => Ok(Self::Auto),
+            Ok(v) => <Self as clap::ValueEnum>::from_str(&v, false)
+                .map_err(|e| format!("TANDEM_CPU_KERNELS={v}: {e}")),
+        }
+    }
+}
+
 /// `--attention-backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum AttentionBackend {

@@ -148,8 +148,9 @@ fn cpu_matmul(x: &Tensor, w: &Tensor, decode_batch: bool) -> candle_core::Result
     // Off a decode batch the small kernel still beats `tall` for a few rows (a short prompt,
     // the output head after a prefill), where `tall` would pad them to a panel of 32; on
     // CPUs without `tall` those stay on candle's GEMM, as its reference model computes them.
-    let small = rows.contains(&m) && (decode_batch || tandem_kernels::tall::available());
-    if !(small || tandem_kernels::tall::available())
+    let tall = tandem_kernels::tall::available();
+    let small = rows.contains(&m) && (decode_batch || tall);
+    if !(small || tall)
         || !x.device().is_cpu()
         || !matches!(
             (x.dtype(), dtype),
@@ -699,16 +700,17 @@ impl Model {
         let paged = self.paged_attention
             && dev.is_cpu()
             && cache.k.first().is_some_and(|k| k.dtype() == DType::F32);
-        // Decode and prompt rows alike (docs/benchmarks.md, change 15: measured with the
-        // kernel's AVX2 form, the one CPUs without AVX-512 run).
-        let n_paged = if paged { seqs.len() } else { 0 };
-        // With the paged kernel, each sequence's slots in position order; a row attends over
-        // a prefix of its sequence's (a decode row the whole context, a prompt row the
-        // context up to its own position: the causal mask).
-        let seq_slots: Vec<Vec<u32>> = seqs[..n_paged]
-            .iter()
-            .map(|s| (0..s.start + s.tokens.len()).map(|p| slot(s, p)).collect())
-            .collect();
+        // With the paged kernel (decode and prompt rows alike; docs/benchmarks.md, change 15),
+        // each sequence's slots in position order; a row attends over a prefix of its
+        // sequence's (a decode row the whole context, a prompt row the context up to its own
+        // position: the causal mask).
+        let seq_slots: Vec<Vec<u32>> = if paged {
+            seqs.iter()
+                .map(|s| (0..s.start + s.tokens.len()).map(|p| slot(s, p)).collect())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let paged_slots: Vec<&[u32]> = seqs
             .iter()
             .zip(&seq_slots)
@@ -754,7 +756,7 @@ impl Model {
         };
         // Contexts and causal masks of the prefill rows (for candle's ops).
         let mut prefill_ctx = Vec::new();
-        for s in &seqs[n_paged.max(n_decode)..] {
+        for s in &seqs[if paged { seqs.len() } else { n_decode }..] {
             let t = s.tokens.len();
             let ctx = s.start + t;
             let gather = head_rows(

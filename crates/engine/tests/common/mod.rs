@@ -160,13 +160,9 @@ pub fn engine(dtype: DtypeArg, blocks: usize, max_num_seqs: usize) -> Arc<Candle
     };
     // `TANDEM_CPU_KERNELS=avx2` (as the worker reads it) runs the kernels' AVX2 forms on an
     // AVX-512 CPU: `reference_avx2.rs` sets it.
-    let cpu_kernels = match std::env::var("TANDEM_CPU_KERNELS").as_deref() {
-        Ok("avx2") => CpuKernels::Avx2,
-        _ => CpuKernels::Auto,
-    };
     let args = CandleArgs {
         dtype,
-        cpu_kernels,
+        cpu_kernels: CpuKernels::from_env().unwrap(),
         ..Default::default()
     };
     CandleEngine::start(&WeightsSource::Gguf(model_path()), &args, &batching, 8192).unwrap()
