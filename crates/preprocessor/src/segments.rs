@@ -6,25 +6,40 @@
 //! else, and tokenizes the text between them piece by piece; for a byte-level BPE tokenizer
 //! with no normalizer and no prefix space (GPT-2, Llama 3, Qwen, SmolLM) those pieces come
 //! out the same whether tokenized together or alone. So the text between added tokens is
-//! tokenized once and remembered, and a prompt's ids are its pieces' ids end to end.
+//! tokenized once and remembered, and a prompt's ids are its pieces' ids end to end. The
+//! added tokens are found in one pass (Aho–Corasick); the cache is bounded by bytes, not by a
+//! cap on a segment's length (a 10 000-word system prompt, ~75 KB, is exactly what it is for).
 //! [`SegmentCache::for_tokenizer`] enables this only for tokenizers of that kind (added tokens
 //! without whitespace stripping or word boundaries); for any other the cache is off and the
 //! tokenizer sees the whole text, as before.
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokenizers::Tokenizer;
 
-/// Most segments remembered; past it the cache starts again empty (cheap, and bounded).
-const CAPACITY: usize = 4096;
-/// Longer segments are tokenized without being remembered.
-const MAX_SEGMENT: usize = 64 * 1024;
+/// Bytes the cache may hold (segment text plus its ids); past it the cache starts again empty
+/// (cheap, and bounded). 64 MiB holds a few hundred book-length system prompts.
+const BUDGET: usize = 64 << 20;
 
 pub struct SegmentCache {
-    /// Added tokens' text and id, longest first (so that a token that is a prefix of
-    /// another does not cut it).
-    added: Vec<(String, u32)>,
-    cache: Mutex<HashMap<String, Arc<[u32]>>>,
+    /// Added tokens' ids, by pattern index of `finder`.
+    ids: Vec<u32>,
+    /// Finds the added tokens in one pass: leftmost match, and of those starting there the
+    /// longest (so that a token that is a prefix of another does not cut it), as the
+    /// tokenizer's own split does.
+    finder: AhoCorasick,
+    cache: Mutex<Segments>,
+    /// [`BUDGET`]; a segment costing more than a sixteenth of it is tokenized without being
+    /// remembered, so that one huge document cannot empty the cache for everyone else.
+    budget: usize,
+}
+
+#[derive(Default)]
+struct Segments {
+    map: HashMap<String, Arc<[u32]>>,
+    /// Bytes of text and ids in `map`.
+    bytes: usize,
 }
 
 impl SegmentCache {
@@ -38,49 +53,38 @@ impl SegmentCache {
         if !pre.contains("\"ByteLevel\"") || pre.contains("\"add_prefix_space\":true") {
             return None;
         }
-        let mut added = Vec::new();
+        let (mut texts, mut ids) = (Vec::new(), Vec::new());
         for t in json["added_tokens"].as_array()? {
             let flag = |k: &str| t[k].as_bool().unwrap_or(true);
             if flag("lstrip") || flag("rstrip") || flag("single_word") {
                 return None;
             }
-            added.push((t["content"].as_str()?.to_string(), t["id"].as_u64()? as u32));
+            texts.push(t["content"].as_str()?.to_string());
+            ids.push(t["id"].as_u64()? as u32);
         }
-        added.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        let finder = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&texts)
+            .ok()?;
         Some(Self {
-            added,
-            cache: Mutex::new(HashMap::new()),
+            ids,
+            finder,
+            cache: Mutex::new(Segments::default()),
+            budget: BUDGET,
         })
     }
 
     /// The ids of `text`, from the cache where its segments have been seen.
     pub fn encode(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, tokenizers::Error> {
         let mut ids = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            match self.next_added(rest) {
-                Some((at, len, id)) => {
-                    self.segment(tokenizer, &rest[..at], &mut ids)?;
-                    ids.push(id);
-                    rest = &rest[at + len..];
-                }
-                None => {
-                    self.segment(tokenizer, rest, &mut ids)?;
-                    break;
-                }
-            }
+        let mut from = 0;
+        for m in self.finder.find_iter(text) {
+            self.segment(tokenizer, &text[from..m.start()], &mut ids)?;
+            ids.push(self.ids[m.pattern().as_usize()]);
+            from = m.end();
         }
+        self.segment(tokenizer, &text[from..], &mut ids)?;
         Ok(ids)
-    }
-
-    /// The first added token in `text`: (byte offset, length, id).
-    fn next_added(&self, text: &str) -> Option<(usize, usize, u32)> {
-        self.added
-            .iter()
-            .filter_map(|(s, id)| text.find(s.as_str()).map(|at| (at, s.len(), *id)))
-            // Earliest; at one offset the longest (the list is longest first, min_by_key
-            // keeps the first of equals).
-            .min_by_key(|(at, _, _)| *at)
     }
 
     fn segment(
@@ -92,23 +96,27 @@ impl SegmentCache {
         if text.is_empty() {
             return Ok(());
         }
-        if let Some(hit) = self.lock().get(text) {
+        if let Some(hit) = self.lock().map.get(text) {
             ids.extend_from_slice(hit);
             return Ok(());
         }
         let enc = tokenizer.encode(text, false)?;
-        ids.extend_from_slice(enc.get_ids());
-        if text.len() <= MAX_SEGMENT {
+        let got = enc.get_ids();
+        ids.extend_from_slice(got);
+        let cost = text.len() + std::mem::size_of_val(got);
+        if cost <= self.budget / 16 {
             let mut cache = self.lock();
-            if cache.len() >= CAPACITY {
-                cache.clear();
+            if cache.bytes + cost > self.budget {
+                *cache = Segments::default();
             }
-            cache.insert(text.to_string(), Arc::from(enc.get_ids()));
+            if cache.map.insert(text.to_string(), Arc::from(got)).is_none() {
+                cache.bytes += cost;
+            }
         }
         Ok(())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<[u32]>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Segments> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -142,7 +150,7 @@ mod tests {
                 assert_eq!(got, want, "{t:?}");
             }
         }
-        assert!(cache.lock().len() >= 5);
+        assert!(cache.lock().map.len() >= 5);
     }
 
     #[test]
@@ -198,5 +206,70 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn long_segments_are_remembered_within_the_budget() {
+        let m = crate::test_model::files();
+        let tok = &m.tokenizer;
+        let mut cache =
+            SegmentCache::for_tokenizer(tok).unwrap_or_else(|| panic!("SmolLM2 qualifies"));
+        // A system prompt of 10 000 words, ~75 KB: the router benchmark's size, which a
+        // 64 KiB cap on segments used to leave uncached (12 ms of tokenizing per request).
+        let words = [
+            "orchard", "canvas", "thunder", "marble", "whisper", "garden",
+        ];
+        let long: String = (0..10_000)
+            .map(|i| words[(i * 7 + i / 3) % 6])
+            .collect::<Vec<_>>()
+            .join(" ");
+        let prompt = |s: &str| {
+            format!("<|im_start|>system\n{s}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n")
+        };
+        let text = prompt(&long);
+        let want = tok
+            .encode(text.as_str(), false)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .get_ids()
+            .to_vec();
+        for _ in 0..2 {
+            assert_eq!(
+                cache.encode(tok, &text).unwrap_or_else(|e| panic!("{e}")),
+                want
+            );
+        }
+        let key = format!("system\n{long}");
+        let alone = tok
+            .encode(key.as_str(), false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let held = cache.lock().map.get(&key).map(|ids| ids.to_vec());
+        assert_eq!(
+            held.as_deref(),
+            Some(alone.get_ids()),
+            "the long segment is in the cache"
+        );
+        let bytes = cache.lock().bytes;
+        assert!(bytes > key.len(), "{bytes}");
+
+        // A segment costing over a sixteenth of the budget is not kept (and evicts nothing).
+        let check = |cache: &SegmentCache, text: &str| {
+            let want = tok.encode(text, false).unwrap_or_else(|e| panic!("{e}"));
+            let got = cache.encode(tok, text).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got, want.get_ids());
+        };
+        cache.budget = bytes + bytes / 32;
+        let half = format!("system\n{}", &long[..long.len() / 2]);
+        check(&cache, &prompt(&long[..long.len() / 2]));
+        assert!(!cache.lock().map.contains_key(&half));
+        assert!(cache.lock().map.contains_key(&key));
+        // One that fits the share but not what is left: the cache starts again with it.
+        let small = format!("system\n{}", &long[..long.len() / 20]);
+        check(&cache, &prompt(&long[..long.len() / 20]));
+        assert!(
+            !cache.lock().map.contains_key(&key),
+            "the cache started again"
+        );
+        assert!(cache.lock().map.contains_key(&small));
+        assert!(cache.lock().bytes <= cache.budget);
     }
 }
