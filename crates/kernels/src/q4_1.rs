@@ -9,19 +9,24 @@
 //! `Σ_blocks (Σ q_w · q_x) · d_w · d_x + m_w · s_x`, summed block by block in order.
 //!
 //! Where candle computes that one block at a time in scalar code, [`Q4_1Weights::matmul`]
-//! - repacks the weights once, at load ([`Q4_1Weights::from_ggml`]), into panels of eight rows:
-//!   per block, the eight rows' nibbles side by side and their f16 scales as f32;
-//! - on AVX2, unpacks a panel's eight blocks into bytes once and reuses them for every row of
-//!   the batch, takes the integer dot products with `vpmaddubsw` / `vpmaddwd` (exact), reduces
-//!   them so that lane `r` holds panel row `r`'s block sum, and applies the scales and the
-//!   running sum as vectors — each lane sees the same IEEE operations in the same order as
-//!   candle's scalar loop, so the result is bit-identical, while eight rows' sums advance at
-//!   once instead of one dependent scalar chain;
-//! - on AVX-512 with VNNI, does the same with `vpdpbusd` on four rows' nibbles per vector
-//!   (each 128-bit quarter one row: low nibbles against the block's first sixteen activations,
-//!   high nibbles against the last sixteen), one transposing reduction per block for the
-//!   panel's eight rows, and the same per-lane float operations — bit-identical again;
+//! - repacks the weights once, at load ([`Q4_1Weights::from_ggml`]), into panels of eight rows
+//!   interleaved four bytes at a time: per block, chunk `c` (nibble bytes `4c..4c + 4`, that is
+//!   elements `4c..4c + 4` in the low nibbles and `16 + 4c..` in the high ones) holds the eight
+//!   rows' four bytes side by side, so 32-bit lane `r` of a vector is row `r`; the rows' f16
+//!   scales are kept as f32;
+//! - multiplies each chunk, low and high nibbles apart, by its four activations broadcast to
+//!   every lane: lane `r` accumulates row `r`'s block dot product directly — no per-block
+//!   reduction across lanes. On AVX2 that is `vpmaddubsw` (pairs into i16; eight chunks' sums
+//!   stay below 2¹⁵: 8 · 2 · 15 · 128) then one `vpmaddwd`; on AVX-512 VNNI, `vpdpbusd` on 256-bit
+//!   vectors. Integer sums are exact, and the scales and the running sum are applied per lane
+//!   with the same IEEE operations in the same order as candle's scalar loop, so the result is
+//!   bit-identical while eight rows advance at once;
+//! - unpacks a panel's block once and reuses it for every row of the batch;
 //! - splits the panels across cores with rayon.
+//!
+//! Before (2026-12-07) the panels held each row's sixteen bytes contiguous and every block's
+//! eight row sums were reduced across lanes (`vphaddd` tree or a transposing shuffle): most of
+//! the work at batch 1, and why the AVX2 form trailed llama.cpp's.
 
 use half::f16;
 use rayon::prelude::*;
@@ -34,6 +39,14 @@ pub const BLOCK_BYTES: usize = 20;
 const PANEL: usize = 8;
 /// Panels per parallel task.
 const PANELS_PER_TASK: usize = 4;
+/// Four-byte chunks per block's sixteen nibble bytes.
+const CHUNKS: usize = 4;
+
+/// Where nibble byte `j` of panel row `lane` sits in a block's interleaved bytes.
+#[inline(always)]
+fn interleaved(lane: usize, j: usize) -> usize {
+    (j / 4) * 4 * PANEL + lane * 4 + j % 4
+}
 
 /// An `n × k` Q4_1 matrix laid out for [`Self::matmul`]: panels of [`PANEL`] rows (the last
 /// padded with zero rows), each stored block by block.
@@ -41,10 +54,11 @@ pub struct Q4_1Weights {
     n: usize,
     k: usize,
     /// Per panel and block: the rows' scales and minimums as f32 (exact conversions of the
-    /// f16s), and their nibbles.
+    /// f16s), and their nibbles interleaved ([`CHUNKS`] chunks of the [`PANEL`] rows' four
+    /// bytes each).
     d: Vec<[f32; PANEL]>,
     m: Vec<[f32; PANEL]>,
-    qs: Vec<[[u8; 16]; PANEL]>,
+    qs: Vec<[u8; 16 * PANEL]>,
 }
 
 impl Q4_1Weights {
@@ -58,7 +72,7 @@ impl Q4_1Weights {
             k,
             d: vec![[0.0; PANEL]; slots],
             m: vec![[0.0; PANEL]; slots],
-            qs: vec![[[0; 16]; PANEL]; slots],
+            qs: vec![[0; 16 * PANEL]; slots],
         };
         let half = |b: &[u8], at: usize| f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
         for (i, b) in blocks.enumerate() {
@@ -66,7 +80,9 @@ impl Q4_1Weights {
             let (slot, lane) = ((row / PANEL) * nb + block, row % PANEL);
             w.d[slot][lane] = half(b, 0);
             w.m[slot][lane] = half(b, 2);
-            w.qs[slot][lane].copy_from_slice(&b[4..20]);
+            for (j, &byte) in b[4..20].iter().enumerate() {
+                w.qs[slot][interleaved(lane, j)] = byte;
+            }
         }
         Ok(w)
     }
@@ -106,13 +122,13 @@ impl Q4_1Weights {
     /// Panels `first..` against every row of `x`; `out` is panels × m.
     fn task(&self, x: &Q8_1Rows, first: usize, out: &mut [[f32; PANEL]]) {
         #[cfg(target_arch = "x86_64")]
-        if crate::avx512_vnni() {
-            #[allow(unsafe_code)]
-            // SAFETY: the CPU has the features `avx512::panels` enables (checked just above).
-            return unsafe { avx512::panels(self, x, first, out) };
-        }
-        #[cfg(target_arch = "x86_64")]
         if let Some(simd) = pulp::x86::V3::try_new() {
+            if crate::avx512_vnni() {
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU has the features `avx512::panels` enables (checked just
+                // above).
+                return unsafe { avx512::panels(simd, self, x, first, out) };
+            }
             return simd.vectorize(|| avx2::panels(simd, self, x, first, out));
         }
         scalar_panels(self, x, first, out);
@@ -167,11 +183,12 @@ fn scalar_panels(w: &Q4_1Weights, x: &Q8_1Rows, first: usize, out: &mut [[f32; P
             for (lane, y) in lanes.iter_mut().enumerate() {
                 let mut sumf = 0f32;
                 for b in 0..nb {
-                    let (qw, qx) = (&w.qs[wb + b][lane], &x.qs[xb + b]);
+                    let (qw, qx) = (&w.qs[wb + b], &x.qs[xb + b]);
                     let mut sumi = 0i32;
                     for i in 0..BLOCK / 2 {
-                        sumi += (qw[i] & 0x0F) as i32 * qx[i] as i32
-                            + (qw[i] >> 4) as i32 * qx[i + BLOCK / 2] as i32;
+                        let byte = qw[interleaved(lane, i)];
+                        sumi += (byte & 0x0F) as i32 * qx[i] as i32
+                            + (byte >> 4) as i32 * qx[i + BLOCK / 2] as i32;
                     }
                     sumf += sumi as f32 * w.d[wb + b][lane] * x.d[xb + b]
                         + w.m[wb + b][lane] * x.s[xb + b];
@@ -184,42 +201,80 @@ fn scalar_panels(w: &Q4_1Weights, x: &Q8_1Rows, first: usize, out: &mut [[f32; P
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{PANEL, Q4_1Weights, Q8_1Rows};
-    use core::arch::x86_64::{__m128i, __m256, __m256i};
+    use super::{CHUNKS, PANEL, Q4_1Weights, Q8_1Rows};
+    use core::arch::x86_64::{__m256, __m256i};
     use pulp::x86::V3;
 
-    /// A block's 32 weights as unsigned bytes, in element order.
+    /// A block's chunks as bytes: `[c]` the low nibbles (elements `4c..`), `[CHUNKS + c]` the
+    /// high ones (elements `16 + 4c..`), lane `r` panel row `r`.
     #[inline(always)]
-    fn unpack(simd: V3, qs: &[u8; 16]) -> __m256i {
-        let lo: __m128i = bytemuck::cast(*qs);
-        let hi = simd.sse2._mm_srli_epi16::<4>(lo);
-        let both = simd.avx._mm256_set_m128i(hi, lo);
-        simd.avx2
-            ._mm256_and_si256(both, simd.avx._mm256_set1_epi8(0x0F))
+    pub(super) fn unpack(simd: V3, qs: &[u8; 16 * PANEL]) -> [__m256i; 2 * CHUNKS] {
+        let (a, nibble) = (simd.avx2, simd.avx._mm256_set1_epi8(0x0F));
+        let raw: [__m256i; CHUNKS] = bytemuck::cast(*qs);
+        std::array::from_fn(|i| {
+            let r = raw[i % CHUNKS];
+            let r = if i < CHUNKS {
+                r
+            } else {
+                a._mm256_srli_epi16::<4>(r)
+            };
+            a._mm256_and_si256(r, nibble)
+        })
     }
 
-    /// Eight i32 partial sums of `Σ q_w · q_x` over one block.
+    /// The activation bytes `4c..4c + 4` of a block in every lane, in [`unpack`]'s order.
     #[inline(always)]
-    fn dot(simd: V3, w: __m256i, x: __m256i) -> __m256i {
-        let pairs = simd.avx2._mm256_maddubs_epi16(w, x);
-        simd.avx2
-            ._mm256_madd_epi16(pairs, simd.avx._mm256_set1_epi16(1))
+    pub(super) fn broadcast(simd: V3, xq: &[i8; 32], i: usize) -> __m256i {
+        let at = if i < CHUNKS {
+            4 * i
+        } else {
+            16 + 4 * (i - CHUNKS)
+        };
+        let word = i32::from_le_bytes([
+            xq[at] as u8,
+            xq[at + 1] as u8,
+            xq[at + 2] as u8,
+            xq[at + 3] as u8,
+        ]);
+        simd.avx._mm256_set1_epi32(word)
     }
 
-    /// Lane `i` of the result: the sum of `v[i]`'s eight lanes (integer sums are exact in any
-    /// order).
+    /// Lane `r`: panel row `r`'s `Σ q_w · q_x` over the block. Each `vpmaddubsw` pair is at
+    /// most 2 · 15 · 128 in size, so the eight chunks' i16 sums cannot overflow.
     #[inline(always)]
-    fn reduce8(simd: V3, v: &[__m256i; PANEL]) -> __m256i {
+    fn dot(simd: V3, w: &[__m256i; 2 * CHUNKS], xq: &[i8; 32]) -> __m256i {
         let a = simd.avx2;
-        let h01 = a._mm256_hadd_epi32(v[0], v[1]);
-        let h23 = a._mm256_hadd_epi32(v[2], v[3]);
-        let h45 = a._mm256_hadd_epi32(v[4], v[5]);
-        let h67 = a._mm256_hadd_epi32(v[6], v[7]);
-        let h0123 = a._mm256_hadd_epi32(h01, h23);
-        let h4567 = a._mm256_hadd_epi32(h45, h67);
-        let lo = a._mm256_permute2x128_si256::<0x20>(h0123, h4567);
-        let hi = a._mm256_permute2x128_si256::<0x31>(h0123, h4567);
-        a._mm256_add_epi32(lo, hi)
+        let p: [__m256i; 2 * CHUNKS] =
+            std::array::from_fn(|i| a._mm256_maddubs_epi16(w[i], broadcast(simd, xq, i)));
+        let s01 = a._mm256_add_epi16(
+            a._mm256_add_epi16(p[0], p[1]),
+            a._mm256_add_epi16(p[2], p[3]),
+        );
+        let s23 = a._mm256_add_epi16(
+            a._mm256_add_epi16(p[4], p[5]),
+            a._mm256_add_epi16(p[6], p[7]),
+        );
+        a._mm256_madd_epi16(a._mm256_add_epi16(s01, s23), simd.avx._mm256_set1_epi16(1))
+    }
+
+    /// `acc + ((sumi · d_w) · d_x + m_w · s_x)` per lane: candle's order.
+    #[inline(always)]
+    pub(super) fn scale(
+        simd: V3,
+        acc: __m256,
+        sumi: __m256i,
+        dw: __m256,
+        mw: __m256,
+        dx: f32,
+        sx: f32,
+    ) -> __m256 {
+        let v = simd.avx;
+        let t = v._mm256_mul_ps(
+            v._mm256_mul_ps(v._mm256_cvtepi32_ps(sumi), dw),
+            v._mm256_set1_ps(dx),
+        );
+        let u = v._mm256_mul_ps(mw, v._mm256_set1_ps(sx));
+        v._mm256_add_ps(acc, v._mm256_add_ps(t, u))
     }
 
     #[inline(always)]
@@ -239,20 +294,13 @@ mod avx2 {
             acc.fill(v._mm256_setzero_ps());
             for b in 0..nb {
                 let slot = wb + b;
-                let qs = &w.qs[slot];
-                let wv: [__m256i; PANEL] = std::array::from_fn(|lane| unpack(simd, &qs[lane]));
+                let wv = unpack(simd, &w.qs[slot]);
                 let dw: __m256 = bytemuck::cast(w.d[slot]);
                 let mw: __m256 = bytemuck::cast(w.m[slot]);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xb = r * nb + b;
-                    let xv: __m256i = bytemuck::cast(x.qs[xb]);
-                    let sums: [__m256i; PANEL] =
-                        std::array::from_fn(|lane| dot(simd, wv[lane], xv));
-                    let sumi = v._mm256_cvtepi32_ps(reduce8(simd, &sums));
-                    // (sumi · d_w) · d_x + m_w · s_x, then the running sum: candle's order.
-                    let t = v._mm256_mul_ps(v._mm256_mul_ps(sumi, dw), v._mm256_set1_ps(x.d[xb]));
-                    let u = v._mm256_mul_ps(mw, v._mm256_set1_ps(x.s[xb]));
-                    *a = v._mm256_add_ps(*a, v._mm256_add_ps(t, u));
+                    let sumi = dot(simd, &wv, &x.qs[xb]);
+                    *a = scale(simd, *a, sumi, dw, mw, x.d[xb], x.s[xb]);
                 }
             }
             for (lanes, a) in per_row.iter_mut().zip(&acc) {
@@ -262,78 +310,57 @@ mod avx2 {
     }
 }
 
-/// The AVX-512 VNNI form of [`avx2::panels`]: same sums, same float operations per lane.
+/// The AVX-512 VNNI form of [`avx2::panels`]: `vpdpbusd` on 256-bit vectors (AVX-512VL) takes
+/// a chunk's four products and adds them to the lane's i32 in one instruction; two
+/// accumulators (low and high nibbles) keep the dependency chains short. Same sums, same float
+/// operations per lane.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{PANEL, Q4_1Weights, Q8_1Rows};
+    use super::avx2::{broadcast, scale, unpack};
+    use super::{CHUNKS, PANEL, Q4_1Weights, Q8_1Rows};
     use core::arch::x86_64::{
-        __m256, __m512i, _MM_PERM_BADC, _mm_loadu_si128, _mm256_add_ps, _mm256_cvtepi32_ps,
-        _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
-        _mm512_add_epi32, _mm512_and_si512, _mm512_broadcast_i32x4, _mm512_castsi512_si256,
-        _mm512_dpbusd_epi32, _mm512_loadu_si512, _mm512_permutexvar_epi32, _mm512_set1_epi8,
-        _mm512_setr_epi32, _mm512_setzero_si512, _mm512_shuffle_epi32, _mm512_srli_epi16,
-        _mm512_unpackhi_epi32, _mm512_unpacklo_epi32,
+        __m256, __m256i, _mm256_add_epi32, _mm256_dpbusd_epi32, _mm256_setzero_si256,
     };
+    use pulp::x86::V3;
 
-    /// Lane `r` of the result: the sum of row `r`'s four partial sums, rows 0–3 one per
-    /// 128-bit quarter of `a`, rows 4–7 of `b` (integer sums: exact in any order).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    #[inline]
-    fn reduce(a: __m512i, b: __m512i) -> core::arch::x86_64::__m256i {
-        // Per quarter q: [a0+a2, b0+b2, a1+a3, b1+b3], then [Σa, Σb, Σa, Σb].
-        let s = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-        let s = _mm512_add_epi32(s, _mm512_shuffle_epi32::<_MM_PERM_BADC>(s));
-        // Rows 0–3 are element 0 of quarters 0–3, rows 4–7 element 1.
-        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
-        _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, s))
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    fn dot(simd: V3, w: &[__m256i; 2 * CHUNKS], xq: &[i8; 32]) -> __m256i {
+        let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for c in 0..CHUNKS {
+            lo = _mm256_dpbusd_epi32(lo, w[c], broadcast(simd, xq, c));
+            hi = _mm256_dpbusd_epi32(hi, w[CHUNKS + c], broadcast(simd, xq, CHUNKS + c));
+        }
+        _mm256_add_epi32(lo, hi)
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    pub(super) fn panels(w: &Q4_1Weights, x: &Q8_1Rows, first: usize, out: &mut [[f32; PANEL]]) {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    pub(super) fn panels(
+        simd: V3,
+        w: &Q4_1Weights,
+        x: &Q8_1Rows,
+        first: usize,
+        out: &mut [[f32; PANEL]],
+    ) {
         let nb = w.blocks_per_row();
         let m = x.rows();
-        let nibble = _mm512_set1_epi8(0x0F);
-        let mut acc: Vec<__m256> = vec![_mm256_setzero_ps(); m];
+        let zero: __m256 = bytemuck::cast([0f32; PANEL]);
+        let mut acc: Vec<__m256> = vec![zero; m];
         for (p, per_row) in out.chunks_exact_mut(m).enumerate() {
             let wb = (first + p) * nb;
-            acc.fill(_mm256_setzero_ps());
+            acc.fill(zero);
             for b in 0..nb {
                 let slot = wb + b;
-                let qs: &[[u8; 16]; PANEL] = &w.qs[slot];
-                #[allow(unsafe_code)]
-                // SAFETY: `qs` is 8 × 16 contiguous bytes: two 64-byte loads; each `x.qs`
-                // block is 32 bytes: two 16-byte loads; `w.d`/`w.m` slots are 8 f32s.
-                unsafe {
-                    let raw0 = _mm512_loadu_si512(qs.as_ptr().cast());
-                    let raw1 = _mm512_loadu_si512(qs.as_ptr().add(4).cast());
-                    let lo0 = _mm512_and_si512(raw0, nibble);
-                    let hi0 = _mm512_and_si512(_mm512_srli_epi16::<4>(raw0), nibble);
-                    let lo1 = _mm512_and_si512(raw1, nibble);
-                    let hi1 = _mm512_and_si512(_mm512_srli_epi16::<4>(raw1), nibble);
-                    let dw = _mm256_loadu_ps(w.d[slot].as_ptr());
-                    let mw = _mm256_loadu_ps(w.m[slot].as_ptr());
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let xb = r * nb + b;
-                        let xq = x.qs[xb].as_ptr();
-                        let xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(xq.cast()));
-                        let xhi = _mm512_broadcast_i32x4(_mm_loadu_si128(xq.add(16).cast()));
-                        let z = _mm512_setzero_si512();
-                        let s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo0, xlo), hi0, xhi);
-                        let s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo1, xlo), hi1, xhi);
-                        let sumi = _mm256_cvtepi32_ps(reduce(s0, s1));
-                        // (sumi · d_w) · d_x + m_w · s_x, then the running sum: candle's order.
-                        let t = _mm256_mul_ps(_mm256_mul_ps(sumi, dw), _mm256_set1_ps(x.d[xb]));
-                        let u = _mm256_mul_ps(mw, _mm256_set1_ps(x.s[xb]));
-                        *a = _mm256_add_ps(*a, _mm256_add_ps(t, u));
-                    }
+                let wv = unpack(simd, &w.qs[slot]);
+                let dw: __m256 = bytemuck::cast(w.d[slot]);
+                let mw: __m256 = bytemuck::cast(w.m[slot]);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb = r * nb + b;
+                    let sumi = dot(simd, &wv, &x.qs[xb]);
+                    *a = scale(simd, *a, sumi, dw, mw, x.d[xb], x.s[xb]);
                 }
             }
             for (lanes, a) in per_row.iter_mut().zip(&acc) {
-                #[allow(unsafe_code)]
-                // SAFETY: `lanes` holds eight f32s.
-                unsafe {
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), *a)
-                };
+                *lanes = bytemuck::cast(*a);
             }
         }
     }
