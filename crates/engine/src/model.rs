@@ -228,17 +228,81 @@ impl Linear {
     }
 }
 
+/// Projections that read the same input — q, k and v; gate and up — run as one product where
+/// the weights allow it (Q4_1 blocks of equal width, stacked at load): the activations are
+/// quantized once and the cores meet once instead of once per projection, and each output's
+/// arithmetic is unchanged. Otherwise one product each, as before.
+enum Projections {
+    Stacked { all: Linear, widths: Vec<usize> },
+    Apart(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> candle_core::Result<Self> {
+        let q4: Option<Vec<&tandem_kernels::Q4_1Weights>> = parts
+            .iter()
+            .map(|p| match &p.w {
+                Weights::Q4_1(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        let Some(q4) = q4 else {
+            return Ok(Self::Apart(parts));
+        };
+        let widths = q4.iter().map(|w| w.rows()).collect();
+        let b = match parts
+            .iter()
+            .map(|p| p.b.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(b) => Some(Tensor::cat(&b, 0)?),
+            None if parts.iter().all(|p| p.b.is_none()) => None,
+            None => return Ok(Self::Apart(parts)),
+        };
+        Ok(match tandem_kernels::Q4_1Weights::stack(&q4) {
+            Some(w) => Self::Stacked {
+                all: Linear {
+                    w: Weights::Q4_1(w),
+                    b,
+                },
+                widths,
+            },
+            None => Self::Apart(parts),
+        })
+    }
+
+    /// Each projection of `x`, in the order given to [`Self::new`].
+    fn forward_step(&self, x: &Tensor, decode_batch: bool) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Self::Apart(parts) => parts
+                .iter()
+                .map(|p| p.forward_step(x, decode_batch))
+                .collect(),
+            Self::Stacked { all, widths } => {
+                let y = all.forward_step(x, decode_batch)?;
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        at += w;
+                        y.narrow(1, at - w, w)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: Projections,
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: Projections,
     down: Linear,
 }
 
@@ -570,21 +634,24 @@ impl Model {
                     &format!("{h}.input_layernorm.weight"),
                     act,
                 )?,
-                q: ld.linear(
-                    &format!("{g}.attn_q"),
-                    &format!("{h}.self_attn.q_proj"),
-                    bias,
-                )?,
-                k: ld.linear(
-                    &format!("{g}.attn_k"),
-                    &format!("{h}.self_attn.k_proj"),
-                    bias,
-                )?,
-                v: ld.linear(
-                    &format!("{g}.attn_v"),
-                    &format!("{h}.self_attn.v_proj"),
-                    bias,
-                )?,
+                qkv: Projections::new(vec![
+                    ld.linear(
+                        &format!("{g}.attn_q"),
+                        &format!("{h}.self_attn.q_proj"),
+                        bias,
+                    )?,
+                    ld.linear(
+                        &format!("{g}.attn_k"),
+                        &format!("{h}.self_attn.k_proj"),
+                        bias,
+                    )?,
+                    ld.linear(
+                        &format!("{g}.attn_v"),
+                        &format!("{h}.self_attn.v_proj"),
+                        bias,
+                    )?,
+                ])
+                .map_err(load_err)?,
                 o: ld.linear(
                     &format!("{g}.attn_output"),
                     &format!("{h}.self_attn.o_proj"),
@@ -597,12 +664,15 @@ impl Model {
                     &format!("{h}.post_attention_layernorm.weight"),
                     act,
                 )?,
-                gate: ld.linear(
-                    &format!("{g}.ffn_gate"),
-                    &format!("{h}.mlp.gate_proj"),
-                    false,
-                )?,
-                up: ld.linear(&format!("{g}.ffn_up"), &format!("{h}.mlp.up_proj"), false)?,
+                gate_up: Projections::new(vec![
+                    ld.linear(
+                        &format!("{g}.ffn_gate"),
+                        &format!("{h}.mlp.gate_proj"),
+                        false,
+                    )?,
+                    ld.linear(&format!("{g}.ffn_up"), &format!("{h}.mlp.up_proj"), false)?,
+                ])
+                .map_err(load_err)?,
                 down: ld.linear(
                     &format!("{g}.ffn_down"),
                     &format!("{h}.mlp.down_proj"),
@@ -784,15 +854,14 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
-            let q = layer
-                .q
+            let [q, k, v]: [Tensor; 3] = layer
+                .qkv
                 .forward_step(&h, decode_only)?
-                .reshape((n_tokens, nh, hd))?;
-            let k = layer
-                .k
-                .forward_step(&h, decode_only)?
-                .reshape((n_tokens, nkv, hd))?;
-            let v = layer.v.forward_step(&h, decode_only)?.contiguous()?;
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("q, k and v: three projections".into()))?;
+            let q = q.reshape((n_tokens, nh, hd))?;
+            let k = k.reshape((n_tokens, nkv, hd))?;
+            let v = v.contiguous()?;
             let (q, k) = match (&layer.q_norm, &layer.k_norm) {
                 (Some(qn), Some(kn)) => (
                     rms_norm(&q.contiguous()?, qn, c.rms_norm_eps)?,
@@ -872,11 +941,15 @@ impl Model {
             };
             let x1 = (layer.o.forward_step(&y, decode_only)? + residual)?;
             let h = rms_norm(&x1, &layer.ffn_norm, c.rms_norm_eps)?;
-            let gate = silu(&layer.gate.forward_step(&h, decode_only)?)?;
-            let mlp = layer.down.forward_step(
-                &(gate * layer.up.forward_step(&h, decode_only)?)?,
-                decode_only,
-            )?;
+            let [gate, up]: [Tensor; 2] =
+                layer
+                    .gate_up
+                    .forward_step(&h, decode_only)?
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("gate and up: two projections".into()))?;
+            let mlp = layer
+                .down
+                .forward_step(&(silu(&gate)? * up)?, decode_only)?;
             x = (mlp + &x1)?;
         }
         let last = Tensor::from_vec(last_rows, seqs.len(), dev)?;

@@ -87,6 +87,44 @@ impl Q4_1Weights {
         Ok(w)
     }
 
+    /// The matrices stacked (rows of the first, then of the second, …), all `k` wide: one
+    /// product for projections that read the same input (q, k and v; gate and up), so the
+    /// activations are quantized once and the cores meet once. Each output's arithmetic is
+    /// unchanged. `None` when the widths differ or nothing is given.
+    pub fn stack(parts: &[&Self]) -> Option<Self> {
+        let k = parts.first()?.k;
+        if parts.iter().any(|p| p.k != k) {
+            return None;
+        }
+        let nb = k / BLOCK;
+        let n: usize = parts.iter().map(|p| p.n).sum();
+        let slots = n.div_ceil(PANEL) * nb;
+        let mut w = Self {
+            n,
+            k,
+            d: vec![[0.0; PANEL]; slots],
+            m: vec![[0.0; PANEL]; slots],
+            qs: vec![[0; 16 * PANEL]; slots],
+        };
+        let mut row = 0;
+        for p in parts {
+            for r in 0..p.n {
+                let (to, from) = ((row / PANEL) * nb, (r / PANEL) * nb);
+                let (to_lane, from_lane) = (row % PANEL, r % PANEL);
+                for b in 0..nb {
+                    w.d[to + b][to_lane] = p.d[from + b][from_lane];
+                    w.m[to + b][to_lane] = p.m[from + b][from_lane];
+                    for j in 0..16 {
+                        w.qs[to + b][interleaved(to_lane, j)] =
+                            p.qs[from + b][interleaved(from_lane, j)];
+                    }
+                }
+                row += 1;
+            }
+        }
+        Some(w)
+    }
+
     pub fn rows(&self) -> usize {
         self.n
     }
@@ -461,6 +499,40 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_stack_computes_what_its_parts_compute() {
+        let k = 96;
+        let sizes = [5, 8, 11];
+        let parts: Vec<Q4_1Weights> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Q4_1Weights::from_ggml(&blocks(n, k, 40 + i as u32), n, k).unwrap())
+            .collect();
+        let refs: Vec<&Q4_1Weights> = parts.iter().collect();
+        let all = Q4_1Weights::stack(&refs).unwrap();
+        assert_eq!((all.rows(), all.cols()), (24, k));
+        for m in [1, 3] {
+            let x = activations(m, k);
+            let y = all.matmul(&x, m);
+            let mut col = 0;
+            for p in &parts {
+                let yp = p.matmul(&x, m);
+                for i in 0..m {
+                    for j in 0..p.rows() {
+                        assert_eq!(
+                            y[i * 24 + col + j].to_bits(),
+                            yp[i * p.rows() + j].to_bits()
+                        );
+                    }
+                }
+                col += p.rows();
+            }
+        }
+        let narrow = Q4_1Weights::from_ggml(&blocks(2, 64, 1), 2, 64).unwrap();
+        assert!(Q4_1Weights::stack(&[&parts[0], &narrow]).is_none());
+        assert!(Q4_1Weights::stack(&[]).is_none());
     }
 
     #[test]
