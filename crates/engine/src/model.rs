@@ -88,44 +88,82 @@ impl From<QMatMul> for Weights {
 /// futex for the next (a decode step is a few hundred parallel products of tens of µs each,
 /// with serial work between them longer than rayon's spin before sleeping: 74 context
 /// switches a token measured at batch 1, Q4_1 on 2 threads). The helpers spin only while the
-/// step runs. Q4_1 `--cpu-kernels avx2`, alternating: b1 92–94 → 110–111 tok/s, b8 179–183
-/// → 216, b16 197–201 → 224–225.
+/// step runs, one per worker (each in that worker's own broadcast queue), at most one fewer
+/// than the cores; the step waits up to a millisecond for them to start, and a helper that
+/// starts later returns at once (it may be nested in the step's own work). A panicking step
+/// still stops them. Q4_1 `--cpu-kernels avx2`, alternating: b1 92–94 → 110–111 tok/s, b8
+/// 179–183 → 216, b16 197–201 → 224–225.
 fn with_helpers_awake<R: Send>(step: impl FnOnce() -> R + Send) -> R {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let done = AtomicBool::new(false);
-    let me = rayon::current_thread_index();
-    let helpers = rayon::current_num_threads().saturating_sub(1);
-    rayon::scope(|s| {
-        for _ in 0..helpers {
-            s.spawn(|_| {
-                // This worker took a helper job while waiting inside the step: it must not
-                // spin (the step cannot go on under it).
-                if rayon::current_thread_index() == me {
-                    return;
-                }
-                let mut idle = 0u32;
-                while !done.load(Ordering::Acquire) {
-                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
-                        idle = 0;
-                        continue;
-                    }
-                    // Not straight back to the step's deque: each look is a read of the
-                    // lines the stepping thread writes as it pushes work.
-                    for _ in 0..16 {
-                        std::hint::spin_loop();
-                    }
-                    idle += 1;
-                    // With more threads than cores, let whoever is runnable have the core
-                    // (8 threads on 2 cores: b1 58 tok/s without this).
-                    if idle.is_multiple_of(64) {
-                        std::thread::yield_now();
-                    }
-                }
-            });
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+    /// How long the step waits for the helpers to start (a sleeping worker's wake-up).
+    const START_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+    /// Sets the flag when dropped: the helpers stop even if the step panics.
+    struct SetOnDrop<'a>(&'a AtomicBool);
+    impl Drop for SetOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, SeqCst);
         }
-        let r = step();
-        done.store(true, Ordering::Release);
-        r
+    }
+    // No more spinning threads than cores: with more threads than that (a pool sized by hand)
+    // the spinners would take turns on the cores with the step itself (8 threads on 2 cores:
+    // b1 62 tok/s with seven helpers, 112 with one).
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let helpers = rayon::current_num_threads().min(cores).saturating_sub(1);
+    let Some(me) = rayon::current_thread_index().filter(|_| helpers > 0) else {
+        return step();
+    };
+    let (started, stepping, done) = (
+        AtomicUsize::new(0),
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+    );
+    rayon::scope(|s| {
+        // One helper per worker, in that worker's own queue (a helper spawned into the
+        // stepping thread's deque would be taken by the first worker awake, then the next
+        // nested inside it, and so on: one worker awake, not all).
+        s.spawn_broadcast(|_, ctx| {
+            // Run after the step began, this job may be nested in the step's own work that
+            // this worker is waiting on (a join), which could not finish under a spinning
+            // helper. Before the step began, this worker was not inside its work.
+            if ctx.index() == me || stepping.load(SeqCst) {
+                return;
+            }
+            if started.fetch_add(1, SeqCst) >= helpers {
+                return;
+            }
+            #[cfg(test)]
+            tests::HELPERS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(ctx.index());
+            let mut idle = 0u32;
+            while !done.load(SeqCst) {
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle = 0;
+                    continue;
+                }
+                // Not straight back to the step's deque: each look is a read of the
+                // lines the stepping thread writes as it pushes work.
+                for _ in 0..16 {
+                    std::hint::spin_loop();
+                }
+                idle += 1;
+                // With more threads than cores, let whoever is runnable have the core
+                // (8 threads on 2 cores: b1 58 tok/s without this).
+                if idle.is_multiple_of(64) {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + START_WAIT;
+        while started.load(SeqCst) < helpers && std::time::Instant::now() < deadline {
+            // A helper may need this core to start (more threads than cores).
+            std::thread::yield_now();
+        }
+        stepping.store(true, SeqCst);
+        let _stop = SetOnDrop(&done);
+        step()
     })
 }
 
@@ -1139,34 +1177,63 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// Parallel work nested inside the step completes with the helpers spinning, whatever
-    /// worker picks up a helper job (the stepping one included), at every pool size.
+    /// The workers whose helper spun in the last [`with_helpers_awake`] (one test uses it).
+    pub(super) static HELPERS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+    /// Parallel work nested two deep inside the step completes with the helpers spinning, at
+    /// every pool size (a helper job picked up by a worker waiting inside the step's own work
+    /// must not spin), and a step that panics stops its helpers and passes the panic on.
     #[test]
-    fn a_step_with_helpers_awake_finishes_and_sums_right() {
+    fn a_step_with_helpers_awake_finishes_sums_right_and_panics_through() {
         use rayon::prelude::*;
+        let work = |round: u64| {
+            (0..8u64)
+                .into_par_iter()
+                .map(|i| {
+                    (0..64u64)
+                        .into_par_iter()
+                        .map(|j| (0..50u64).map(|x| x * i + j + round).sum::<u64>())
+                        .sum::<u64>()
+                })
+                .sum::<u64>()
+        };
         for threads in [1, 2, 3, 5] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
             for round in 0..50u64 {
-                let got = pool.install(|| {
-                    with_helpers_awake(|| {
-                        (0..8u64)
-                            .map(|i| {
-                                (0..2000u64)
-                                    .into_par_iter()
-                                    .map(|x| x * i + round)
-                                    .sum::<u64>()
-                            })
+                HELPERS.lock().unwrap().clear();
+                let (me, got) = pool.install(|| {
+                    (
+                        rayon::current_thread_index().unwrap(),
+                        with_helpers_awake(|| work(round)),
+                    )
+                });
+                let mut helpers = HELPERS.lock().unwrap().clone();
+                assert!(!helpers.contains(&me), "the stepping worker spun");
+                helpers.sort_unstable();
+                helpers.dedup();
+                assert_eq!(
+                    helpers.len(),
+                    HELPERS.lock().unwrap().len(),
+                    "two helpers on one worker"
+                );
+                let want: u64 = (0..8u64)
+                    .map(|i| {
+                        (0..64u64)
+                            .map(|j| (0..50u64).map(|x| x * i + j + round).sum::<u64>())
                             .sum::<u64>()
                     })
-                });
-                let want: u64 = (0..8u64)
-                    .map(|i| (0..2000u64).map(|x| x * i + round).sum::<u64>())
                     .sum();
                 assert_eq!(got, want, "{threads} threads, round {round}");
             }
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                pool.install(|| with_helpers_awake(|| -> u64 { panic!("step failed") }))
+            }));
+            assert!(panicked.is_err(), "{threads} threads");
+            // The pool is still usable afterwards.
+            assert_eq!(pool.install(|| with_helpers_awake(|| work(0))), work(0));
         }
     }
 

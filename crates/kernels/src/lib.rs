@@ -20,8 +20,9 @@
 //! place from the paged cache (no gather, no repeated KV heads).
 //!
 //! [`Q4_1Weights`]: GGUF's Q4_1 blocks × f32 activations, bit-identical to candle's (scalar)
-//! quantized matmul, with AVX2 (or AVX-512 VNNI) integer dot products on row-interleaved
-//! panels and each unpacked weight block reused by every row of the batch (see [`q4_1`]); [`Q8_0Weights`] likewise for Q8_0, bit-identical to
+//! quantized matmul, with AVX2 (or AVX-512 VNNI) integer dot products on
+//! row-interleaved panels and each unpacked weight block reused by every row of the batch
+//! (see [`q4_1`]); [`Q8_0Weights`] likewise for Q8_0, bit-identical to
 //! candle's AVX2 path.
 
 pub mod attention;

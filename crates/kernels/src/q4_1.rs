@@ -362,6 +362,7 @@ mod avx512 {
     use pulp::x86::V3;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    #[inline]
     fn dot(simd: V3, w: &[__m256i; 2 * CHUNKS], xq: &[i8; 32]) -> __m256i {
         let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
         for c in 0..CHUNKS {

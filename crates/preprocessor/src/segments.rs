@@ -18,9 +18,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokenizers::Tokenizer;
 
-/// Bytes the cache may hold (segment text plus its ids); past it the cache starts again empty
-/// (cheap, and bounded). 64 MiB holds a few hundred book-length system prompts.
+/// Bytes the cache may hold (segment text, its ids and [`ENTRY_OVERHEAD`] each); past it the
+/// cache starts again empty (cheap, and bounded). 64 MiB holds ~550 system prompts of 10 000
+/// words (~120 KB each with their ids), or ~60 of a book's length.
 const BUDGET: usize = 64 << 20;
+/// What an entry costs beyond its text and ids: the table slot, the two allocations' headers
+/// and rounding. Counted so that many short segments (every user turn is one) stay within
+/// the budget too.
+const ENTRY_OVERHEAD: usize = 96;
 
 pub struct SegmentCache {
     /// Added tokens' ids, by pattern index of `finder`.
@@ -54,7 +59,17 @@ impl SegmentCache {
             return None;
         }
         let (mut texts, mut ids) = (Vec::new(), Vec::new());
-        for t in json["added_tokens"].as_array()? {
+        let tokens = json["added_tokens"].as_array()?;
+        // The tokenizer matches tokens with `normalized: false` first and the others in the
+        // gaps left; one pass over all of them finds the same only when they are all alike.
+        let normalized = |t: &serde_json::Value| t["normalized"].as_bool();
+        if tokens
+            .windows(2)
+            .any(|w| normalized(&w[0]) != normalized(&w[1]))
+        {
+            return None;
+        }
+        for t in tokens {
             let flag = |k: &str| t[k].as_bool().unwrap_or(true);
             if flag("lstrip") || flag("rstrip") || flag("single_word") {
                 return None;
@@ -103,15 +118,16 @@ impl SegmentCache {
         let enc = tokenizer.encode(text, false)?;
         let got = enc.get_ids();
         ids.extend_from_slice(got);
-        let cost = text.len() + std::mem::size_of_val(got);
+        let cost = ENTRY_OVERHEAD + text.len() + std::mem::size_of_val(got);
         if cost <= self.budget / 16 {
             let mut cache = self.lock();
-            if cache.bytes + cost > self.budget {
-                *cache = Segments::default();
-            }
+            // Freed after the lock is let go: a full cache is many small entries.
+            let old = (cache.bytes + cost > self.budget).then(|| std::mem::take(&mut *cache));
             if cache.map.insert(text.to_string(), Arc::from(got)).is_none() {
                 cache.bytes += cost;
             }
+            drop(cache);
+            drop(old);
         }
         Ok(())
     }
