@@ -246,7 +246,7 @@ mod avx2 {
     /// A block's chunks as bytes: `[c]` the low nibbles (elements `4c..`), `[CHUNKS + c]` the
     /// high ones (elements `16 + 4c..`), lane `r` panel row `r`.
     #[inline(always)]
-    pub(super) fn unpack(simd: V3, qs: &[u8; 16 * PANEL]) -> [__m256i; 2 * CHUNKS] {
+    fn unpack(simd: V3, qs: &[u8; 16 * PANEL]) -> [__m256i; 2 * CHUNKS] {
         let (a, nibble) = (simd.avx2, simd.avx._mm256_set1_epi8(0x0F));
         let raw: [__m256i; CHUNKS] = bytemuck::cast(*qs);
         std::array::from_fn(|i| {
@@ -297,7 +297,7 @@ mod avx2 {
 
     /// `acc + ((sumi · d_w) · d_x + m_w · s_x)` per lane: candle's order.
     #[inline(always)]
-    pub(super) fn scale(
+    fn scale(
         simd: V3,
         acc: __m256,
         sumi: __m256i,
@@ -323,6 +323,19 @@ mod avx2 {
         first: usize,
         out: &mut [[f32; PANEL]],
     ) {
+        panels_with(simd, w, x, first, out, |wv, xq| dot(simd, wv, xq));
+    }
+
+    /// The panels' loop around a block dot product: AVX2's [`dot`] or AVX-512 VNNI's.
+    #[inline(always)]
+    pub(super) fn panels_with(
+        simd: V3,
+        w: &Q4_1Weights,
+        x: &Q8_1Rows,
+        first: usize,
+        out: &mut [[f32; PANEL]],
+        dot: impl Fn(&[__m256i; 2 * CHUNKS], &[i8; 32]) -> __m256i,
+    ) {
         let nb = w.blocks_per_row();
         let m = x.rows();
         let v = simd.avx;
@@ -337,7 +350,7 @@ mod avx2 {
                 let mw: __m256 = bytemuck::cast(w.m[slot]);
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xb = r * nb + b;
-                    let sumi = dot(simd, &wv, &x.qs[xb]);
+                    let sumi = dot(&wv, &x.qs[xb]);
                     *a = scale(simd, *a, sumi, dw, mw, x.d[xb], x.s[xb]);
                 }
             }
@@ -354,10 +367,10 @@ mod avx2 {
 /// operations per lane.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::avx2::{broadcast, scale, unpack};
+    use super::avx2::{broadcast, panels_with};
     use super::{CHUNKS, PANEL, Q4_1Weights, Q8_1Rows};
     use core::arch::x86_64::{
-        __m256, __m256i, _mm256_add_epi32, _mm256_dpbusd_epi32, _mm256_setzero_si256,
+        __m256i, _mm256_add_epi32, _mm256_dpbusd_epi32, _mm256_setzero_si256,
     };
     use pulp::x86::V3;
 
@@ -380,28 +393,7 @@ mod avx512 {
         first: usize,
         out: &mut [[f32; PANEL]],
     ) {
-        let nb = w.blocks_per_row();
-        let m = x.rows();
-        let zero: __m256 = bytemuck::cast([0f32; PANEL]);
-        let mut acc: Vec<__m256> = vec![zero; m];
-        for (p, per_row) in out.chunks_exact_mut(m).enumerate() {
-            let wb = (first + p) * nb;
-            acc.fill(zero);
-            for b in 0..nb {
-                let slot = wb + b;
-                let wv = unpack(simd, &w.qs[slot]);
-                let dw: __m256 = bytemuck::cast(w.d[slot]);
-                let mw: __m256 = bytemuck::cast(w.m[slot]);
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xb = r * nb + b;
-                    let sumi = dot(simd, &wv, &x.qs[xb]);
-                    *a = scale(simd, *a, sumi, dw, mw, x.d[xb], x.s[xb]);
-                }
-            }
-            for (lanes, a) in per_row.iter_mut().zip(&acc) {
-                *lanes = bytemuck::cast(*a);
-            }
-        }
+        panels_with(simd, w, x, first, out, |wv, xq| dot(simd, wv, xq));
     }
 }
 
