@@ -256,10 +256,10 @@ fn cpu_matmul(x: &Tensor, w: &Tensor, decode_batch: bool) -> candle_core::Result
             Some(tandem_kernels::matmul_small_m(&rows, w, m, k, n))
         })?,
         (DType::F16, false) => with_cpu_slice(w, |w: &[half::f16]| {
-            tandem_kernels::tall::matmul(&rows, tandem_kernels::tall::Weights::F16(w), m, k, n)
+            tandem_kernels::tall::matmul(&rows, tandem_kernels::WeightRows::F16(w), m, k, n)
         })?,
         (_, false) => with_cpu_slice(w, |w: &[f32]| {
-            tandem_kernels::tall::matmul(&rows, tandem_kernels::tall::Weights::F32(w), m, k, n)
+            tandem_kernels::tall::matmul(&rows, tandem_kernels::WeightRows::F32(w), m, k, n)
         })?,
     };
     y.flatten()

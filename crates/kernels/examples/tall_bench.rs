@@ -2,7 +2,8 @@
 //! `cargo run --release -p tandem-kernels --example tall_bench [M]`.
 #![allow(clippy::unwrap_used)]
 use std::time::Instant;
-use tandem_kernels::tall::{Weights, matmul};
+use tandem_kernels::WeightRows;
+use tandem_kernels::tall::matmul;
 
 fn main() {
     let m: usize = std::env::args()
@@ -15,7 +16,7 @@ fn main() {
         let mut best = f64::MAX;
         for _ in 0..10 {
             let t = Instant::now();
-            let y = matmul(&x, Weights::F32(&w), m, k, n).unwrap();
+            let y = matmul(&x, WeightRows::F32(&w), m, k, n).unwrap();
             std::hint::black_box(y);
             best = best.min(t.elapsed().as_secs_f64());
         }

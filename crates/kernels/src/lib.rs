@@ -147,13 +147,26 @@ pub fn matmul_small_m_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize) ->
     matmul_rows(x, WeightRows::F16(w), m, k, n)
 }
 
+/// Weights of a product, `n × k` row-major: f32, or f16 widened to f32 as the kernels read
+/// them.
 #[derive(Clone, Copy)]
-enum WeightRows<'a> {
+pub enum WeightRows<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
 }
 
 impl<'a> WeightRows<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(w) => w.len(),
+            Self::F16(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The values in `span` (whole rows).
     fn slice(self, span: std::ops::Range<usize>) -> Self {
         match self {
@@ -164,8 +177,19 @@ impl<'a> WeightRows<'a> {
 }
 
 thread_local! {
-    /// Weight rows converted to f32, per rayon worker (CPUs without F16C).
+    /// Weight rows widened to f32, per rayon worker (see [`widened`]).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` on `w` widened to f32 in this worker's scratch buffer (reused, so a task allocates
+/// nothing once the buffer has grown).
+fn widened<R>(w: &[f16], f: impl FnOnce(&[f32]) -> R) -> R {
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        buf.resize(w.len(), 0.0);
+        f16_to_f32(w, &mut buf);
+        f(&buf)
+    })
 }
 
 fn matmul_rows(x: &[f32], w: WeightRows<'_>, m: usize, k: usize, n: usize) -> Vec<f32> {
@@ -204,18 +228,9 @@ fn matmul_rows_at(
                     k,
                     out,
                 }),
-                (WeightRows::F16(w), _) => SCRATCH.with(|scratch| {
-                    let mut buf = scratch.borrow_mut();
-                    buf.resize(span.len(), 0.0);
-                    f16_to_f32(&w[span], &mut buf);
-                    arch.dispatch(Rows {
-                        x,
-                        w: &buf,
-                        m,
-                        k,
-                        out,
-                    })
-                }),
+                (WeightRows::F16(w), _) => {
+                    widened(&w[span], |w| arch.dispatch(Rows { x, w, m, k, out }))
+                }
             }
         });
     // yt is n × m (each task wrote whole rows of it); callers want m × n.

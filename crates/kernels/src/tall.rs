@@ -14,11 +14,11 @@
 //!
 //! Each output is summed in column order, block by block, whatever the other rows.
 
+use crate::WeightRows;
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::{
     _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
 };
-use half::f16;
 use rayon::prelude::*;
 
 /// Weight rows per tile.
@@ -43,27 +43,6 @@ pub fn available() -> bool {
     }
 }
 
-/// Weights of a [`matmul`]: `n × k` row-major, f32 or f16 (widened task by task).
-#[derive(Clone, Copy)]
-pub enum Weights<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
-}
-
-impl Weights<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Self::F32(w) => w.len(),
-            Self::F16(w) => w.len(),
-        }
-    }
-}
-
-thread_local! {
-    /// A task's f16 weight rows widened to f32, per rayon worker.
-    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// `y` shared by the tasks, each of which writes only its own columns (weight rows).
 struct Out {
     ptr: *mut f32,
@@ -76,7 +55,7 @@ unsafe impl Sync for Out {}
 
 /// `x`: `m × k` row-major; `w`: `n × k` row-major. Returns `y`: `m × n` row-major. `None`
 /// when this CPU lacks AVX-512F (see [`available`]).
-pub fn matmul(x: &[f32], w: Weights<'_>, m: usize, k: usize, n: usize) -> Option<Vec<f32>> {
+pub fn matmul(x: &[f32], w: WeightRows<'_>, m: usize, k: usize, n: usize) -> Option<Vec<f32>> {
     assert_eq!(x.len(), m * k, "x is not m × k");
     assert_eq!(w.len(), n * k, "w is not n × k");
     if !available() {
@@ -97,12 +76,10 @@ pub fn matmul(x: &[f32], w: Weights<'_>, m: usize, k: usize, n: usize) -> Option
         let r0 = task * TASK_ROWS;
         let r1 = (r0 + TASK_ROWS).min(n);
         match w {
-            Weights::F32(w) => run_task(&panels, &w[r0 * k..r1 * k], m, k, n, r0, &out),
-            Weights::F16(w) => WIDE.with(|wide| {
-                let mut wide = wide.borrow_mut();
-                wide.resize((r1 - r0) * k, 0.0);
-                crate::f16_to_f32(&w[r0 * k..r1 * k], &mut wide);
-                run_task(&panels, &wide, m, k, n, r0, &out);
+            WeightRows::F32(w) => run_task(&panels, &w[r0 * k..r1 * k], m, k, n, r0, &out),
+            // Widened task by task.
+            WeightRows::F16(w) => crate::widened(&w[r0 * k..r1 * k], |w| {
+                run_task(&panels, w, m, k, n, r0, &out)
             }),
         }
     });
@@ -258,6 +235,7 @@ fn kernel<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -292,8 +270,8 @@ mod tests {
             let x = values(m * k, 1);
             let w = values(n * k, 2);
             let w16: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
-            let y = matmul(&x, Weights::F32(&w), m, k, n).unwrap();
-            let y16 = matmul(&x, Weights::F16(&w16), m, k, n).unwrap();
+            let y = matmul(&x, WeightRows::F32(&w), m, k, n).unwrap();
+            let y16 = matmul(&x, WeightRows::F16(&w16), m, k, n).unwrap();
             for i in 0..m {
                 for j in 0..n {
                     let xr = &x[i * k..(i + 1) * k];
@@ -324,9 +302,9 @@ mod tests {
         let (k, n) = (700, 21);
         let x = values(50 * k, 3);
         let w = values(n * k, 4);
-        let all = matmul(&x, Weights::F32(&w), 50, k, n).unwrap();
+        let all = matmul(&x, WeightRows::F32(&w), 50, k, n).unwrap();
         for i in [0, 5, 31, 32, 49] {
-            let one = matmul(&x[i * k..(i + 1) * k], Weights::F32(&w), 1, k, n).unwrap();
+            let one = matmul(&x[i * k..(i + 1) * k], WeightRows::F32(&w), 1, k, n).unwrap();
             assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
         }
     }
