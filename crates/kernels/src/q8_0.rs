@@ -128,14 +128,31 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let nb = w.k / BLOCK;
+        rows_with(simd, w, xd, first, out, |wb, acc| {
+            for b in 0..nb {
+                block(simd, w, wb, xd, xq, b, acc);
+            }
+        });
+    }
+
+    /// The loop over weight rows `first..` around `blocks(wb, acc)`, which adds weight row
+    /// `wb / nb`'s blocks into every row of `x`'s eight lanes (AVX2's [`block`]s or AVX-512
+    /// VNNI's pairs); each output is the lanes' candle sum.
+    #[inline(always)]
+    pub(super) fn rows_with(
+        simd: V3,
+        w: &Q8_0Weights,
+        xd: &[f32],
+        first: usize,
+        out: &mut [f32],
+        blocks: impl Fn(usize, &mut [__m256]),
+    ) {
+        let nb = w.k / BLOCK;
         let m = xd.len() / nb;
         let mut acc: Vec<__m256> = vec![simd.avx._mm256_setzero_ps(); m];
         for (j, o) in out.chunks_exact_mut(m).enumerate() {
-            let wb = (first + j) * nb;
             acc.fill(simd.avx._mm256_setzero_ps());
-            for b in 0..nb {
-                block(simd, w, wb, xd, xq, b, &mut acc);
-            }
+            blocks((first + j) * nb, &mut acc);
             for (y, a) in o.iter_mut().zip(&acc) {
                 *y = hsum(simd, *a);
             }
@@ -176,14 +193,14 @@ mod avx2 {
 mod avx512 {
     use super::{BLOCK, Q8_0Weights, avx2};
     use core::arch::x86_64::{
-        __m256, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm512_abs_epi8,
-        _mm512_castps512_ps256, _mm512_cvtepi32_ps, _mm512_dpbusd_epi32, _mm512_extractf32x8_ps,
-        _mm512_loadu_si512, _mm512_mask_sub_epi8, _mm512_movepi8_mask, _mm512_setzero_si512,
+        _mm256_fmadd_ps, _mm256_set1_ps, _mm512_abs_epi8, _mm512_castps512_ps256,
+        _mm512_cvtepi32_ps, _mm512_dpbusd_epi32, _mm512_extractf32x8_ps, _mm512_loadu_si512,
+        _mm512_mask_sub_epi8, _mm512_movepi8_mask, _mm512_setzero_si512,
     };
     use pulp::x86::V3;
 
-    /// `simd`: the AVX2 path's, whose block step (for an odd last block) and final sum are
-    /// reused here.
+    /// `simd`: the AVX2 path's, whose loop over weight rows (with the final sum) and block
+    /// step (for an odd last block) are reused here.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
     pub(super) fn rows(
         simd: V3,
@@ -194,12 +211,8 @@ mod avx512 {
         out: &mut [f32],
     ) {
         let nb = w.k / BLOCK;
-        let m = xd.len() / nb;
         let pairs = nb / 2;
-        let mut acc: Vec<__m256> = vec![_mm256_setzero_ps(); m];
-        for (j, o) in out.chunks_exact_mut(m).enumerate() {
-            let wb = (first + j) * nb;
-            acc.fill(_mm256_setzero_ps());
+        avx2::rows_with(simd, w, xd, first, out, |wb, acc| {
             #[allow(unsafe_code)]
             // SAFETY: blocks `wb + 2p` and `wb + 2p + 1` (and `xb`, `xb + 1`) are adjacent
             // 32-byte arrays of one row, so each 64-byte load stays inside its `Vec`.
@@ -225,12 +238,9 @@ mod avx512 {
             }
             if nb % 2 == 1 {
                 // The odd last block as the AVX2 path computes it.
-                avx2::block(simd, w, wb, xd, xq, nb - 1, &mut acc);
+                avx2::block(simd, w, wb, xd, xq, nb - 1, acc);
             }
-            for (y, a) in o.iter_mut().zip(&acc) {
-                *y = avx2::hsum(simd, *a);
-            }
-        }
+        });
     }
 }
 
