@@ -151,6 +151,25 @@ macro_rules! vector_head {
 mod wide;
 mod wide8;
 
+/// A vector `exp` for `x ≤ 0` (`exp` on `W` lanes) against libm over `0, -0.0005, …` for
+/// `points` values, within 3e-7 relative (plus `floor` for the denormal tail), and `-inf → 0`
+/// in every lane: the test each of [`wide`] and [`wide8`] runs on its own form.
+#[cfg(all(test, target_arch = "x86_64"))]
+fn check_exp_le0<const W: usize>(points: usize, floor: f64, exp: impl Fn([f32; W]) -> [f32; W]) {
+    let xs: Vec<f32> = (0..points).map(|i| -(i as f32) * 0.0005).collect();
+    for chunk in xs.chunks_exact(W) {
+        let got = exp(std::array::from_fn(|i| chunk[i]));
+        for (x, g) in chunk.iter().zip(got) {
+            let want = f64::from(*x).exp();
+            assert!(
+                (f64::from(g) - want).abs() <= 3e-7 * want + floor,
+                "exp({x}) = {g}, want {want}"
+            );
+        }
+    }
+    assert_eq!(exp([f32::NEG_INFINITY; W]), [0.0; W], "exp(-inf) is 0");
+}
+
 /// Which kernel attends one (row, head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
