@@ -151,6 +151,22 @@ macro_rules! vector_head {
 mod wide;
 mod wide8;
 
+/// The vector `exp` of [`wide`] and [`wide8`] (`x ≤ 0`): `x = n·ln2 + r` with ln2 split in a
+/// high and a low part (so `r` is exact to f32), then `eʳ` by Horner's rule from
+/// [`EXP_POLY`]`[0]` (the degree-7 Taylor coefficients, highest first), scaled by `2ⁿ`.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+const EXP_POLY: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// A vector `exp` for `x ≤ 0` (`exp` on `W` lanes) against libm over `0, -0.0005, …` for
 /// `points` values, within 3e-7 relative (plus `floor` for the denormal tail), and `-inf → 0`
 /// in every lane: the test each of [`wide`] and [`wide8`] runs on its own form.

@@ -76,19 +76,11 @@ fn exp_le0(x: __m512) -> __m512 {
     // NaN stays NaN (maxps returns its second operand when either is NaN), as in libm.
     let x = _mm512_max_ps(_mm512_set1_ps(-104.0), x);
     let n = _mm512_roundscale_ps::<0>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
-    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693_145_75), x);
-    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428_606_8e-6), r);
-    let mut p = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-super::LN2_HI), x);
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-super::LN2_LO), r);
+    let mut p = _mm512_set1_ps(super::EXP_POLY[0]);
+    for c in &super::EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
     _mm512_scalef_ps(p, n)
 }

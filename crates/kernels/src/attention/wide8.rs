@@ -75,19 +75,11 @@ fn exp_le0(x: __m256) -> __m256 {
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
     ));
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_145_75), x);
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.428_606_8e-6), r);
-    let mut p = _mm256_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-super::LN2_HI), x);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-super::LN2_LO), r);
+    let mut p = _mm256_set1_ps(super::EXP_POLY[0]);
+    for c in &super::EXP_POLY[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
     }
     let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
         _mm256_cvtps_epi32(n),
