@@ -5,7 +5,8 @@
 //! products; at 1–64 rows it runs slower than reading the weights once should allow. Here
 //! rayon splits the weight rows across cores, and on AVX2 or AVX-512 CPUs `tiles` keeps a
 //! tile of 3 weight rows × 4 batch rows of sums in registers, so each weight vector loaded
-//! serves four rows and each `x` vector three (see there); elsewhere a portable kernel
+//! serves four rows and each `x` vector three, and the next tile's weights are prefetched
+//! while one is computed (see there); elsewhere a portable kernel
 //! (`pulp`, picked at run time) dots each weight row with up to four rows at a time.
 //!
 //! [`matmul_small_m_f16`]: the same with f16 weights (half the bytes read from memory), widened
@@ -61,6 +62,21 @@ pub(crate) fn avx512_vnni() -> bool {
         && std::arch::is_x86_feature_detected!("avx512vnni")
         && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Asks the CPU to bring the cache line holding `p` into L1 before it is read. A hint only:
+/// it never faults, so `p` may point past its allocation (the kernels prefetch a fixed
+/// distance ahead without checking where their data ends).
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    // SAFETY: a prefetch reads nothing architecturally and never faults, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 use half::f16;

@@ -207,12 +207,8 @@ fn kernel<const R: usize>(
         // SAFETY: `c < cols`, so the panel's two vectors at `c * NR` are inside `panel`, and
         // `r * k + k0 + c < R * k <= tile.len()` (asserted above).
         unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                x.wrapping_add(c * NR + 8 * NR).cast::<i8>(),
-            );
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                x.wrapping_add(c * NR + 8 * NR + 16).cast::<i8>(),
-            );
+            crate::prefetch(x.wrapping_add(c * NR + 8 * NR));
+            crate::prefetch(x.wrapping_add(c * NR + 8 * NR + 16));
             let lo = _mm512_loadu_ps(x.add(c * NR));
             let hi = _mm512_loadu_ps(x.add(c * NR + 16));
             for (r, a) in acc.iter_mut().enumerate() {

@@ -130,6 +130,19 @@ unsafe fn load_f16x16(row: &[f16], at: usize) -> __m512 {
     unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(at).cast::<__m256i>())) }
 }
 
+/// Asks for the cache line of `row[at..]` one tile further on: the same column [`TILE_W`]
+/// (`R`) rows later, which is the next tile's row (rows are contiguous; past the matrix, or
+/// into rows another task reads, it is a harmless hint). The hardware prefetcher follows each
+/// of a tile's row streams only after a few lines, and a tile's rows are short (k = 576 f16
+/// values: 18 lines) — at one stream a decode step is bound by how many misses a core keeps
+/// in flight, not by the memory's bandwidth; one tile ahead hides the next tile's misses
+/// behind this one's arithmetic (measured: f16 single-stream 58 → 85 tok/s with the AVX2
+/// tiles, 67 → 88 with AVX-512; docs/benchmarks.md, change 25).
+#[inline(always)]
+fn prefetch_next_tile<const R: usize, T>(row: &[T], at: usize) {
+    crate::prefetch(row.as_ptr().wrapping_add(at + R * row.len()));
+}
+
 /// The sum of a vector's sixteen lanes (a fixed tree).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -142,14 +155,14 @@ fn hsum16(v: __m512) -> f32 {
 /// `out[r * m + i] = w_r · x_i` for every weight row `r` of `w` and row `i` of `x` (the
 /// transposed layout the caller's tasks write), through `$tile::<R, C>` on each tile.
 macro_rules! tiled {
-    ($rows:ident, $tile:ident, $t:ty, $load:ident, $scalar:expr, $feat:literal, $width:literal,
+    ($rows:ident, $pass:ident, $tile:ident, $t:ty, $load:ident, $scalar:expr, $feat:literal, $width:literal,
      $zero:ident, $fma:ident, $xload:ident, $hsum:ident) => {
         /// One tile: `R` weight rows × `C` rows of `x`, each sum over the first `lanes`
         /// columns (a multiple of the vector width) in registers, then the remaining columns
         /// in scalar.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feat)]
-        fn $tile<const R: usize, const C: usize>(
+        fn $tile<const R: usize, const C: usize, const P: bool>(
             ws: &[&[$t]],
             xs: &[&[f32]],
             lanes: usize,
@@ -171,6 +184,11 @@ macro_rules! tiled {
                 // SAFETY: `at + $width <= lanes` (a multiple of the width) and every row
                 // holds at least `lanes` values (asserted above).
                 unsafe {
+                    if P && at % (64 / std::mem::size_of::<$t>()) == 0 {
+                        for w in &ws {
+                            prefetch_next_tile::<R, $t>(w, at);
+                        }
+                    }
                     for r in 0..R {
                         wv[r] = $load(ws[r], at);
                     }
@@ -195,6 +213,33 @@ macro_rules! tiled {
             }
         }
 
+        /// One pass of a tile's weight rows over up to [`TILE_X`] rows of `x`, through the
+        /// tile shape that fits; `P`: prefetch the next tile's weights meanwhile.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        fn $pass<const P: bool>(
+            wt: &[&[$t]],
+            xt: &[&[f32]],
+            lanes: usize,
+            o: &mut [f32],
+            m: usize,
+        ) {
+            match (wt.len(), xt.len()) {
+                (3, 4) => $tile::<3, 4, P>(wt, xt, lanes, o, m),
+                (3, 3) => $tile::<3, 3, P>(wt, xt, lanes, o, m),
+                (3, 2) => $tile::<3, 2, P>(wt, xt, lanes, o, m),
+                (3, _) => $tile::<3, 1, P>(wt, xt, lanes, o, m),
+                (2, 4) => $tile::<2, 4, P>(wt, xt, lanes, o, m),
+                (2, 3) => $tile::<2, 3, P>(wt, xt, lanes, o, m),
+                (2, 2) => $tile::<2, 2, P>(wt, xt, lanes, o, m),
+                (2, _) => $tile::<2, 1, P>(wt, xt, lanes, o, m),
+                (_, 4) => $tile::<1, 4, P>(wt, xt, lanes, o, m),
+                (_, 3) => $tile::<1, 3, P>(wt, xt, lanes, o, m),
+                (_, 2) => $tile::<1, 2, P>(wt, xt, lanes, o, m),
+                (_, _) => $tile::<1, 1, P>(wt, xt, lanes, o, m),
+            }
+        }
+
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feat)]
         pub(crate) fn $rows(x: &[f32], w: &[$t], m: usize, k: usize, out: &mut [f32]) {
@@ -204,19 +249,12 @@ macro_rules! tiled {
             for (wt, ot) in ws.chunks(TILE_W).zip(out.chunks_mut(TILE_W * m)) {
                 for (c0, xt) in xs.chunks(TILE_X).enumerate() {
                     let o = &mut ot[c0 * TILE_X..];
-                    match (wt.len(), xt.len()) {
-                        (3, 4) => $tile::<3, 4>(wt, xt, lanes, o, m),
-                        (3, 3) => $tile::<3, 3>(wt, xt, lanes, o, m),
-                        (3, 2) => $tile::<3, 2>(wt, xt, lanes, o, m),
-                        (3, _) => $tile::<3, 1>(wt, xt, lanes, o, m),
-                        (2, 4) => $tile::<2, 4>(wt, xt, lanes, o, m),
-                        (2, 3) => $tile::<2, 3>(wt, xt, lanes, o, m),
-                        (2, 2) => $tile::<2, 2>(wt, xt, lanes, o, m),
-                        (2, _) => $tile::<2, 1>(wt, xt, lanes, o, m),
-                        (_, 4) => $tile::<1, 4>(wt, xt, lanes, o, m),
-                        (_, 3) => $tile::<1, 3>(wt, xt, lanes, o, m),
-                        (_, 2) => $tile::<1, 2>(wt, xt, lanes, o, m),
-                        (_, _) => $tile::<1, 1>(wt, xt, lanes, o, m),
+                    // Only the first pass over a tile's weight rows reads them from memory:
+                    // the batch's other rows find them in L1.
+                    if c0 == 0 {
+                        $pass::<true>(wt, xt, lanes, o, m)
+                    } else {
+                        $pass::<false>(wt, xt, lanes, o, m)
                     }
                 }
             }
@@ -226,6 +264,7 @@ macro_rules! tiled {
 
 tiled!(
     rows_f32,
+    pass_f32,
     tile_f32,
     f32,
     load_f32,
@@ -239,6 +278,7 @@ tiled!(
 );
 tiled!(
     rows_f16,
+    pass_f16,
     tile_f16,
     f16,
     load_f16,
@@ -252,6 +292,7 @@ tiled!(
 );
 tiled!(
     rows_f32_x16,
+    pass_f32_x16,
     tile_f32_x16,
     f32,
     load_f32x16,
@@ -265,6 +306,7 @@ tiled!(
 );
 tiled!(
     rows_f16_x16,
+    pass_f16_x16,
     tile_f16_x16,
     f16,
     load_f16x16,
