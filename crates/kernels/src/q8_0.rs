@@ -9,7 +9,8 @@
 //! weight block for every row of the batch, and runs without candle's second thread pool
 //! (rayon over weight rows). On AVX-512 with VNNI, two blocks per vector: `vpdpbusd` makes
 //! the same eight 4-product sums per block (no saturation either way: |w| ≤ 128, |x| ≤ 127),
-//! and the blocks' FMAs still run one after the other into the same eight lanes.
+//! and the blocks' FMAs still run one after the other into the same eight lanes. Both forms
+//! prefetch the weight rows [`PREFETCH_ROWS`] ahead.
 
 use half::f16;
 use rayon::prelude::*;
@@ -19,6 +20,12 @@ use crate::{BLOCK, BlockError};
 /// Bytes per block in ggml's layout: f16 d, 32 × i8.
 pub const BLOCK_BYTES: usize = 34;
 const ROWS_PER_TASK: usize = 16;
+/// How many weight rows ahead of the one being multiplied the kernels prefetch (four rows of
+/// the bundled model's output head: 2.3 KiB). One stream of rows, yet the hardware prefetcher
+/// alone left the loads waiting: with the Q4_1 file (whose tied output head is Q8_0) at batch
+/// 1, alternating, none 129–130 / 142–144 tok/s (AVX2 / AVX-512 VNNI), two rows 150–157 /
+/// 159–162, four 154–155 / 159–166, eight 152–163 / 162–175 (docs/benchmarks.md, change 26).
+const PREFETCH_ROWS: usize = 4;
 
 /// An `n × k` Q8_0 matrix: per block, the scale as f32 and the 32 quants.
 pub struct Q8_0Weights {
@@ -152,10 +159,26 @@ mod avx2 {
         let mut acc: Vec<__m256> = vec![simd.avx._mm256_setzero_ps(); m];
         for (j, o) in out.chunks_exact_mut(m).enumerate() {
             acc.fill(simd.avx._mm256_setzero_ps());
+            prefetch_row(w, first + j + super::PREFETCH_ROWS);
             blocks((first + j) * nb, &mut acc);
             for (y, a) in o.iter_mut().zip(&acc) {
                 *y = hsum(simd, *a);
             }
+        }
+    }
+
+    /// Asks for weight row `row`'s quants and scales (every line; past the matrix, a
+    /// harmless hint).
+    #[inline(always)]
+    fn prefetch_row(w: &Q8_0Weights, row: usize) {
+        let nb = w.k / BLOCK;
+        let qs = w.qs.as_ptr().wrapping_add(row * nb).cast::<u8>();
+        for line in (0..nb * BLOCK).step_by(64) {
+            crate::prefetch(qs.wrapping_add(line));
+        }
+        let d = w.d.as_ptr().wrapping_add(row * nb).cast::<u8>();
+        for line in (0..nb * 4).step_by(64) {
+            crate::prefetch(d.wrapping_add(line));
         }
     }
 
