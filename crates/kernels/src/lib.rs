@@ -79,6 +79,16 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// [`prefetch`] for every cache line of the `bytes` bytes from `p` (a line per 64 bytes, from
+/// `p` on).
+#[inline(always)]
+pub(crate) fn prefetch_bytes<T>(p: *const T, bytes: usize) {
+    let p = p.cast::<u8>();
+    for line in (0..bytes).step_by(64) {
+        prefetch(p.wrapping_add(line));
+    }
+}
+
 use half::f16;
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;

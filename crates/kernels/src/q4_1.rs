@@ -357,13 +357,7 @@ mod avx2 {
                 // them a few blocks ahead keeps more misses in flight than the hardware
                 // prefetcher does (module docs).
                 let ahead = slot + super::PREFETCH_BLOCKS;
-                crate::prefetch(w.qs.as_ptr().wrapping_add(ahead));
-                crate::prefetch(
-                    w.qs.as_ptr()
-                        .wrapping_add(ahead)
-                        .cast::<u8>()
-                        .wrapping_add(64),
-                );
+                crate::prefetch_bytes(w.qs.as_ptr().wrapping_add(ahead), 16 * PANEL);
                 if b % 2 == 0 {
                     crate::prefetch(w.d.as_ptr().wrapping_add(ahead));
                     crate::prefetch(w.m.as_ptr().wrapping_add(ahead));

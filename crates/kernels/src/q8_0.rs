@@ -172,14 +172,8 @@ mod avx2 {
     #[inline(always)]
     fn prefetch_row(w: &Q8_0Weights, row: usize) {
         let nb = w.k / BLOCK;
-        let qs = w.qs.as_ptr().wrapping_add(row * nb).cast::<u8>();
-        for line in (0..nb * BLOCK).step_by(64) {
-            crate::prefetch(qs.wrapping_add(line));
-        }
-        let d = w.d.as_ptr().wrapping_add(row * nb).cast::<u8>();
-        for line in (0..nb * 4).step_by(64) {
-            crate::prefetch(d.wrapping_add(line));
-        }
+        crate::prefetch_bytes(w.qs.as_ptr().wrapping_add(row * nb), nb * BLOCK);
+        crate::prefetch_bytes(w.d.as_ptr().wrapping_add(row * nb), nb * size_of::<f32>());
     }
 
     /// Weight block `wb + b` against block `b` of every row of `x`: each row's eight lanes

@@ -136,8 +136,9 @@ unsafe fn load_f16x16(row: &[f16], at: usize) -> __m512 {
 /// of a tile's row streams only after a few lines, and a tile's rows are short (k = 576 f16
 /// values: 18 lines) — at one stream a decode step is bound by how many misses a core keeps
 /// in flight, not by the memory's bandwidth; one tile ahead hides the next tile's misses
-/// behind this one's arithmetic (measured: f16 single-stream 58 → 85 tok/s with the AVX2
-/// tiles, 67 → 88 with AVX-512; docs/benchmarks.md, change 25).
+/// behind this one's arithmetic (measured: f16 single-stream 56–60 → 79–87 tok/s with the
+/// AVX2 tiles, 65–69 → 86–90 with AVX-512; docs/benchmarks.md, change 25).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_next_tile<const R: usize, T>(row: &[T], at: usize) {
     crate::prefetch(row.as_ptr().wrapping_add(at + R * row.len()));
