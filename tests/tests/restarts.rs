@@ -89,6 +89,12 @@ async fn a_nats_restart_under_load_loses_no_request_in_flight() -> Result<()> {
         errors.len(),
         recovered
     );
+    if !errors.is_empty() {
+        println!("frontend:\n{}", c.frontend.output());
+        for (i, w) in c.workers.iter().enumerate() {
+            println!("worker {i}:\n{}", w.output());
+        }
+    }
     assert!(errors.is_empty(), "in flight: {errors:?}");
     assert!(
         recovered < Duration::from_secs(5),

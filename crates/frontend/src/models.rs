@@ -261,7 +261,7 @@ impl ModelManager {
         }
         for model in self.list() {
             let entries = prefill_by_name.remove(&model.name).unwrap_or_default();
-            complete &= self.sync_prefill(drt, &model, &entries);
+            complete &= self.sync_prefill(drt, &model, &entries).await;
             let attached = if model.prefill().is_some() {
                 entries.len()
             } else {
@@ -275,7 +275,7 @@ impl ModelManager {
     }
 
     /// Attaches or detaches `model`'s prefill target; false when one could not be made yet.
-    fn sync_prefill(
+    async fn sync_prefill(
         &self,
         drt: &DistributedRuntime,
         model: &ServedModel,
@@ -322,6 +322,18 @@ impl ModelManager {
                     kv_stop,
                 })
             });
+        // Attached (and counted) once a prefill leg can be routed, as a model is listed.
+        let made = match made {
+            Ok(target) => target
+                .client
+                .wait_for(Duration::from_secs(5), |v| {
+                    v.iter().any(|i| i.instance_id == first.instance_id)
+                })
+                .await
+                .map(|_| target)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
         match made {
             Ok(target) => {
                 tracing::info!(model = %model.name, endpoint = %target.endpoint, "prefill workers found; disaggregated serving");
@@ -419,7 +431,7 @@ async fn load_model(
             tracing::warn!(error = %e, "structured output will be refused for this model");
         }
     });
-    Ok(ServedModel {
+    let model = ServedModel {
         name: card.display_name.clone(),
         client: drt.endpoint(gen_ep).client(),
         router,
@@ -432,7 +444,19 @@ async fn load_model(
             .unwrap_or(0),
         card,
         prefill: RwLock::new(None),
-    })
+    };
+    // Listed only once a request can be routed: a fresh client's instance list starts empty
+    // and fills from etcd a moment later, and a request in that moment would find no worker
+    // for a model the frontend lists (and counts workers for). Dropped on failure, the model
+    // stops its router's event intake.
+    model
+        .client
+        .wait_for(Duration::from_secs(5), |v| {
+            v.iter().any(|i| i.instance_id == entry.instance_id)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(model)
 }
 
 /// The router of the workers at `ep`; a KV router's event intake runs until `kv_stop`.

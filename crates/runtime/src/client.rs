@@ -173,7 +173,9 @@ impl Client {
 
     fn pick(&self, mode: RouterMode) -> Result<Instance, RuntimeError> {
         let instances = self.instances.borrow();
-        if instances.is_empty() {
+        // A named instance that left is that instance's failure (another may serve the
+        // request), even when it was the last one.
+        if instances.is_empty() && !matches!(mode, RouterMode::Direct(_)) {
             return Err(RuntimeError::NoInstances(self.endpoint.to_string()));
         }
         let chosen = match mode {
