@@ -11,12 +11,16 @@
 //! (row, head) pairs run in parallel on rayon; with heads of 32, 64 or 128 values through
 //! [`wide`] on AVX-512 CPUs (sixteen scores per reduction, vector exponentials) or [`wide8`] on
 //! AVX2 ones (the same with eight lanes; both from one macro, `vector_head!`), elsewhere
-//! through pulp's SIMD.
+//! through pulp's SIMD. On those two vector paths a prompt's rows go a tile at a time instead
+//! ([`tiled`]: one row per lane, so each key and value is read once per tile, not once per
+//! row); decode rows, and any step without a run of prompt rows, stay row by row.
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
+use tiled::{TileScratch, Unit};
 
-/// Defines `applies(head_dim)` and `head(...)` for one vector width: one (row, head) with the
+/// Defines `applies(head_dim)` and `head(...)` for one vector width (and, through
+/// `vector_tile!` with `$max`, `$kb` and `$db`, `tile(...)`): one (row, head) with the
 /// query's `D` vectors in registers (pre-scaled by `1/√d`), scores made `$w` keys at a time and
 /// left in one vector by `$reduce` (a transposing reduction instead of one horizontal sum per
 /// score), the softmax exponentials by `$exp` (a vector polynomial for `x ≤ 0`, -inf → 0, NaN
@@ -25,7 +29,12 @@ use rayon::prelude::*;
 macro_rules! vector_head {
     ($feat:literal, $w:literal, $detect:expr, $vec:ty, $zero:ident, $set1:ident, $load:ident,
      $store:ident, $mul:ident, $sub:ident, $add:ident, $fma:ident, $reduce:ident, $exp:ident,
-     $hsum:ident) => {
+     $hsum:ident, $max:ident, $kb:literal, $db:literal) => {
+        vector_tile!(
+            $feat, $w, $kb, $db, $vec, $zero, $set1, $load, $store, $mul, $sub, $add, $fma, $max,
+            $exp
+        );
+
         /// Whether this CPU and head size take [`head`].
         pub(super) fn applies(head_dim: usize) -> bool {
             #[cfg(target_arch = "x86_64")]
@@ -148,6 +157,8 @@ macro_rules! vector_head {
     };
 }
 
+#[macro_use]
+mod tiled;
 mod wide;
 mod wide8;
 
@@ -244,6 +255,19 @@ fn attend(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads, path: Path) ->
     let kv_dim = h.kv_heads * hd;
     let group = h.heads / h.kv_heads.max(1);
     let scale = 1.0 / (hd as f32).sqrt();
+    let tile_width = match path {
+        Path::Wide => wide::TILE,
+        Path::Wide8 => wide8::TILE,
+        Path::Portable => 0,
+    };
+    let units = if tile_width > 0 {
+        tiled::plan(slots, tile_width)
+    } else {
+        Vec::new()
+    };
+    if units.iter().any(|u| matches!(u, Unit::Tile(..))) {
+        return attend_units(q, slots, kv, h, path, &units);
+    }
     let mut out = vec![0f32; q.len()];
     let arch = Arch::new();
     out.par_chunks_mut(hd)
@@ -275,6 +299,92 @@ fn attend(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads, path: Path) ->
         });
     out
 }
+
+/// [`attend`] for a step with tiles ([`tiled::plan`]'s `units`, on a vector `path`): each
+/// (unit, head) in parallel into its own buffer, then copied to its rows.
+fn attend_units(
+    q: &[f32],
+    slots: &[&[u32]],
+    kv: PagedKv<'_>,
+    h: Heads,
+    path: Path,
+    units: &[Unit],
+) -> Vec<f32> {
+    let (head_fn, tile_fn): (HeadFn, TileFn) = match path {
+        Path::Wide => (wide::head, wide::tile),
+        Path::Wide8 => (wide8::head, wide8::tile),
+        Path::Portable => unreachable!("tiles are planned on the vector paths only"),
+    };
+    let (hd, heads) = (h.head_dim, h.heads);
+    let kv_dim = h.kv_heads * hd;
+    let group = heads / h.kv_heads.max(1);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let stride = heads * hd;
+    let tasks: Vec<(usize, usize, usize)> = units
+        .iter()
+        .map(|u| match *u {
+            Unit::Tile(first, rows) => (first, rows),
+            Unit::Row(r) => (r, 1),
+        })
+        .flat_map(|(first, rows)| (0..heads).map(move |head| (first, rows, head)))
+        .collect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(
+            || (Vec::new(), TileScratch::default()),
+            |(scores, scratch), &(first, rows, head)| {
+                let (offset, (k, v)) = ((head / group) * hd, (kv.k, kv.v));
+                let qh = &q[first * stride + head * hd..];
+                let mut o = vec![0f32; rows * hd];
+                let own = &slots[first..first + rows];
+                if rows == 1 {
+                    head_fn(
+                        &qh[..hd],
+                        own[0],
+                        k,
+                        v,
+                        kv_dim,
+                        offset,
+                        scale,
+                        scores,
+                        &mut o,
+                    );
+                } else {
+                    let lens: Vec<usize> = own.iter().map(|s| s.len()).collect();
+                    // Every row's list is a prefix of the longest (the plan's rule).
+                    let longest = own.iter().max_by_key(|s| s.len()).map_or(&[][..], |s| *s);
+                    tile_fn(
+                        qh, stride, &lens, longest, k, v, kv_dim, offset, scale, scratch, &mut o,
+                    );
+                }
+                o
+            },
+        )
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    for (&(first, _, head), part) in tasks.iter().zip(&parts) {
+        for (i, row) in part.chunks_exact(hd).enumerate() {
+            out[(first + i) * stride + head * hd..][..hd].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// `vector_head!`'s `head` and `vector_tile!`'s `tile`, as [`attend_units`] picks them.
+type HeadFn = fn(&[f32], &[u32], &[f32], &[f32], usize, usize, f32, &mut Vec<f32>, &mut [f32]);
+type TileFn = fn(
+    &[f32],
+    usize,
+    &[usize],
+    &[u32],
+    &[f32],
+    &[f32],
+    usize,
+    usize,
+    f32,
+    &mut TileScratch,
+    &mut [f32],
+);
 
 struct Head<'a> {
     q: &'a [f32],
@@ -380,52 +490,110 @@ mod tests {
         out
     }
 
+    /// `rows` (contexts as slot lists into a cache of `n_slots`; 6 heads over 2 KV heads of
+    /// `head_dim`) through every path this CPU has, not only the fastest, against
+    /// [`reference`].
+    fn check_every_path(head_dim: usize, n_slots: usize, rows: &[&[u32]]) {
+        let h = Heads {
+            heads: 6,
+            kv_heads: 2,
+            head_dim,
+        };
+        let kv_dim = h.kv_heads * h.head_dim;
+        let val = |i: usize, m: usize| ((i * m % 97) as f32 - 48.0) / 50.0;
+        let k: Vec<f32> = (0..n_slots * kv_dim).map(|i| val(i, 31)).collect();
+        let v: Vec<f32> = (0..n_slots * kv_dim).map(|i| val(i, 17)).collect();
+        let q: Vec<f32> = (0..rows.len() * h.heads * h.head_dim)
+            .map(|i| val(i, 13))
+            .collect();
+        let owned: Vec<Vec<u32>> = rows.iter().map(|r| r.to_vec()).collect();
+        let want = reference(&q, &owned, &k, &v, h);
+        let paths = [Path::Wide, Path::Wide8, Path::Portable]
+            .into_iter()
+            .filter(|p| match p {
+                Path::Wide => wide::applies(head_dim),
+                Path::Wide8 => wide8::applies(head_dim),
+                Path::Portable => true,
+            });
+        for path in paths {
+            let got = attend(&q, rows, PagedKv { k: &k, v: &v }, h, path);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - w).abs() < 1e-5,
+                    "{path:?} head_dim {head_dim} [{i}] {g} vs {w}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn prompt_rows_sharing_a_slot_list_attend_in_tiles_like_row_by_row() {
+        // A prompt of 37 rows after 33 cached positions in scattered slots (tiles of 16, 16
+        // and 5 rows with AVX-512), a decode row of another sequence, a run of three rows in
+        // no order of length (a tile with AVX2, rows alone with AVX-512) and a run of one.
+        let prompt: Vec<u32> = (0..70).map(|t| ((t * 7) % 96) as u32).collect();
+        let other: Vec<u32> = (20..60).rev().collect();
+        let decode: Vec<u32> = (0..50).map(|t| t + 40).collect();
+        let mut rows: Vec<&[u32]> = (34..=70).map(|n| &prompt[..n]).collect();
+        rows.push(&decode);
+        rows.extend([&other[..40], &other[..3], &other[..17]]);
+        rows.push(&prompt[..9]);
+        for head_dim in [32, 64, 128] {
+            check_every_path(head_dim, 96, &rows);
+        }
+    }
+
+    #[test]
+    fn a_plan_tiles_runs_of_rows_sharing_a_slot_list_and_leaves_the_rest_alone() {
+        let a: Vec<u32> = (0..40).collect();
+        let b: Vec<u32> = (0..40).collect();
+        let mut rows: Vec<&[u32]> = (1..=20).map(|n| &a[..n]).collect();
+        rows.push(&b[..5]);
+        rows.extend([&a[..3], &a[..4], &a[..2]]);
+        rows.push(&b);
+        use Unit::{Row, Tile};
+        assert_eq!(
+            tiled::plan(&rows, 16),
+            [
+                Tile(0, 16),
+                Tile(16, 4),
+                Row(20),
+                Row(21),
+                Row(22),
+                Row(23),
+                Row(24)
+            ],
+            "16 lanes: a run of 20 is a full tile and one of 4; shorter runs go row by row"
+        );
+        assert_eq!(
+            tiled::plan(&rows, 8),
+            [
+                Tile(0, 8),
+                Tile(8, 8),
+                Tile(16, 4),
+                Row(20),
+                Tile(21, 3),
+                Row(24)
+            ]
+        );
+    }
+
     #[test]
     fn matches_gathered_attention_with_grouped_heads_and_scattered_slots() {
+        // Rows with contexts of different lengths (one key, under and over a group of
+        // sixteen, several groups) in non-contiguous slots.
+        let slots: Vec<Vec<u32>> = vec![
+            vec![5u32],
+            (0..37).map(|t| ((t * 7) % 64) as u32).collect(),
+            (10..29).rev().collect(),
+            (0..64).rev().collect(),
+            (0..16).map(|t| t * 4).collect(),
+        ];
+        let rows: Vec<&[u32]> = slots.iter().map(Vec::as_slice).collect();
         // 20: not a multiple of the SIMD width (the portable path's tails); 32, 64 and 128:
-        // the AVX-512 path where the CPU has it.
+        // the vector paths where the CPU has them.
         for head_dim in [20, 32, 64, 128] {
-            let h = Heads {
-                heads: 6,
-                kv_heads: 2,
-                head_dim,
-            };
-            let n_slots = 64;
-            let kv_dim = h.kv_heads * h.head_dim;
-            let val = |i: usize, m: usize| ((i * m % 97) as f32 - 48.0) / 50.0;
-            let k: Vec<f32> = (0..n_slots * kv_dim).map(|i| val(i, 31)).collect();
-            let v: Vec<f32> = (0..n_slots * kv_dim).map(|i| val(i, 17)).collect();
-            // Rows with contexts of different lengths (one key, under and over a group of
-            // sixteen, several groups) in non-contiguous slots.
-            let slots = vec![
-                vec![5u32],
-                (0..37).map(|t| ((t * 7) % 64) as u32).collect(),
-                (10..29).rev().collect(),
-                (0..64).rev().collect(),
-                (0..16).map(|t| t * 4).collect(),
-            ];
-            let q: Vec<f32> = (0..slots.len() * h.heads * h.head_dim)
-                .map(|i| val(i, 13))
-                .collect();
-            let rows: Vec<&[u32]> = slots.iter().map(Vec::as_slice).collect();
-            let want = reference(&q, &slots, &k, &v, h);
-            // Every path this CPU has, not only the fastest.
-            let paths = [Path::Wide, Path::Wide8, Path::Portable]
-                .into_iter()
-                .filter(|p| match p {
-                    Path::Wide => wide::applies(head_dim),
-                    Path::Wide8 => wide8::applies(head_dim),
-                    Path::Portable => true,
-                });
-            for path in paths {
-                let got = attend(&q, &rows, PagedKv { k: &k, v: &v }, h, path);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*g as f64 - w).abs() < 1e-5,
-                        "{path:?} head_dim {head_dim} [{i}] {g} vs {w}"
-                    );
-                }
-            }
+            check_every_path(head_dim, 64, &rows);
         }
     }
 }

@@ -1,10 +1,13 @@
-//! One (row, head) of [`super::paged_attention`] on AVX2 + FMA, for head sizes of 32, 64 or
-//! 128: [`super::wide`]'s method with 8-lane vectors, for CPUs without AVX-512 (pulp's
-//! portable path makes one horizontal sum per score and a scalar `exp` per score).
+//! One (row, head), or a tile of up to eight prompt rows of one head ([`super::tiled`]), of
+//! [`super::paged_attention`] on AVX2 + FMA, for head sizes of 32, 64 or 128:
+//! [`super::wide`]'s method with 8-lane vectors, for CPUs without AVX-512 (pulp's portable
+//! path makes one horizontal sum per score and a scalar `exp` per score).
 //!
-//! The kernel is `vector_head!` (in `attention.rs`, shared with the AVX-512 form); here are its
-//! 8-lane parts: the transposing reduction of eight score vectors (`vhaddps` twice, then the
-//! 128-bit halves) and the vector `exp`, which builds `2ⁿ` in the exponent bits.
+//! The kernels are `vector_head!` and `vector_tile!` (shared with the AVX-512 form); here are
+//! their 8-lane parts: the transposing reduction of eight score vectors (`vhaddps` twice, then
+//! the 128-bit halves), the vector `exp`, which builds `2ⁿ` in the exponent bits, and the
+//! tile's blocking (12 keys scored at once, 8 output values summed at once: 14 of the 16
+//! registers).
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::{
@@ -30,7 +33,10 @@ vector_head!(
     _mm256_fmadd_ps,
     reduce8,
     exp_le0,
-    hsum8
+    hsum8,
+    _mm256_max_ps,
+    12,
+    8
 );
 
 /// The sum of a vector's eight lanes, in lane order.
