@@ -255,18 +255,16 @@ fn attend(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads, path: Path) ->
     let kv_dim = h.kv_heads * hd;
     let group = h.heads / h.kv_heads.max(1);
     let scale = 1.0 / (hd as f32).sqrt();
-    let tile_width = match path {
-        Path::Wide => wide::TILE,
-        Path::Wide8 => wide8::TILE,
-        Path::Portable => 0,
+    let vector: Option<(usize, HeadFn, TileFn)> = match path {
+        Path::Wide => Some((wide::TILE, wide::head, wide::tile)),
+        Path::Wide8 => Some((wide8::TILE, wide8::head, wide8::tile)),
+        Path::Portable => None,
     };
-    let units = if tile_width > 0 {
-        tiled::plan(slots, tile_width)
-    } else {
-        Vec::new()
-    };
-    if units.iter().any(|u| matches!(u, Unit::Tile(..))) {
-        return attend_units(q, slots, kv, h, path, &units);
+    if let Some((width, head_fn, tile_fn)) = vector {
+        let units = tiled::plan(slots, width);
+        if units.iter().any(|u| matches!(u, Unit::Tile { .. })) {
+            return attend_units(q, slots, kv, h, &units, head_fn, tile_fn);
+        }
     }
     let mut out = vec![0f32; q.len()];
     let arch = Arch::new();
@@ -300,77 +298,89 @@ fn attend(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads, path: Path) ->
     out
 }
 
-/// [`attend`] for a step with tiles ([`tiled::plan`]'s `units`, on a vector `path`): each
-/// (unit, head) in parallel into its own buffer, then copied to its rows.
+/// [`attend`] for a step with tiles ([`tiled::plan`]'s `units`, through one vector path's
+/// `head_fn` and `tile_fn`): each (unit, head) in parallel into its own buffer, then copied to
+/// its rows.
 fn attend_units(
     q: &[f32],
     slots: &[&[u32]],
     kv: PagedKv<'_>,
     h: Heads,
-    path: Path,
     units: &[Unit],
+    head_fn: HeadFn,
+    tile_fn: TileFn,
 ) -> Vec<f32> {
-    let (head_fn, tile_fn): (HeadFn, TileFn) = match path {
-        Path::Wide => (wide::head, wide::tile),
-        Path::Wide8 => (wide8::head, wide8::tile),
-        Path::Portable => unreachable!("tiles are planned on the vector paths only"),
-    };
     let (hd, heads) = (h.head_dim, h.heads);
     let kv_dim = h.kv_heads * hd;
     let group = heads / h.kv_heads.max(1);
     let scale = 1.0 / (hd as f32).sqrt();
     let stride = heads * hd;
-    let tasks: Vec<(usize, usize, usize)> = units
+    let tasks: Vec<(Unit, usize)> = units
         .iter()
-        .map(|u| match *u {
-            Unit::Tile(first, rows) => (first, rows),
-            Unit::Row(r) => (r, 1),
-        })
-        .flat_map(|(first, rows)| (0..heads).map(move |head| (first, rows, head)))
+        .flat_map(|u| (0..heads).map(move |head| (*u, head)))
         .collect();
+    let first_row = |u: Unit| match u {
+        Unit::Tile { first, .. } | Unit::Row(first) => first,
+    };
     let parts: Vec<Vec<f32>> = tasks
         .par_iter()
         .map_init(
             || (Vec::new(), TileScratch::default()),
-            |(scores, scratch), &(first, rows, head)| {
+            |(scores, scratch), &(unit, head)| {
                 let (offset, (k, v)) = ((head / group) * hd, (kv.k, kv.v));
-                let qh = &q[first * stride + head * hd..];
-                let mut o = vec![0f32; rows * hd];
-                let own = &slots[first..first + rows];
-                if rows == 1 {
-                    head_fn(
-                        &qh[..hd],
-                        own[0],
-                        k,
-                        v,
-                        kv_dim,
-                        offset,
-                        scale,
-                        scores,
-                        &mut o,
-                    );
-                } else {
-                    let lens: Vec<usize> = own.iter().map(|s| s.len()).collect();
-                    // Every row's list is a prefix of the longest (the plan's rule).
-                    let longest = own.iter().max_by_key(|s| s.len()).map_or(&[][..], |s| *s);
-                    tile_fn(
-                        qh, stride, &lens, longest, k, v, kv_dim, offset, scale, scratch, &mut o,
-                    );
+                let qh = &q[first_row(unit) * stride + head * hd..];
+                match unit {
+                    Unit::Row(r) => {
+                        let mut o = vec![0f32; hd];
+                        head_fn(
+                            &qh[..hd],
+                            slots[r],
+                            k,
+                            v,
+                            kv_dim,
+                            offset,
+                            scale,
+                            scores,
+                            &mut o,
+                        );
+                        o
+                    }
+                    Unit::Tile { first, rows } => {
+                        let own = &slots[first..first + rows];
+                        let mut lens = [0usize; wide::TILE];
+                        own.iter().zip(&mut lens).for_each(|(s, l)| *l = s.len());
+                        // Every row's list is a prefix of the longest (the plan's rule).
+                        let longest = own.iter().max_by_key(|s| s.len()).map_or(&[][..], |s| *s);
+                        let mut o = vec![0f32; rows * hd];
+                        tile_fn(
+                            qh,
+                            stride,
+                            &lens[..rows],
+                            longest,
+                            k,
+                            v,
+                            kv_dim,
+                            offset,
+                            scale,
+                            scratch,
+                            &mut o,
+                        );
+                        o
+                    }
                 }
-                o
             },
         )
         .collect();
     let mut out = vec![0f32; q.len()];
-    for (&(first, _, head), part) in tasks.iter().zip(&parts) {
+    for (&(unit, head), part) in tasks.iter().zip(&parts) {
         for (i, row) in part.chunks_exact(hd).enumerate() {
-            out[(first + i) * stride + head * hd..][..hd].copy_from_slice(row);
+            out[(first_row(unit) + i) * stride + head * hd..][..hd].copy_from_slice(row);
         }
     }
     out
 }
 
-/// `vector_head!`'s `head` and `vector_tile!`'s `tile`, as [`attend_units`] picks them.
+/// `vector_head!`'s `head` and `vector_tile!`'s `tile` of one vector path.
 type HeadFn = fn(&[f32], &[u32], &[f32], &[f32], usize, usize, f32, &mut Vec<f32>, &mut [f32]);
 type TileFn = fn(
     &[f32],
@@ -551,29 +561,38 @@ mod tests {
         rows.push(&b[..5]);
         rows.extend([&a[..3], &a[..4], &a[..2]]);
         rows.push(&b);
-        use Unit::{Row, Tile};
+        // Empty lists, even of one list, are rows alone.
+        rows.extend([&a[..0], &a[..0], &[][..]]);
+        let tile = |first, rows| Unit::Tile { first, rows };
+        use Unit::Row;
         assert_eq!(
             tiled::plan(&rows, 16),
             [
-                Tile(0, 16),
-                Tile(16, 4),
+                tile(0, 16),
+                tile(16, 4),
                 Row(20),
                 Row(21),
                 Row(22),
                 Row(23),
-                Row(24)
+                Row(24),
+                Row(25),
+                Row(26),
+                Row(27)
             ],
             "16 lanes: a run of 20 is a full tile and one of 4; shorter runs go row by row"
         );
         assert_eq!(
             tiled::plan(&rows, 8),
             [
-                Tile(0, 8),
-                Tile(8, 8),
-                Tile(16, 4),
+                tile(0, 8),
+                tile(8, 8),
+                tile(16, 4),
                 Row(20),
-                Tile(21, 3),
-                Row(24)
+                tile(21, 3),
+                Row(24),
+                Row(25),
+                Row(26),
+                Row(27)
             ]
         );
     }

@@ -3,9 +3,10 @@
 //!
 //! The rows of one prompt attend over prefixes of one slot list, so their keys and values
 //! are the same cache rows. Row by row (`vector_head!`) every row reads all of them again
-//! from L2 for four to eight FMAs a row (a 480-token prompt reads each key 480 times), which
-//! is what held prompt attention to a third of the FMA rate of the prompt's matmuls. A tile
-//! reads each key and value once for all its rows:
+//! from L2 for `head_dim / lanes` FMAs a key (four for heads of 64 on AVX-512; a 480-token
+//! prompt reads a key 240 times on average), which is what held prompt attention to a third
+//! of the FMA rate of the prompt's matmuls. A tile reads each key and value once for all its
+//! rows:
 //! - the tile's queries are transposed and pre-scaled (`qt[d]`: lane `i` = row `i`'s `d`-th
 //!   value), so a key's scores for every row are one vector, `Σ_d qt[d] · k[d]`, built from
 //!   broadcasts of the key's values, `$kb` keys at a time;
@@ -16,27 +17,37 @@
 //!
 //! [`plan`] splits a step's rows into tiles (runs of rows sharing one slot list) and single
 //! rows (decode rows, short runs), which keep the one-row kernel.
+//!
+//! Two things differ from row by row beyond the summation order. A masked key still enters a
+//! shorter row's value sum with probability 0, so an infinite or NaN value at a later
+//! position (a model already diverging) reaches the rows before it too. And a row's
+//! arithmetic depends on whether it lands in a tile or alone (the last `width / 4 - 1` rows of
+//! a run can be alone), so the same position may round differently when a prompt is split
+//! into other chunks; the engine's tests hold tiles to candle's greedy tokens.
 
-/// Scratch reused across the tiles one rayon worker attends: the transposed queries and one
-/// score vector per key.
+/// Scratch reused across the tiles one rayon worker attends: the transposed queries, one
+/// score vector per key, and where each key's row of this head starts in the cache.
 #[derive(Default)]
 pub(super) struct TileScratch {
     pub(super) qt: Vec<f32>,
     pub(super) scores: Vec<f32>,
+    pub(super) rows_at: Vec<usize>,
 }
 
-/// What attends a run of rows: `Tile(first, rows)` for rows `first..first + rows` sharing one
-/// slot list, or `Row(r)` alone.
+/// What attends a run of rows: a tile of rows `first..first + rows` sharing one slot list,
+/// or one row alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Unit {
-    Tile(usize, usize),
+    Tile { first: usize, rows: usize },
     Row(usize),
 }
 
 /// Splits the rows into tiles of at most `width` rows and single rows. Rows sharing a slot
-/// list start at the same slot (each is a prefix of the longest), which is how a prompt's
-/// rows are told apart from other sequences' rows. A run shorter than `width / 4` rows
-/// (any decode row) is cheaper row by row than as a tile of mostly idle lanes.
+/// list start at the same address (slices of one list, so each is a prefix of the longest),
+/// which is how a prompt's rows are told from other sequences' rows, even ones whose slots
+/// hold the same values (a shared prefix). A run shorter than `width / 4` rows (at least 2;
+/// any decode row) is cheaper row by row than as a tile of mostly idle lanes; an empty list
+/// is a row alone.
 pub(super) fn plan(slots: &[&[u32]], width: usize) -> Vec<Unit> {
     let min = (width / 4).max(2);
     let mut units = Vec::new();
@@ -51,7 +62,7 @@ pub(super) fn plan(slots: &[&[u32]], width: usize) -> Vec<Unit> {
         for start in (r..r + run).step_by(width) {
             let rows = width.min(r + run - start);
             if rows >= min {
-                units.push(Unit::Tile(start, rows));
+                units.push(Unit::Tile { first: start, rows });
             } else {
                 units.extend((start..start + rows).map(Unit::Row));
             }
@@ -59,6 +70,40 @@ pub(super) fn plan(slots: &[&[u32]], width: usize) -> Vec<Unit> {
         r += run;
     }
     units
+}
+
+/// `qt[d · W + i]` = row `i`'s `d`-th query value × `scale` for the `rows` rows at
+/// `q[i · q_stride..][..hd]`; lanes past `rows` repeat row 0 (their sums are dropped, and a
+/// real row keeps them finite).
+pub(super) fn transpose_queries<const W: usize>(
+    q: &[f32],
+    q_stride: usize,
+    rows: usize,
+    hd: usize,
+    scale: f32,
+    qt: &mut Vec<f32>,
+) {
+    qt.resize(hd * W, 0.0);
+    for i in 0..W {
+        let src = &q[if i < rows { i } else { 0 } * q_stride..][..hd];
+        for (d, x) in src.iter().enumerate() {
+            qt[d * W + i] = x * scale;
+        }
+    }
+}
+
+/// The causal mask: in `scores` (one `W`-lane vector per key), -inf in each lane for the keys
+/// past its row's length (`lens[i]`; lanes past the rows follow row 0).
+pub(super) fn mask_past_lengths<const W: usize>(lens: &[usize], scores: &mut [f32]) {
+    let len = |i: usize| lens[if i < lens.len() { i } else { 0 }];
+    let shortest = lens.iter().copied().min().unwrap_or(0);
+    for (j, key) in scores.chunks_exact_mut(W).enumerate().skip(shortest) {
+        for (i, x) in key.iter_mut().enumerate() {
+            if j >= len(i) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
 }
 
 /// Defines `tile(...)` for one vector width, next to `vector_head!`'s `applies` and `head`
@@ -133,6 +178,12 @@ macro_rules! vector_tile {
             s: &mut super::tiled::TileScratch,
             out: &mut [f32],
         ) {
+            const {
+                assert!(
+                    32 % $db == 0,
+                    "a block of output values splits every head size"
+                )
+            };
             let (rows, n) = (lens.len(), slots.len());
             assert!((1..=$w).contains(&rows) && out.len() == rows * HD);
             assert!(offset + HD <= kv_dim && (rows - 1) * q_stride + HD <= q.len());
@@ -146,81 +197,32 @@ macro_rules! vector_tile {
                     .all(|&s| (s as usize + 1) * kv_dim <= k.len().min(v.len())),
                 "a slot outside the cache"
             );
-            // Lane `i` serves row `i`; spare lanes repeat row 0 (their sums are dropped).
-            let lane = |i: usize| if i < rows { i } else { 0 };
-            s.qt.resize(HD * $w, 0.0);
-            for i in 0..$w {
-                let src = &q[lane(i) * q_stride..][..HD];
-                for (d, x) in src.iter().enumerate() {
-                    s.qt[d * $w + i] = x * scale;
-                }
-            }
+            s.rows_at.clear();
+            s.rows_at
+                .extend(slots.iter().map(|&slot| slot as usize * kv_dim + offset));
+            let rows_at = &s.rows_at;
+            super::tiled::transpose_queries::<$w>(q, q_stride, rows, HD, scale, &mut s.qt);
             s.scores.clear();
             s.scores.resize(n * $w, 0.0);
-            let row = |slot: u32| slot as usize * kv_dim + offset;
-            let (qt, sc) = (s.qt.as_ptr(), s.scores.as_mut_ptr());
             let mut j = 0;
             #[allow(unsafe_code)]
-            // SAFETY: `qt` holds `HD` vectors; key `j`'s row `row(slots[j])..+HD` is inside `k`
+            // SAFETY: `qt` holds `HD` vectors; key `j`'s `rows_at[j]..+HD` is inside `k`
             // (asserted for every slot); `scores` holds `n` vectors, of which keys
             // `j..j + $kb` (`j..j + 1`) write theirs.
             unsafe {
+                let (qt, sc, kp) = (s.qt.as_ptr(), s.scores.as_mut_ptr(), k.as_ptr());
                 while j + $kb <= n {
-                    let keys = std::array::from_fn(|t| k.as_ptr().add(row(slots[j + t])));
+                    let keys = std::array::from_fn(|t| kp.add(rows_at[j + t]));
                     scores_keys::<HD, $kb>(qt, keys, sc.add(j * $w));
                     j += $kb;
                 }
                 for j in j..n {
-                    scores_keys::<HD, 1>(qt, [k.as_ptr().add(row(slots[j]))], sc.add(j * $w));
+                    scores_keys::<HD, 1>(qt, [kp.add(rows_at[j])], sc.add(j * $w));
                 }
             }
-            // The causal mask: in each lane, the keys past its row's context.
-            let shortest = lens.iter().copied().min().unwrap_or(n);
-            for j in shortest..n {
-                for i in 0..$w {
-                    if j >= lens[lane(i)] {
-                        s.scores[j * $w + i] = f32::NEG_INFINITY;
-                    }
-                }
-            }
-            let sc = s.scores.as_mut_ptr();
-            #[allow(unsafe_code)]
-            // SAFETY: `scores` holds `n` vectors; a value row's `d0..d0 + $db` is inside its
-            // `HD` values (`$db` divides 32, 64 and 128), inside `v` (asserted); `lanes` and
-            // `inv` hold one vector; row `i < rows` of `out` holds `HD` values (asserted).
-            unsafe {
-                let mut maxv = $set1(f32::NEG_INFINITY);
-                for j in 0..n {
-                    maxv = $max(maxv, $load(sc.add(j * $w)));
-                }
-                let mut sumv = $zero();
-                for j in 0..n {
-                    let p = $exp($sub($load(sc.add(j * $w)), maxv));
-                    sumv = $add(sumv, p);
-                    $store(sc.add(j * $w), p);
-                }
-                let mut inv = [0f32; $w];
-                $store(inv.as_mut_ptr(), sumv);
-                inv.iter_mut().for_each(|x| *x = 1.0 / *x);
-                let invv = $load(inv.as_ptr());
-                let mut lanes = [0f32; $w];
-                for d0 in (0..HD).step_by($db) {
-                    let mut acc = [$zero(); $db];
-                    for j in 0..n {
-                        let p = $load(sc.add(j * $w));
-                        let vp = v.as_ptr().add(row(slots[j]) + d0);
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            *a = $fma(p, $set1(*vp.add(t)), *a);
-                        }
-                    }
-                    for (t, a) in acc.iter().enumerate() {
-                        $store(lanes.as_mut_ptr(), $mul(*a, invv));
-                        for (i, x) in lanes[..rows].iter().enumerate() {
-                            out[i * HD + d0 + t] = *x;
-                        }
-                    }
-                }
-            }
+            super::tiled::mask_past_lengths::<$w>(lens, &mut s.scores);
+            let inv = softmax_lanes(&mut s.scores);
+            weighted_values::<HD>(&s.scores, v, rows_at, inv, out);
         }
 
         /// The score vectors of `KB` keys (`keys[t]`: the key's `HD` values) against the
@@ -246,6 +248,70 @@ macro_rules! vector_tile {
                 }
                 for (t, a) in acc.iter().enumerate() {
                     $store(dst.add(t * $w), *a);
+                }
+            }
+        }
+
+        /// Each lane's softmax over the score vectors in `scores` (one per key), in place;
+        /// returns each lane's `1 / Σ p`, which [`weighted_values`] applies at the end.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        fn softmax_lanes(scores: &mut [f32]) -> [f32; $w] {
+            let mut inv = [0f32; $w];
+            #[allow(unsafe_code)]
+            // SAFETY: every chunk and `inv` hold one vector.
+            unsafe {
+                let mut maxv = $set1(f32::NEG_INFINITY);
+                for chunk in scores.chunks_exact($w) {
+                    maxv = $max(maxv, $load(chunk.as_ptr()));
+                }
+                let mut sumv = $zero();
+                for chunk in scores.chunks_exact_mut($w) {
+                    let p = $exp($sub($load(chunk.as_ptr()), maxv));
+                    sumv = $add(sumv, p);
+                    $store(chunk.as_mut_ptr(), p);
+                }
+                $store(inv.as_mut_ptr(), sumv);
+            }
+            inv.map(|sum| 1.0 / sum)
+        }
+
+        /// `out[i][d] = inv[i] · Σ_j p[j][i] · v_j[d]` for the tile's rows `i` (`out`: rows ×
+        /// `HD`), with `p` the probability vectors (one per key) and `v_j` the value row at
+        /// `rows_at[j]`.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        fn weighted_values<const HD: usize>(
+            p: &[f32],
+            v: &[f32],
+            rows_at: &[usize],
+            inv: [f32; $w],
+            out: &mut [f32],
+        ) {
+            assert!(p.len() == rows_at.len() * $w && rows_at.iter().all(|r| r + HD <= v.len()));
+            let rows = out.len() / HD;
+            let mut lanes = [0f32; $w];
+            #[allow(unsafe_code)]
+            // SAFETY: `p` holds a vector per value row (asserted); a value row's `d0..d0 +
+            // $db` is inside its `HD` values (`$db` divides `HD`), inside `v` (asserted);
+            // `inv` and `lanes` hold one vector.
+            unsafe {
+                let invv = $load(inv.as_ptr());
+                for d0 in (0..HD).step_by($db) {
+                    let mut acc = [$zero(); $db];
+                    for (pj, &at) in p.chunks_exact($w).zip(rows_at) {
+                        let pv = $load(pj.as_ptr());
+                        let vp = v.as_ptr().add(at + d0);
+                        for (t, a) in acc.iter_mut().enumerate() {
+                            *a = $fma(pv, $set1(*vp.add(t)), *a);
+                        }
+                    }
+                    for (t, a) in acc.iter().enumerate() {
+                        $store(lanes.as_mut_ptr(), $mul(*a, invv));
+                        for (i, x) in lanes[..rows].iter().enumerate() {
+                            out[i * HD + d0 + t] = *x;
+                        }
+                    }
                 }
             }
         }
