@@ -313,27 +313,18 @@ impl Linear {
 }
 
 /// Projections that read the same input — q, k and v; gate and up — run as one product where
-/// the weights allow it (Q4_1 blocks of equal width, stacked at load): the activations are
-/// quantized once and the cores meet once instead of once per projection, and each output's
-/// arithmetic is unchanged. Otherwise one product each, as before.
+/// the weights allow it (Q4_1 blocks of equal width, or dense CPU matrices of one dtype,
+/// stacked at load): the activations are quantized or packed once and the cores meet once
+/// instead of once per projection, and each output's arithmetic is unchanged. Otherwise one
+/// product each, as before.
 enum Projections {
     Stacked { all: Linear, widths: Vec<usize> },
     Apart(Vec<Linear>),
 }
 
 impl Projections {
-    fn new(parts: Vec<Linear>) -> candle_core::Result<Self> {
-        let q4: Option<Vec<&tandem_kernels::Q4_1Weights>> = parts
-            .iter()
-            .map(|p| match &p.w {
-                Weights::Q4_1(w) => Some(w),
-                _ => None,
-            })
-            .collect();
-        let Some(q4) = q4 else {
-            return Ok(Self::Apart(parts));
-        };
-        let widths = q4.iter().map(|w| w.rows()).collect();
+    /// `dense`: whether dense CPU parts are stacked too (Q4_1 parts always are).
+    fn new(parts: Vec<Linear>, dense: bool) -> candle_core::Result<Self> {
         let b = match parts
             .iter()
             .map(|p| p.b.as_ref())
@@ -343,16 +334,63 @@ impl Projections {
             None if parts.iter().all(|p| p.b.is_none()) => None,
             None => return Ok(Self::Apart(parts)),
         };
-        Ok(match tandem_kernels::Q4_1Weights::stack(&q4) {
-            Some(w) => Self::Stacked {
-                all: Linear {
-                    w: Weights::Q4_1(w),
-                    b,
-                },
+        let stacked = match Self::stack_q4_1(&parts) {
+            Some(stacked) => Some(stacked),
+            None if dense => Self::stack_dense(&parts)?,
+            None => None,
+        };
+        Ok(match stacked {
+            Some((w, widths)) => Self::Stacked {
+                all: Linear { w, b },
                 widths,
             },
             None => Self::Apart(parts),
         })
+    }
+
+    /// Q4_1 parts as one set of blocks, and each part's rows.
+    fn stack_q4_1(parts: &[Linear]) -> Option<(Weights, Vec<usize>)> {
+        let q4: Vec<&tandem_kernels::Q4_1Weights> = parts
+            .iter()
+            .map(|p| match &p.w {
+                Weights::Q4_1(w) => Some(w),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        let widths = q4.iter().map(|w| w.rows()).collect();
+        tandem_kernels::Q4_1Weights::stack(&q4).map(|w| (Weights::Q4_1(w), widths))
+    }
+
+    /// Dense CPU parts of one dtype and width as one matrix (rows stacked, the parts
+    /// dropped), and each part's rows: one call into the kernels instead of one per part.
+    /// For q, k and v: two thread-pool rounds fewer per layer at a single stream (f32 and f16
+    /// single-stream decode +2–5 % in engine_bench, alternating, both ISAs). Every output's
+    /// sum is the same (the kernels sum each output alone).
+    fn stack_dense(parts: &[Linear]) -> candle_core::Result<Option<(Weights, Vec<usize>)>> {
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match &p.w {
+                Weights::Candle(QMatMul::Tensor(w)) if w.device().is_cpu() => Some(w),
+                _ => None,
+            })
+            .collect();
+        let Some(dense) = dense else {
+            return Ok(None);
+        };
+        let Some(first) = dense.first() else {
+            return Ok(None);
+        };
+        let (dtype, k) = (first.dtype(), first.dims2()?.1);
+        let mut widths = Vec::with_capacity(dense.len());
+        for w in &dense {
+            let (n, wk) = w.dims2()?;
+            if w.dtype() != dtype || wk != k {
+                return Ok(None);
+            }
+            widths.push(n);
+        }
+        let all = Tensor::cat(&dense, 0)?;
+        Ok(Some((Weights::Candle(QMatMul::Tensor(all)), widths)))
     }
 
     /// Each projection of `x`, in the order given to [`Self::new`].
@@ -718,23 +756,26 @@ impl Model {
                     &format!("{h}.input_layernorm.weight"),
                     act,
                 )?,
-                qkv: Projections::new(vec![
-                    ld.linear(
-                        &format!("{g}.attn_q"),
-                        &format!("{h}.self_attn.q_proj"),
-                        bias,
-                    )?,
-                    ld.linear(
-                        &format!("{g}.attn_k"),
-                        &format!("{h}.self_attn.k_proj"),
-                        bias,
-                    )?,
-                    ld.linear(
-                        &format!("{g}.attn_v"),
-                        &format!("{h}.self_attn.v_proj"),
-                        bias,
-                    )?,
-                ])
+                qkv: Projections::new(
+                    vec![
+                        ld.linear(
+                            &format!("{g}.attn_q"),
+                            &format!("{h}.self_attn.q_proj"),
+                            bias,
+                        )?,
+                        ld.linear(
+                            &format!("{g}.attn_k"),
+                            &format!("{h}.self_attn.k_proj"),
+                            bias,
+                        )?,
+                        ld.linear(
+                            &format!("{g}.attn_v"),
+                            &format!("{h}.self_attn.v_proj"),
+                            bias,
+                        )?,
+                    ],
+                    true,
+                )
                 .map_err(load_err)?,
                 o: ld.linear(
                     &format!("{g}.attn_output"),
@@ -748,14 +789,20 @@ impl Model {
                     &format!("{h}.post_attention_layernorm.weight"),
                     act,
                 )?,
-                gate_up: Projections::new(vec![
-                    ld.linear(
-                        &format!("{g}.ffn_gate"),
-                        &format!("{h}.mlp.gate_proj"),
-                        false,
-                    )?,
-                    ld.linear(&format!("{g}.ffn_up"), &format!("{h}.mlp.up_proj"), false)?,
-                ])
+                gate_up: Projections::new(
+                    vec![
+                        ld.linear(
+                            &format!("{g}.ffn_gate"),
+                            &format!("{h}.mlp.gate_proj"),
+                            false,
+                        )?,
+                        ld.linear(&format!("{g}.ffn_up"), &format!("{h}.mlp.up_proj"), false)?,
+                    ],
+                    // Dense gate and up stay apart: stacked (3072 × 576 in SmolLM2) they
+                    // gained nothing on AVX-512 (each is already large) and cost the AVX2
+                    // f16 kernel at 8 streams ~8 % (engine_bench, alternating).
+                    false,
+                )
                 .map_err(load_err)?,
                 down: ld.linear(
                     &format!("{g}.ffn_down"),
