@@ -13,7 +13,12 @@ appearance must miss). `--label key=value` adds fields to it.
 
     python3 scripts/bench-router.py --url http://127.0.0.1:8000 [--system-prompts 32]
         [--system-words 12000] [--conversations 64] [--turns 4] [--concurrency 12]
-        [--label regime=partial ...]
+        [--think-ms 0] [--label regime=partial ...]
+
+`--think-ms T`: after each reply a client waits a random time (exponential, mean T ms; seeded)
+before the next turn, as a person reading it would. With 0 (the default) clients send the next
+turn at once, so clients whose turns ended in the same decode step send their next ones
+together, and a faster router also raises the request rate it is measured at.
 """
 import argparse
 import http.client
@@ -49,6 +54,8 @@ def main():
     ap.add_argument("--concurrency", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--think-ms", type=float, default=0.0,
+                    help="mean of a random pause (exponential) after each reply, in ms")
     ap.add_argument("--trace", metavar="FILE",
                     help="also write one JSON line per request (conversation, prompt, turn, start, "
                          "TTFT, latency, prompt and cached tokens) to FILE")
@@ -59,7 +66,8 @@ def main():
     rng = random.Random(args.seed)
     systems = [text(rng, args.system_words) for _ in range(args.system_prompts)]
     convs = [{"prompt": i % len(systems), "system": systems[i % len(systems)],
-              "rng": random.Random(args.seed * 1000 + i), "index": i, "first": None, "last": 0, "reply": 0}
+              "rng": random.Random(args.seed * 1000 + i),
+              "think": random.Random(args.seed * 1000 + i + 500_000), "index": i, "first": None, "last": 0, "reply": 0}
              for i in range(args.conversations)]
     u = urllib.parse.urlparse(args.url)
     lock = threading.Lock()
@@ -140,6 +148,8 @@ def main():
                 fail("no content")
             if usage is None:
                 fail("no usage")
+            if args.think_ms > 0 and turn + 1 < args.turns:
+                time.sleep(conv["think"].expovariate(1000.0 / args.think_ms))
 
     def worker():
         while True:
@@ -188,7 +198,8 @@ def main():
         "max_hit_rate": round(1 - distinct / max(1, prompt_tokens[0]), 3),
         "workload": {"system_prompts": args.system_prompts, "system_words": args.system_words,
                      "conversations": args.conversations, "turns": args.turns,
-                     "concurrency": args.concurrency, "max_tokens": args.max_tokens},
+                     "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                     "think_ms": args.think_ms},
     }))
 
 

@@ -17,7 +17,8 @@
 #   tokens a word), 64 conversations x 4 turns, 12 concurrent clients, 16 output tokens;
 #   partial 4096 blocks (65 536 tokens) per worker, plentiful 16 384. --tiny: 8 prompts of 400
 #   words, 16 conversations x 2 turns, 4 clients, 88 / 512 blocks (a smoke test, ~1 min a side).
-#   Extra flags go to bench-router.py after these, so they win (e.g. --concurrency 24).
+#   Extra flags go to bench-router.py after these, so they win (e.g. --concurrency 24, or
+#   --think-ms 1000: clients pause between turns, docs/benchmarks.md).
 # Every run (regime x side x router) gets fresh NATS, etcd, workers and frontend, so caches start
 # empty and no lease or KV event of an earlier run is left. Writes each run's JSON line to
 # OUT/raw/<regime>-<side>-<router>.json (OUT: docs/bench/router, or .tools/run/bench-router/out
