@@ -49,9 +49,9 @@ pub struct KvRouterArgs {
         default_value = "nats"
     )]
     pub source: EventSource,
-    /// How the KV router counts a worker's cost: `work` adds to Dynamo's formula the delay a
-    /// prefill puts on the requests already on that worker and the cached blocks it would
-    /// evict; `dynamo` is Dynamo's formula alone.
+    /// How the KV router counts a worker's cost: `work` counts blocks in flight at a quarter
+    /// and adds to Dynamo's formula the delay a prefill puts on the requests already on that
+    /// worker and the cached blocks it would evict; `dynamo` is Dynamo's formula alone.
     #[arg(long = "router-cost-model", default_value = "work")]
     pub cost_model: CostModel,
 }

@@ -57,7 +57,8 @@ pub struct KvRouterConfig {
 /// How a worker's cost is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CostModel {
-    /// Dynamo's formula plus the interference and eviction a choice causes (module docs).
+    /// Dynamo's formula with blocks in flight at a quarter, plus the interference and
+    /// eviction a choice causes (module docs).
     #[default]
     Work,
     /// Dynamo's formula alone: `weight × prefill_blocks + decode_blocks`.
