@@ -313,18 +313,22 @@ impl KvRouter {
                 let (now, with) =
                     self.active
                         .potential(c.worker_id, seq_hashes, partial, new_prefill);
-                let in_flight = match self.config.cost_model {
-                    CostModel::Work => IN_FLIGHT_BLOCK_COST,
-                    CostModel::Dynamo => 1.0,
-                };
-                let mut cost = self.config.overlap_score_weight * with.prefill_tokens as f64 / bs
-                    + in_flight * with.decode_blocks as f64;
-                if self.config.cost_model == CostModel::Work {
-                    let new_blocks = new_prefill.div_ceil(self.block_size as u64);
-                    cost += self.config.overlap_score_weight
-                        * side_cost(new_blocks, now.requests, sizes[i] as u64, c.total_blocks)
-                            as f64;
-                }
+                let weight = self.config.overlap_score_weight;
+                let decode = with.decode_blocks as f64;
+                let cost = weight * with.prefill_tokens as f64 / bs
+                    + match self.config.cost_model {
+                        CostModel::Dynamo => decode,
+                        CostModel::Work => {
+                            let new_blocks = new_prefill.div_ceil(self.block_size as u64);
+                            let side = side_cost(
+                                new_blocks,
+                                now.requests,
+                                sizes[i] as u64,
+                                c.total_blocks,
+                            );
+                            IN_FLIGHT_BLOCK_COST * decode + weight * side as f64
+                        }
+                    };
                 let busy = match (self.config.busy_threshold, c.total_blocks) {
                     (Some(t), total) if total > 0 => now.decode_blocks as f64 / total as f64 > t,
                     _ => false,
@@ -613,52 +617,55 @@ mod tests {
         drop((d, d2, d3));
     }
 
+    /// The worker (1 or 2) a 40-token prompt goes to under `model` when worker 2 holds it and
+    /// `in_flight` has registered the requests already routed.
+    fn pick_for_a_prompt_on_worker_2(
+        model: CostModel,
+        in_flight: impl Fn(&KvRouter) -> Vec<LoadGuard>,
+    ) -> u64 {
+        let prompt: Vec<u32> = (0..40).collect();
+        let r = router(KvRouterConfig {
+            cost_model: model,
+            ..Default::default()
+        });
+        r.apply_event(2, 0, &stored(&prompt));
+        let _g = in_flight(&r);
+        r.route(&prompt, &cands(&[1, 2])).unwrap().worker_id
+    }
+
     #[test]
     fn a_move_must_pay_for_the_prefill_it_puts_on_busy_workers() {
-        let prompt: Vec<u32> = (0..40).collect();
-        let pick = |model: CostModel| {
-            let r = router(KvRouterConfig {
-                cost_model: model,
-                ..Default::default()
-            });
-            r.apply_event(2, 0, &stored(&prompt));
-            // Worker 2 holds the prompt and runs three requests of 10 blocks of their own;
-            // worker 1 runs two one-block requests.
-            let _g: Vec<_> = (0..3u64)
+        // Worker 2 holds the prompt and runs three requests of 10 blocks of their own;
+        // worker 1 runs two one-block requests.
+        let busy = |r: &KvRouter| {
+            (0..3u64)
                 .map(|i| {
                     r.active()
                         .add(2, 0, (i * 100..i * 100 + 10).collect(), false)
                 })
                 .chain((0..2u64).map(|i| r.active().add(1, 0, vec![9000 + i], false)))
-                .collect();
-            r.route(&prompt, &cands(&[1, 2])).unwrap().worker_id
+                .collect()
         };
         // Dynamo's formula: worker 2 costs 0 + 30 + 10 = 40, worker 1 10 + 2 + 10 = 22.
-        assert_eq!(pick(CostModel::Dynamo), 1);
+        assert_eq!(pick_for_a_prompt_on_worker_2(CostModel::Dynamo, busy), 1);
         // Blocks in flight at a quarter, and computing the 10 blocks on worker 1 delays its
         // two requests: worker 2 0 + 40 / 4 = 10, worker 1 10 + 12 / 4 + 20 = 33.
-        assert_eq!(pick(CostModel::Work), 2);
+        assert_eq!(pick_for_a_prompt_on_worker_2(CostModel::Work, busy), 2);
     }
 
     #[test]
     fn one_request_more_in_flight_does_not_move_a_conversation_off_its_prompt() {
-        let prompt: Vec<u32> = (0..40).collect();
-        let pick = |model: CostModel| {
-            let r = router(KvRouterConfig {
-                cost_model: model,
-                ..Default::default()
-            });
-            r.apply_event(2, 0, &stored(&prompt));
-            // Worker 2 holds the prompt and runs another conversation as long (12 blocks);
-            // worker 1 is idle with nothing cached.
-            let _g = r.active().add(2, 0, (100..112).collect(), false);
-            r.route(&prompt, &cands(&[1, 2])).unwrap().worker_id
-        };
+        // Worker 2 holds the prompt and runs another conversation as long (12 blocks);
+        // worker 1 is idle with nothing cached.
+        let one_more = |r: &KvRouter| vec![r.active().add(2, 0, (100..112).collect(), false)];
         // Dynamo's formula: worker 2 costs 0 + 12 + 10 = 22, worker 1 10 + 10 = 20: the
         // conversation moves and its whole prompt is computed again.
-        assert_eq!(pick(CostModel::Dynamo), 1);
+        assert_eq!(
+            pick_for_a_prompt_on_worker_2(CostModel::Dynamo, one_more),
+            1
+        );
         // In flight at a quarter: worker 2 22 / 4 = 5.5, worker 1 10 + 10 / 4 = 12.5.
-        assert_eq!(pick(CostModel::Work), 2);
+        assert_eq!(pick_for_a_prompt_on_worker_2(CostModel::Work, one_more), 2);
     }
 
     #[test]
