@@ -17,7 +17,7 @@
 
 use pulp::{Arch, Simd, WithSimd};
 use rayon::prelude::*;
-use tiled::{TileScratch, Unit};
+use tiled::{TileRows, TileScratch, Unit};
 
 /// Defines `applies(head_dim)` and `head(...)` for one vector width (and, through
 /// `vector_tile!` with `$max`, `$kb` and `$db`, `tile(...)`): one (row, head) with the
@@ -252,9 +252,6 @@ fn attend(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads, path: Path) ->
         slots.len() * h.heads * hd,
         "q is not rows × heads × head_dim"
     );
-    let kv_dim = h.kv_heads * hd;
-    let group = h.heads / h.kv_heads.max(1);
-    let scale = 1.0 / (hd as f32).sqrt();
     let vector: Option<(usize, HeadFn, TileFn)> = match path {
         Path::Wide => Some((wide::TILE, wide::head, wide::tile)),
         Path::Wide8 => Some((wide8::TILE, wide8::head, wide8::tile)),
@@ -266,6 +263,9 @@ fn attend(q: &[f32], slots: &[&[u32]], kv: PagedKv<'_>, h: Heads, path: Path) ->
             return attend_units(q, slots, kv, h, &units, head_fn, tile_fn);
         }
     }
+    let kv_dim = h.kv_heads * hd;
+    let group = h.heads / h.kv_heads.max(1);
+    let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; q.len()];
     let arch = Arch::new();
     out.par_chunks_mut(hd)
@@ -351,20 +351,18 @@ fn attend_units(
                         own.iter().zip(&mut lens).for_each(|(s, l)| *l = s.len());
                         // Every row's list is a prefix of the longest (the plan's rule).
                         let longest = own.iter().max_by_key(|s| s.len()).map_or(&[][..], |s| *s);
-                        let mut o = vec![0f32; rows * hd];
-                        tile_fn(
-                            qh,
-                            stride,
-                            &lens[..rows],
-                            longest,
-                            k,
-                            v,
+                        let rows_of = TileRows {
+                            q: qh,
+                            q_stride: stride,
+                            lens: &lens[..rows],
+                            slots: longest,
+                            kv,
                             kv_dim,
                             offset,
                             scale,
-                            scratch,
-                            &mut o,
-                        );
+                        };
+                        let mut o = vec![0f32; rows * hd];
+                        tile_fn(&rows_of, scratch, &mut o);
                         o
                     }
                 }
@@ -382,19 +380,7 @@ fn attend_units(
 
 /// `vector_head!`'s `head` and `vector_tile!`'s `tile` of one vector path.
 type HeadFn = fn(&[f32], &[u32], &[f32], &[f32], usize, usize, f32, &mut Vec<f32>, &mut [f32]);
-type TileFn = fn(
-    &[f32],
-    usize,
-    &[usize],
-    &[u32],
-    &[f32],
-    &[f32],
-    usize,
-    usize,
-    f32,
-    &mut TileScratch,
-    &mut [f32],
-);
+type TileFn = fn(&TileRows<'_>, &mut TileScratch, &mut [f32]);
 
 struct Head<'a> {
     q: &'a [f32],

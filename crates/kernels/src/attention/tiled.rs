@@ -34,6 +34,21 @@ pub(super) struct TileScratch {
     pub(super) rows_at: Vec<usize>,
 }
 
+/// One tile's inputs: rows `0..lens.len()` (`1..=TILE` of them) of one head; row `i`'s query
+/// is `q[i * q_stride..][..hd]`, its context the first `lens[i]` slots of `slots` (the longest
+/// row's list). Keys and values are rows of `kv` of `kv_dim` values, this head's at `offset`.
+#[derive(Clone, Copy)]
+pub(super) struct TileRows<'a> {
+    pub(super) q: &'a [f32],
+    pub(super) q_stride: usize,
+    pub(super) lens: &'a [usize],
+    pub(super) slots: &'a [u32],
+    pub(super) kv: super::PagedKv<'a>,
+    pub(super) kv_dim: usize,
+    pub(super) offset: usize,
+    pub(super) scale: f32,
+}
+
 /// What attends a run of rows: a tile of rows `first..first + rows` sharing one slot list,
 /// or one row alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,47 +131,27 @@ macro_rules! vector_tile {
         /// Rows in a full tile: one per lane.
         pub(super) const TILE: usize = $w;
 
-        /// Rows `0..lens.len()` (`1..=TILE` of them) of one head: row `i`'s query is
-        /// `q[i * q_stride..][..hd]`, its context the first `lens[i]` slots of `slots` (the
-        /// longest row's list), its output goes to `out[i * hd..][..hd]`. Keys and values are
-        /// rows of `k` / `v` of `kv_dim` values, this head's at `offset`.
-        #[allow(clippy::too_many_arguments)]
+        /// The attention of `t`'s rows; row `i`'s output goes to `out[i * hd..][..hd]`.
         pub(super) fn tile(
-            q: &[f32],
-            q_stride: usize,
-            lens: &[usize],
-            slots: &[u32],
-            k: &[f32],
-            v: &[f32],
-            kv_dim: usize,
-            offset: usize,
-            scale: f32,
+            t: &super::tiled::TileRows<'_>,
             scratch: &mut super::tiled::TileScratch,
             out: &mut [f32],
         ) {
-            let hd = out.len() / lens.len().max(1);
+            let hd = out.len() / t.lens.len().max(1);
             debug_assert!(applies(hd), "tile without {} or for this head size", $feat);
             #[cfg(target_arch = "x86_64")]
             #[allow(unsafe_code)]
             // SAFETY: `applies` found the features before any call (the caller's contract).
             unsafe {
                 match hd {
-                    32 => tile_d::<32>(
-                        q, q_stride, lens, slots, k, v, kv_dim, offset, scale, scratch, out,
-                    ),
-                    64 => tile_d::<64>(
-                        q, q_stride, lens, slots, k, v, kv_dim, offset, scale, scratch, out,
-                    ),
-                    _ => tile_d::<128>(
-                        q, q_stride, lens, slots, k, v, kv_dim, offset, scale, scratch, out,
-                    ),
+                    32 => tile_d::<32>(t, scratch, out),
+                    64 => tile_d::<64>(t, scratch, out),
+                    _ => tile_d::<128>(t, scratch, out),
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
-                let _ = (
-                    q, q_stride, lens, slots, k, v, kv_dim, offset, scale, scratch, out,
-                );
+                let _ = (t, scratch, out);
                 unreachable!("applies() is false off x86-64");
             }
         }
@@ -164,20 +159,21 @@ macro_rules! vector_tile {
         /// [`tile`] for heads of `HD` values.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $feat)]
-        #[allow(clippy::too_many_arguments)]
         fn tile_d<const HD: usize>(
-            q: &[f32],
-            q_stride: usize,
-            lens: &[usize],
-            slots: &[u32],
-            k: &[f32],
-            v: &[f32],
-            kv_dim: usize,
-            offset: usize,
-            scale: f32,
+            t: &super::tiled::TileRows<'_>,
             s: &mut super::tiled::TileScratch,
             out: &mut [f32],
         ) {
+            let super::tiled::TileRows {
+                q,
+                q_stride,
+                lens,
+                slots,
+                kv: super::PagedKv { k, v },
+                kv_dim,
+                offset,
+                scale,
+            } = *t;
             const {
                 assert!(
                     32 % $db == 0,
