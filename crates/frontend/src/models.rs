@@ -324,14 +324,9 @@ impl ModelManager {
             });
         // Attached (and counted) once a prefill leg can be routed, as a model is listed.
         let made = match made {
-            Ok(target) => target
-                .client
-                .wait_for(Duration::from_secs(5), |v| {
-                    v.iter().any(|i| i.instance_id == first.instance_id)
-                })
+            Ok(target) => routable(&target.client, first.instance_id)
                 .await
-                .map(|_| target)
-                .map_err(|e| e.to_string()),
+                .map(|()| target),
             Err(e) => Err(e),
         };
         match made {
@@ -380,12 +375,7 @@ async fn load_model(
         .parse()
         .map_err(|e| format!("{e}"))?;
     let tok_client = drt.endpoint(tok_ep).client();
-    tok_client
-        .wait_for(Duration::from_secs(5), |v| {
-            v.iter().any(|i| i.instance_id == entry.instance_id)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    routable(&tok_client, entry.instance_id).await?;
     let mut stream = tok_client
         .generate(
             RouterMode::Direct(entry.instance_id),
@@ -449,14 +439,20 @@ async fn load_model(
     // and fills from etcd a moment later, and a request in that moment would find no worker
     // for a model the frontend lists (and counts workers for). Dropped on failure, the model
     // stops its router's event intake.
-    model
-        .client
+    routable(&model.client, entry.instance_id).await?;
+    Ok(model)
+}
+
+/// Waits (up to 5 s) until `client` lists `instance`: a fresh client's list fills from etcd
+/// a moment after it is made.
+async fn routable(client: &Client, instance: u64) -> Result<(), String> {
+    client
         .wait_for(Duration::from_secs(5), |v| {
-            v.iter().any(|i| i.instance_id == entry.instance_id)
+            v.iter().any(|i| i.instance_id == instance)
         })
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(model)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// The router of the workers at `ep`; a KV router's event intake runs until `kv_stop`.
