@@ -53,12 +53,16 @@ def main():
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens-stddev", type=float, default=0.0,
+                    help="draw each turn's max_tokens from a normal distribution around --max-tokens "
+                         "with this standard deviation (rounded, at least 1; seeded), as aiperf's "
+                         "--output-tokens-stddev does")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--think-ms", type=float, default=0.0,
                     help="mean of a random pause (exponential) after each reply, in ms")
     ap.add_argument("--trace", metavar="FILE",
                     help="also write one JSON line per request (conversation, prompt, turn, start, "
-                         "TTFT, latency, prompt and cached tokens) to FILE")
+                         "TTFT, first to second token, latency, prompt and cached tokens) to FILE")
     ap.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                     help="a field added to the JSON line (repeatable)")
     args = ap.parse_args()
@@ -67,7 +71,8 @@ def main():
     systems = [text(rng, args.system_words) for _ in range(args.system_prompts)]
     convs = [{"prompt": i % len(systems), "system": systems[i % len(systems)],
               "rng": random.Random(args.seed * 1000 + i),
-              "think": random.Random(args.seed * 1000 + i + 500_000), "index": i, "first": None, "last": 0, "reply": 0}
+              "think": random.Random(args.seed * 1000 + i + 500_000),
+              "lengths": random.Random(args.seed * 1000 + i + 900_000), "index": i, "first": None, "last": 0, "reply": 0}
              for i in range(args.conversations)]
     u = urllib.parse.urlparse(args.url)
     lock = threading.Lock()
@@ -86,11 +91,14 @@ def main():
         messages = [{"role": "system", "content": conv["system"]}]
         for turn in range(args.turns):
             messages.append({"role": "user", "content": text(conv["rng"], 40)})
+            max_tokens = args.max_tokens
+            if args.max_tokens_stddev > 0:
+                max_tokens = max(1, round(conv["lengths"].gauss(args.max_tokens, args.max_tokens_stddev)))
             body = json.dumps({"model": args.model, "messages": messages, "stream": True,
-                               "max_tokens": args.max_tokens, "temperature": 0,
+                               "max_tokens": max_tokens, "temperature": 0,
                                "stream_options": {"include_usage": True}})
             t0 = time.perf_counter()
-            first = None
+            first = second = None
             reply = []
             usage = None
             conn.request("POST", "/v1/chat/completions", body,
@@ -118,6 +126,8 @@ def main():
                     if c:
                         if first is None:
                             first = time.perf_counter()
+                        elif second is None:
+                            second = time.perf_counter()
                         reply.append(c)
             end = time.perf_counter()
             messages.append({"role": "assistant", "content": "".join(reply)})
@@ -125,6 +135,9 @@ def main():
                 trace.append({"conversation": conv["index"], "prompt": conv["prompt"], "turn": turn,
                               "start_s": round(t0 - start, 4),
                               "ttft_ms": round((first - t0) * 1000, 2) if first else None,
+                              # first to second token: where a mocker that sends a step's
+                              # tokens as it starts puts the request's own prefill step
+                              "second_token_ms": round((second - first) * 1000, 2) if second else None,
                               "latency_ms": round((end - t0) * 1000, 2),
                               "prompt_tokens": (usage or {}).get("prompt_tokens"),
                               "cached_tokens": ((usage or {}).get("prompt_tokens_details") or {})

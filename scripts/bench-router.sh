@@ -26,6 +26,11 @@
 # docs/bench/router, the table between the "router regimes" markers of docs/benchmarks.md.
 # Release build (a debug frontend spends ~100 ms tokenizing and hashing a 15 k-token prompt,
 # which would hide what routing changes); --no-build uses target/release as it is.
+# tandem's mockers send a step's tokens when its simulated time has passed (--token-timing
+# after-step, a forward pass's tokens); Dynamo 1.6.1's mocker sends them between the step's
+# prefill time and its decode pass's, one decode pass sooner. With --peer dynamo, tandem's run
+# with --token-timing after-prefill, so both sides time tokens alike and the TTFTs compare
+# routers and frontends; TOKEN_TIMING=after-step|after-prefill overrides either default.
 # Knobs: PARTIAL_BLOCKS, PLENTIFUL_BLOCKS, FRONTEND_ARGS (tandem's frontend),
 # DYNAMO_FRONTEND_ARGS; ports NATS_PORT, ETCD_PORT, ETCD_PEER_PORT, HTTP_PORT.
 set -euo pipefail
@@ -46,6 +51,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$peer" in ""|dynamo) ;; *) echo "--peer: only dynamo" >&2; exit 2 ;; esac
+token_timing=${TOKEN_TIMING:-$([ "$peer" = dynamo ] && echo after-prefill || echo after-step)}
+case "$token_timing" in after-step|after-prefill) ;; *) echo "TOKEN_TIMING: after-step or after-prefill, not $token_timing" >&2; exit 2 ;; esac
 for g in $regimes; do
   case "$g" in partial|plentiful) ;; *) echo "--regimes: partial and/or plentiful, not $g" >&2; exit 2 ;; esac
 done
@@ -144,7 +151,7 @@ start_tandem() { # MODE BLOCKS DIR
   local i
   for ((i = 0; i < WORKERS; i++)); do
     "$target/worker" --model-path "$model" --model-name "$MODEL_NAME" --engine mocker --speedup-ratio 1 \
-      --block-size "$BLOCK_SIZE" --kv-cache-blocks "$2" --context-length "$CONTEXT" \
+      --token-timing "$token_timing" --block-size "$BLOCK_SIZE" --kv-cache-blocks "$2" --context-length "$CONTEXT" \
       >"$3/worker-$i.log" 2>&1 & pids+=($!)
   done
   # shellcheck disable=SC2086 # FRONTEND_ARGS is a list of flags
@@ -213,7 +220,7 @@ done
   echo "command: scripts/bench-router.sh ${peer:+--peer $peer }--regimes \"$regimes\"$([ "$tiny" = 1 ] && echo " --tiny")${extra[*]:+ ${extra[*]}}"
   echo "workload: python3 scripts/bench-router.py ${workload[*]}${extra[*]:+ ${extra[*]}} (streamed chat, temperature 0, every turn carrying the whole history)"
   echo "KV blocks per worker: $(for g in $regimes; do printf '%s %s, ' "$g" "${blocks[$g]}"; done | sed 's/, $//') (N below); fresh NATS, etcd, workers and frontend for every run"
-  echo "tandem (release build): ${WORKERS}× worker --model-path <gguf> --engine mocker --speedup-ratio 1 --block-size $BLOCK_SIZE --kv-cache-blocks N --context-length $CONTEXT; frontend --router-mode kv|round-robin${FRONTEND_ARGS:+ $FRONTEND_ARGS}"
+  echo "tandem (release build): ${WORKERS}× worker --model-path <gguf> --engine mocker --speedup-ratio 1 --token-timing $token_timing --block-size $BLOCK_SIZE --kv-cache-blocks N --context-length $CONTEXT; frontend --router-mode kv|round-robin${FRONTEND_ARGS:+ $FRONTEND_ARGS}"
   [ "$peer" = dynamo ] && echo "Dynamo (ai-dynamo 1.6.1): python -m dynamo.mocker --model-path <tokenizer dir> --num-workers $WORKERS --block-size $BLOCK_SIZE --num-gpu-blocks-override N --speedup-ratio 1 --max-model-len $CONTEXT; python -m dynamo.frontend --router-mode kv|round-robin${DYNAMO_FRONTEND_ARGS:+ $DYNAMO_FRONTEND_ARGS}"
   true
 } >"$out/raw/meta.txt"

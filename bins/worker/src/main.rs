@@ -151,6 +151,15 @@ struct Cli {
     /// Mocker only: divides every simulated delay; 0 removes them.
     #[arg(help_heading = "Mocker engine (--engine mocker)", long = "speedup-ratio", default_value_t = 1.0, value_parser = non_negative)]
     speedup_ratio: f64,
+    /// Mocker only: split a prompt longer than a step's token budget (--max-num-batched-tokens)
+    /// over several steps, as Dynamo's mocker and vLLM do.
+    #[arg(help_heading = "Mocker engine (--engine mocker)", long = "enable-chunked-prefill", default_value_t = true, action = clap::ArgAction::Set)]
+    enable_chunked_prefill: bool,
+    /// Mocker only: when a step's tokens are sent. after-step: when its simulated time has
+    /// passed (a forward pass's tokens); after-prefill: when its prefill time has passed,
+    /// before its decode pass's, as Dynamo 1.6.1's mocker does — for benchmarks beside it.
+    #[arg(help_heading = "Mocker engine (--engine mocker)", long = "token-timing", value_enum, default_value_t = tandem_mocker::TokenTiming::AfterStep)]
+    token_timing: tandem_mocker::TokenTiming,
     /// Mocker only, for testing failure paths: a step fails (as a forward pass can) once a
     /// sequence in it has generated this many tokens.
     #[arg(
@@ -245,6 +254,8 @@ async fn serve() -> anyhow::Result<()> {
             args.fail_after_tokens = cli.fail_after_tokens;
             args.kv_bytes_per_token = cli.kv_bytes_per_token;
             args.kv_transfer_bandwidth = cli.kv_transfer_bandwidth;
+            args.enable_chunked_prefill = cli.enable_chunked_prefill;
+            args.token_timing = cli.token_timing;
             MockEngine::start(args, model.tokenizer.get_vocab_size(true) as u32)
         }
         EngineKind::Candle => {

@@ -41,6 +41,15 @@ use tandem_protocols::llm::{
 /// allows nothing).
 pub type Computed = Result<(u32, Option<TokenLogprob>), EngineError>;
 
+/// What a step did for one running sequence ([`Batcher::complete_progress`]).
+pub enum Progress {
+    /// It computed everything it had: its next token, or why it cannot go on.
+    Done(Computed),
+    /// It computed only this many more tokens of its prompt (chunked prefill: the step's
+    /// token budget ran out); no token yet, the rest comes in later steps.
+    Chunk(usize),
+}
+
 /// What reaches an engine's scheduler.
 pub enum Intake<X> {
     Seq(Box<Seq<X>>),
@@ -496,17 +505,36 @@ impl<X> Batcher<X> {
     /// Step 4 with each sequence's own outcome: `computed[i]` is `running[i]`'s. A sequence
     /// that failed gets its error and frees its blocks; the others go on.
     pub fn complete_each(&mut self, computed: Vec<Computed>) {
-        debug_assert_eq!(computed.len(), self.running.len());
+        self.complete_progress(computed.into_iter().map(Progress::Done).collect());
+    }
+
+    /// Step 4 where a step may compute only part of a prompt: `progress[i]` is what it did
+    /// for `running[i]`. A chunk only moves the sequence's `computed` on (its prompt blocks
+    /// were registered at admission; a failed step forgets those past `computed`).
+    pub fn complete_progress(&mut self, progress: Vec<Progress>) {
+        debug_assert_eq!(progress.len(), self.running.len());
         let step_tokens: usize = self
             .running
             .iter()
-            .map(|s| s.tokens.len() - s.computed)
+            .zip(&progress)
+            .map(|(s, p)| match p {
+                Progress::Done(_) => s.tokens.len() - s.computed,
+                Progress::Chunk(n) => *n,
+            })
             .sum();
         self.steps.observe(step_tokens as u64);
         let mut finished = Vec::new();
-        for (i, result) in computed.into_iter().enumerate() {
+        for (i, step) in progress.into_iter().enumerate() {
             let Some(seq) = self.running.get_mut(i) else {
                 break;
+            };
+            let result = match step {
+                Progress::Done(result) => result,
+                Progress::Chunk(n) => {
+                    // The last prompt token is left for the step that samples from it.
+                    seq.computed = (seq.computed + n).min(seq.tokens.len().saturating_sub(1));
+                    continue;
+                }
             };
             seq.computed = seq.tokens.len();
             if let Some(b) = seq.blocks.as_mut() {
@@ -763,6 +791,41 @@ mod tests {
         let stats = *b.stats.lock().unwrap();
         assert_eq!(stats.generated_tokens, 1 + 20);
         assert_eq!(stats.active_blocks, 0);
+    }
+
+    #[tokio::test]
+    async fn a_chunk_sends_no_token_and_a_failure_after_it_uncaches_what_it_did_not_compute() {
+        let mut b = batcher(32);
+        let (out, mut rx) = output_channel(2);
+        for s in Seq::for_request(&request(0..22, 2, 1), &out, |_| ()) {
+            b.enqueue(s);
+        }
+        b.schedule();
+        b.complete_progress(vec![Progress::Chunk(9)]);
+        assert_eq!((b.running[0].computed, b.running[0].generated), (9, 0));
+        // A chunk cannot pass the last prompt token: the step that samples computes it.
+        b.complete_progress(vec![Progress::Chunk(100)]);
+        assert_eq!(b.running[0].computed, 21);
+        b.complete_progress(vec![Progress::Done(Ok((7, None)))]);
+        assert_eq!(rx.next().await.unwrap().unwrap().token_ids, vec![7]);
+        // Another prompt: its 5 full blocks are registered at admission; the step after its
+        // first chunk (9 tokens) fails, so only the 2 blocks that chunk computed stay cached.
+        for s in Seq::for_request(&request(100..122, 2, 1), &out, |_| ()) {
+            b.enqueue(s);
+        }
+        b.schedule();
+        let full: Vec<u64> = b.running[1]
+            .blocks
+            .as_ref()
+            .unwrap()
+            .full
+            .iter()
+            .map(|h| h.sequence)
+            .collect();
+        b.complete_progress(vec![Progress::Done(Ok((8, None))), Progress::Chunk(9)]);
+        assert_eq!(b.cache_index().cached_prefix(&full), 5);
+        b.fail(EngineError::StepFailed("x".into()));
+        assert_eq!(b.cache_index().cached_prefix(&full), 2);
     }
 
     #[tokio::test]

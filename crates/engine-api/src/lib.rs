@@ -23,7 +23,7 @@ pub mod queue;
 pub mod stream;
 pub mod transfer;
 
-pub use batcher::{Batcher, Computed, Intake, Scheduled, Seq, without_phase_spans};
+pub use batcher::{Batcher, Computed, Intake, Progress, Scheduled, Seq, without_phase_spans};
 pub use queue::{AdmitCounters, AdmitLimits, Queued};
 pub use stream::{ChoiceStopper, EngineStream, OutputSender, output_channel};
 pub use transfer::{CacheIndex, Disagg, ImportLease, KvImport, KvTransfer};

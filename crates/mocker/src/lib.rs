@@ -9,11 +9,21 @@
 //! computes anew, then one decode pass whose cost grows with the KV tokens of the sequences
 //! it serves (their prompt and output lengths, over the cache's capacity in tokens) — and
 //! each sequence's token is a pseudo-random id that avoids the low, special ids, so no
-//! end-of-sequence ever ends a choice early. Dynamo 1.6.1 also splits a prefill longer than
-//! `max_num_batched_tokens` over several passes (chunked prefill), each with a decode pass of
-//! the others; here a long prompt is one step, so a cold 10 k-token prompt's first token comes
-//! ~5 % sooner than on Dynamo's mocker and the others wait for it with one token instead of
-//! two.
+//! end-of-sequence ever ends a choice early.
+//!
+//! Chunked prefill (on by default, as in Dynamo's mocker and vLLM): a step computes at most
+//! `max_num_batched_tokens` tokens — one for each decoding sequence first, then prompts in
+//! admission order — so a prompt longer than what is left is computed over several steps
+//! ([`Progress::Chunk`]), each with a decode pass of the others, and only the step that
+//! finishes it yields its first token. Off, a prompt is computed in the step that admits it,
+//! however long.
+//!
+//! A step's tokens go out when its simulated time has passed ([`TokenTiming::AfterStep`]), as
+//! a forward pass's do, so a request's TTFT includes the whole step that computed its prompt.
+//! Dynamo 1.6.1's mocker lets a step's prefill time pass, sends the step's tokens, then lets
+//! its decode pass's time pass, so its first tokens come one decode pass sooner (5–26 ms at
+//! the KV usages of `scripts/bench-router.sh`); [`TokenTiming::AfterPrefill`] does the same,
+//! so that a benchmark beside that mocker compares routers, not token timings.
 //!
 //! Disaggregation: the mocker plays both roles with the same block accounting as the candle
 //! engine (a prefill leg holds its blocks until fetched or released; a decode leg's import
@@ -31,8 +41,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_engine_api::{
-    Batcher, BatchingArgs, CacheIndex, Computed, Disagg, Engine, EngineError, EngineStats,
-    EngineStream, Intake, KvTransfer, Scheduled, Seq,
+    Batcher, BatchingArgs, CacheIndex, Disagg, Engine, EngineError, EngineStats, EngineStream,
+    Intake, KvTransfer, Progress, Seq,
 };
 use tandem_kv::{BlockPool, EventTap};
 use tandem_protocols::card::ModelRuntimeConfig;
@@ -54,6 +64,23 @@ pub struct MockerArgs {
     pub kv_bytes_per_token: u64,
     /// Simulated KV transfer bandwidth in bytes per second.
     pub kv_transfer_bandwidth: f64,
+    /// When a step's tokens are sent: after its simulated time, or after its prefill part.
+    pub token_timing: TokenTiming,
+    /// Split prompts longer than a step's token budget over several steps.
+    pub enable_chunked_prefill: bool,
+}
+
+/// When the mocker sends the tokens a step computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TokenTiming {
+    /// When the step's simulated time has passed, as a real engine's forward pass delivers
+    /// them: a request's TTFT includes the whole step that prefilled it.
+    #[default]
+    AfterStep,
+    /// When the step's prefill time has passed, before its decode pass's: what Dynamo 1.6.1's
+    /// mocker does (every token a decode pass sooner; inter-token latency unchanged). For
+    /// side-by-side benchmarks with that mocker.
+    AfterPrefill,
 }
 
 /// Llama-3-8B in bf16: 32 layers × 8 KV heads × 128 × 2 (K, V) × 2 bytes.
@@ -75,6 +102,8 @@ impl MockerArgs {
             fail_after_tokens: None,
             kv_bytes_per_token: DEFAULT_KV_BYTES_PER_TOKEN,
             kv_transfer_bandwidth: DEFAULT_KV_TRANSFER_BANDWIDTH,
+            token_timing: TokenTiming::default(),
+            enable_chunked_prefill: true,
         }
     }
 }
@@ -133,6 +162,10 @@ impl MockEngine {
             capacity_tokens: args.num_blocks * args.block_size,
             speedup_ratio: args.speedup_ratio,
             fail_after_tokens: args.fail_after_tokens,
+            token_timing: args.token_timing,
+            step_budget: args
+                .enable_chunked_prefill
+                .then_some(args.batching.max_num_batched_tokens),
             vocab: vocab_size.max(FIRST_PLAIN_TOKEN + 1),
             pacer: Pacer::default(),
         };
@@ -267,6 +300,9 @@ struct Scheduler {
     capacity_tokens: usize,
     speedup_ratio: f64,
     fail_after_tokens: Option<u32>,
+    token_timing: TokenTiming,
+    /// Tokens one step may compute (chunked prefill); `None`: a prompt is always whole.
+    step_budget: Option<usize>,
     vocab: u32,
     /// When each step is due to end (see [`Pacer`]).
     pacer: Pacer,
@@ -329,6 +365,12 @@ fn decode_ms(p: f64) -> f64 {
     (-25.74 * p * p + 54.01 * p + 5.74).max(1.0)
 }
 
+/// One token to feed is a decode, not a prefill: a decode leg whose prompt blocks were imported
+/// starts with just the first token, as does a fully cached prompt.
+fn is_decode(s: &Seq<MockSeq>) -> bool {
+    s.tokens.len() <= s.computed + 1
+}
+
 /// One choice as the mocker keeps it: its generator, and how many alternatives its logprobs
 /// list (when asked for).
 pub struct MockSeq {
@@ -374,13 +416,23 @@ impl Scheduler {
                 }
                 continue;
             }
-            let scheduled = self.batcher.schedule();
+            self.batcher.schedule();
             // Statistics show the step's batch while it is simulated, as a real engine's do
             // while it computes.
             self.batcher.publish();
-            let work_ms = self.simulated_ms(scheduled);
-            self.pace(work_ms).await;
-            self.step();
+            let plan = self.plan();
+            let (prefill, decode) = self.simulated_ms(&plan);
+            match self.token_timing {
+                TokenTiming::AfterStep => {
+                    self.pace(prefill + decode).await;
+                    self.step(&plan);
+                }
+                TokenTiming::AfterPrefill => {
+                    self.pace(prefill).await;
+                    self.step(&plan);
+                    self.pace(decode).await;
+                }
+            }
             self.batcher.publish();
         }
     }
@@ -399,27 +451,53 @@ impl Scheduler {
         }
     }
 
-    /// How long the step would take on a real engine: one prefill charge for the admitted
-    /// sequences' uncached tokens, then one decode pass over every running sequence.
-    fn simulated_ms(&self, scheduled: Scheduled) -> f64 {
+    /// What this step computes for each running sequence, in running (admission) order:
+    /// `None` for all it has left (a decode's one token, or the rest of a prompt), `Some(n)`
+    /// for a chunk of `n` prompt tokens when the step's budget runs out first. Decodes are
+    /// served first, as vLLM's scheduler serves its running requests before prompts.
+    fn plan(&self) -> Vec<Option<usize>> {
+        let running = &self.batcher.running;
+        let Some(budget) = self.step_budget else {
+            return vec![None; running.len()];
+        };
+        let mut left = budget.saturating_sub(running.iter().filter(|s| is_decode(s)).count());
+        running
+            .iter()
+            .map(|s| {
+                if is_decode(s) {
+                    return None;
+                }
+                let rest = s.tokens.len() - s.computed;
+                let take = rest.min(left);
+                left -= take;
+                (take < rest).then_some(take)
+            })
+            .collect()
+    }
+
+    /// How long the step would take on a real engine, in ms: one prefill charge for the prompt
+    /// tokens it computes (`plan`), and one decode pass over every running sequence.
+    fn simulated_ms(&self, plan: &[Option<usize>]) -> (f64, f64) {
         let running = &self.batcher.running;
         if running.is_empty() {
-            return 0.0;
+            return (0.0, 0.0);
         }
-        // One token to feed is a decode, not a prefill: a decode leg whose prompt blocks were
-        // imported starts with just the first token, as does a fully cached prompt.
-        let new_tokens: usize = running[scheduled.decodes..]
+        let new_tokens: usize = running
             .iter()
-            .filter(|s| s.tokens.len() > s.computed + 1)
-            .map(|s| s.tokens.len() - s.computed)
+            .zip(plan)
+            .filter(|(s, _)| !is_decode(s))
+            .map(|(s, chunk)| chunk.unwrap_or(s.tokens.len() - s.computed))
             .sum();
         // Logical lengths, as Dynamo's model counts them: a shared prefix counts once per
         // sequence that attends to it.
         let kv_tokens: usize = running.iter().map(|s| s.tokens.len()).sum();
-        prefill_ms(new_tokens) + decode_ms(kv_tokens as f64 / self.capacity_tokens.max(1) as f64)
+        (
+            prefill_ms(new_tokens),
+            decode_ms(kv_tokens as f64 / self.capacity_tokens.max(1) as f64),
+        )
     }
 
-    fn step(&mut self) {
+    fn step(&mut self, plan: &[Option<usize>]) {
         // Its blocks carry no data: imports have nothing to write.
         self.batcher.take_writes();
         let running = &mut self.batcher.running;
@@ -436,15 +514,19 @@ impl Scheduler {
             return;
         }
         let vocab = self.vocab;
-        let computed: Vec<Computed> = running
+        let progress: Vec<Progress> = running
             .iter_mut()
-            .map(|s| {
-                let token = next_token(&mut s.ext.rng, vocab);
-                let lp = s.ext.logprobs.map(|k| uniform_logprob(token, vocab, k));
-                Ok((token, lp))
+            .zip(plan)
+            .map(|(s, chunk)| match chunk {
+                Some(n) => Progress::Chunk(*n),
+                None => {
+                    let token = next_token(&mut s.ext.rng, vocab);
+                    let lp = s.ext.logprobs.map(|k| uniform_logprob(token, vocab, k));
+                    Progress::Done(Ok((token, lp)))
+                }
             })
             .collect();
-        self.batcher.complete_each(computed);
+        self.batcher.complete_progress(progress);
     }
 }
 
@@ -537,6 +619,69 @@ mod tests {
             took >= model_ms - 1.0 && took <= model_ms + 3.0,
             "{took} ms for {model_ms} ms of model time"
         );
+    }
+
+    /// Milliseconds (paused clock) from a request to each of its outputs, on a fresh mocker at
+    /// real speed with a step budget of 40 tokens.
+    async fn output_times(
+        chunked: bool,
+        timing: TokenTiming,
+        prompt: u32,
+        max_tokens: u32,
+    ) -> Vec<f64> {
+        let mut a = MockerArgs {
+            speedup_ratio: 1.0,
+            enable_chunked_prefill: chunked,
+            token_timing: timing,
+            ..args(4096)
+        };
+        a.batching.max_num_batched_tokens = 40;
+        let engine = MockEngine::start(a, 1000);
+        let start = tokio::time::Instant::now();
+        let mut s = engine
+            .generate(request((0..prompt).collect(), max_tokens, 1))
+            .unwrap();
+        let mut at = Vec::new();
+        while let Some(o) = s.next().await {
+            o.unwrap();
+            at.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        at
+    }
+
+    fn near(took: f64, model: f64) -> bool {
+        (model - 0.5..=model + 1.5).contains(&took)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prompt_over_the_step_budget_is_prefilled_in_chunks_before_its_first_token() {
+        let capacity = (4096 * 4) as f64;
+        let d = |kv: usize| decode_ms(kv as f64 / capacity);
+        // 100 prompt tokens, 40 a step: chunks of 40, 40 and 20, each step with a decode pass.
+        let chunked = output_times(true, TokenTiming::AfterStep, 100, 2).await;
+        let model = 2.0 * (prefill_ms(40) + d(100)) + prefill_ms(20) + d(100);
+        assert!(near(chunked[0], model), "{chunked:?} vs {model}");
+        assert!(near(chunked[1] - chunked[0], d(101)), "{chunked:?}");
+        // Off: one step for the whole prompt.
+        let whole = output_times(false, TokenTiming::AfterStep, 100, 2).await;
+        let model = prefill_ms(100) + d(100);
+        assert!(near(whole[0], model), "{whole:?} vs {model}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_prefill_timing_sends_a_steps_tokens_before_its_decode_pass() {
+        let capacity = (4096 * 4) as f64;
+        let d = |kv: usize| decode_ms(kv as f64 / capacity);
+        // The first token leaves once the prefill charge has passed; every later one a decode
+        // pass after the one before, as with after-step timing.
+        let short = output_times(true, TokenTiming::AfterPrefill, 20, 3).await;
+        assert!(near(short[0], prefill_ms(20)), "{short:?}");
+        assert!(near(short[1] - short[0], d(20)), "{short:?}");
+        assert!(near(short[2] - short[1], d(21)), "{short:?}");
+        // A chunked prompt: its earlier chunks' whole steps, then the last chunk's prefill.
+        let long = output_times(true, TokenTiming::AfterPrefill, 100, 2).await;
+        let model = 2.0 * (prefill_ms(40) + d(100)) + prefill_ms(20);
+        assert!(near(long[0], model), "{long:?} vs {model}");
     }
 
     #[test]
