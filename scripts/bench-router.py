@@ -211,7 +211,7 @@ def main():
         "max_hit_rate": round(1 - distinct / max(1, prompt_tokens[0]), 3),
         "workload": {"system_prompts": args.system_prompts, "system_words": args.system_words,
                      "conversations": args.conversations, "turns": args.turns,
-                     "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                     "concurrency": args.concurrency, "max_tokens": args.max_tokens, "max_tokens_stddev": args.max_tokens_stddev,
                      "think_ms": args.think_ms},
     }))
 

@@ -14,7 +14,9 @@
 #              caches together: which worker a conversation lands on decides whether it hits;
 #   plentiful  one worker's cache holds every prompt and history: only first visits miss.
 # Workload: 16 system prompts of 10 000 words (~10.4 k tokens each with this tokenizer, ~1.03
-#   tokens a word), 64 conversations x 4 turns, 12 concurrent clients, 16 output tokens;
+#   tokens a word), 64 conversations x 4 turns, 12 concurrent clients, output lengths drawn
+#   around 16 tokens (normal, standard deviation 6; --max-tokens-stddev 0 for exactly 16, where
+#   clients whose turns were decoded together come back together: docs/benchmarks.md);
 #   partial 4096 blocks (65 536 tokens) per worker, plentiful 16 384. --tiny: 8 prompts of 400
 #   words, 16 conversations x 2 turns, 4 clients, 88 / 512 blocks (a smoke test, ~1 min a side).
 #   Extra flags go to bench-router.py after these, so they win (e.g. --concurrency 24, or
@@ -61,7 +63,7 @@ if [ "$tiny" = 1 ]; then
   # A prompt's ~30 blocks: two requests on one worker still fit in the partial cache.
   declare -A blocks=([partial]=${PARTIAL_BLOCKS:-88} [plentiful]=${PLENTIFUL_BLOCKS:-512})
 else
-  workload=(--system-prompts 16 --system-words 10000 --conversations 64 --turns 4 --concurrency 12 --max-tokens 16)
+  workload=(--system-prompts 16 --system-words 10000 --conversations 64 --turns 4 --concurrency 12 --max-tokens 16 --max-tokens-stddev 6)
   declare -A blocks=([partial]=${PARTIAL_BLOCKS:-4096} [plentiful]=${PLENTIFUL_BLOCKS:-16384})
 fi
 default_out="$root/docs/bench/router"

@@ -39,6 +39,14 @@ def load(raw):
     return runs
 
 
+def output_tokens(w):
+    """Each turn's max_tokens: fixed, or drawn around it (bench-router.py --max-tokens-stddev)."""
+    sd = w.get("max_tokens_stddev") or 0
+    if sd:
+        return f"output lengths drawn around {w['max_tokens']} tokens (normal, σ {sd:g})"
+    return f"{w['max_tokens']} output tokens"
+
+
 def regime_line(name, rows):
     """The workload's size in tokens against one worker's cache and the four together."""
     r = next((x for x in rows if x.get("system_prompt_tokens")), rows[0])
@@ -54,7 +62,7 @@ def regime_line(name, rows):
             f"= {prompts / cache:.2f}× one worker's cache, {prompts / (cache * workers):.2f}× all {workers}; "
             f"with the conversations' histories ≈ {kilo(ws)} = {ws / cache:.2f}× one worker, "
             f"{ws / (cache * workers):.2f}× all; {w['conversations']} conversations × {w['turns']} turns, "
-            f"concurrency {w['concurrency']}, {w['max_tokens']} output tokens; "
+            f"concurrency {w['concurrency']}, {output_tokens(w)}; "
             f"highest possible hit rate ≈ {r.get('max_hit_rate', 0):.3f}.")
     # Both sides' token counts should agree (same tokenizer and chat template); say so if not.
     counts = {x["side"]: x.get("system_prompt_tokens") for x in rows if x.get("system_prompt_tokens")}
