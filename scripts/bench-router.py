@@ -135,8 +135,8 @@ def main():
                 trace.append({"conversation": conv["index"], "prompt": conv["prompt"], "turn": turn,
                               "start_s": round(t0 - start, 4),
                               "ttft_ms": round((first - t0) * 1000, 2) if first else None,
-                              # first to second token: where a mocker that sends a step's
-                              # tokens as it starts puts the request's own prefill step
+                              # first to second streamed content chunk (a token each from
+                              # either side's mocker): shows where a mocker puts a step's time
                               "second_token_ms": round((second - first) * 1000, 2) if second else None,
                               "latency_ms": round((end - t0) * 1000, 2),
                               "prompt_tokens": (usage or {}).get("prompt_tokens"),

@@ -219,7 +219,7 @@ done
 {
   echo "machine: $(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2; exit}'), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB"
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "command: scripts/bench-router.sh ${peer:+--peer $peer }--regimes \"$regimes\"$([ "$tiny" = 1 ] && echo " --tiny")${extra[*]:+ ${extra[*]}}"
+  echo "command: ${TOKEN_TIMING:+TOKEN_TIMING=$TOKEN_TIMING }scripts/bench-router.sh ${peer:+--peer $peer }--regimes \"$regimes\"$([ "$tiny" = 1 ] && echo " --tiny")${extra[*]:+ ${extra[*]}}"
   echo "workload: python3 scripts/bench-router.py ${workload[*]}${extra[*]:+ ${extra[*]}} (streamed chat, temperature 0, every turn carrying the whole history)"
   echo "KV blocks per worker: $(for g in $regimes; do printf '%s %s, ' "$g" "${blocks[$g]}"; done | sed 's/, $//') (N below); fresh NATS, etcd, workers and frontend for every run"
   echo "tandem (release build): ${WORKERS}× worker --model-path <gguf> --engine mocker --speedup-ratio 1 --token-timing $token_timing --block-size $BLOCK_SIZE --kv-cache-blocks N --context-length $CONTEXT; frontend --router-mode kv|round-robin${FRONTEND_ARGS:+ $FRONTEND_ARGS}"

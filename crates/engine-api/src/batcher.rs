@@ -71,6 +71,9 @@ pub struct Seq<X> {
     pub generated: u32,
     /// Prompt tokens found in the cache at first admission, sent with the first output.
     cached_tokens: Option<u32>,
+    /// Admitted before: a return after preemption is not a new prompt (its lookup would find
+    /// the blocks of its own earlier chunks).
+    admitted: bool,
     /// Prefill leg: when the choice ends, its blocks are held under this transfer id.
     hold: Option<u64>,
     /// Decode leg: the prompt's KV from the prefill worker, applied at admission.
@@ -171,6 +174,7 @@ impl<X> Seq<X> {
                 stop: request.stop.clone(),
                 generated: 0,
                 cached_tokens: None,
+                admitted: false,
                 hold: None,
                 import: None,
                 trace: PhaseSpans::new(),
@@ -240,7 +244,12 @@ impl<X> Queued for Seq<X> {
         self.out.is_cancelled(self.index)
     }
     fn is_fresh(&self) -> bool {
-        self.generated == 0
+        // A decode leg arrives with its first token generated: its prompt is counted where its
+        // import is applied.
+        self.generated == 0 && !self.admitted
+    }
+    fn computed(&self) -> usize {
+        self.computed
     }
 }
 
@@ -350,7 +359,7 @@ impl<X> Batcher<X> {
 
     fn release(&mut self, seq: &mut Seq<X>) {
         if let Some(b) = seq.blocks.take() {
-            self.pool.release(b);
+            queue::release_blocks(&mut self.pool, b, seq.computed);
         }
         seq.computed = 0;
     }
@@ -425,6 +434,7 @@ impl<X> Batcher<X> {
             if seq.is_fresh() {
                 seq.cached_tokens = Some(cached as u32);
             }
+            seq.admitted = true;
             let (prompt, imported) = (seq.prompt_len, seq.import.is_some());
             seq.trace.enter(Phase::Prefill, |p| {
                 tracing::info_span!(
@@ -613,14 +623,10 @@ impl<X> Batcher<X> {
     /// The step failed: every running sequence ends with `error` and frees its blocks. Waiting
     /// sequences stay queued: the failure was this batch's, not the engine's.
     pub fn fail(&mut self, error: EngineError) {
-        let block_size = self.pool.block_size();
         for mut s in std::mem::take(&mut self.running) {
             s.out.fail(error.clone());
             // Blocks past what earlier steps computed were registered at admission but never
-            // written: no later prompt may find them in the cache.
-            if let Some(b) = &s.blocks {
-                self.pool.forget_from(b, s.computed / block_size);
-            }
+            // written: `release` takes them out of the cache.
             self.release(&mut s);
         }
         self.flush_events();
@@ -689,6 +695,7 @@ mod tests {
             max_num_seqs: 8,
             max_num_batched_tokens: 1000,
             watermark: 0.0,
+            chunked_prefill: false,
         };
         Batcher::new(
             BlockPool::new(blocks, 4, true),
@@ -794,7 +801,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_chunk_sends_no_token_and_a_failure_after_it_uncaches_what_it_did_not_compute() {
+    async fn a_chunk_sends_no_token_and_a_failure_or_cancel_after_it_uncaches_what_it_did_not_compute()
+     {
         let mut b = batcher(32);
         let (out, mut rx) = output_channel(2);
         for s in Seq::for_request(&request(0..22, 2, 1), &out, |_| ()) {
@@ -826,6 +834,26 @@ mod tests {
         assert_eq!(b.cache_index().cached_prefix(&full), 5);
         b.fail(EngineError::StepFailed("x".into()));
         assert_eq!(b.cache_index().cached_prefix(&full), 2);
+        // Cancelled after a first chunk of 13: the 3 blocks it computed stay cached.
+        let (out, rx) = output_channel(1);
+        for s in Seq::for_request(&request(200..222, 2, 1), &out, |_| ()) {
+            b.enqueue(s);
+        }
+        b.schedule();
+        let full: Vec<u64> = b.running[0]
+            .blocks
+            .as_ref()
+            .unwrap()
+            .full
+            .iter()
+            .map(|h| h.sequence)
+            .collect();
+        b.complete_progress(vec![Progress::Chunk(13)]);
+        rx.stopper().stop(0);
+        b.schedule();
+        assert!(b.running.is_empty());
+        b.complete_progress(vec![]);
+        assert_eq!(b.cache_index().cached_prefix(&full), 3);
     }
 
     #[tokio::test]

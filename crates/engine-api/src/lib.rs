@@ -188,6 +188,7 @@ impl BatchingArgs {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             watermark: self.watermark,
+            chunked_prefill: false,
         }
     }
 }

@@ -16,6 +16,16 @@ pub trait Queued {
     fn is_cancelled(&self) -> bool;
     /// Nothing generated yet: this admission is its first, not a return after preemption.
     fn is_fresh(&self) -> bool;
+    /// Tokens whose KV the engine has computed (less than `tokens().len()` between steps).
+    fn computed(&self) -> usize;
+}
+
+/// Gives a sequence's blocks back to the pool. Its prompt's blocks entered the prefix cache at
+/// admission; those past what it computed (a prompt left mid-chunk) leave it first, so no later
+/// prompt counts them as cached.
+pub fn release_blocks(pool: &mut BlockPool, blocks: SeqBlocks, computed: usize) {
+    pool.forget_from(&blocks, computed / pool.block_size());
+    pool.release(blocks);
 }
 
 /// Prompt accounting of admissions, kept the same way by every engine.
@@ -36,6 +46,10 @@ pub struct AdmitLimits {
     pub max_num_batched_tokens: usize,
     /// Fraction of blocks kept free when admitting beside running sequences.
     pub watermark: f64,
+    /// The engine computes a prompt over several steps when the budget runs out (chunked
+    /// prefill): a prompt is admitted whenever some of the step's budget is left. Without
+    /// it, a prompt larger than what is left waits, unless it is the step's first admission.
+    pub chunked_prefill: bool,
 }
 
 /// Removes cancelled sequences from both queues, releasing their blocks. `running` keeps its
@@ -50,7 +64,7 @@ pub fn drop_cancelled<S: Queued>(
         if running[i].is_cancelled() {
             let mut s = running.remove(i);
             if let Some(b) = s.blocks_mut().take() {
-                pool.release(b);
+                release_blocks(pool, b, s.computed());
             }
         } else {
             i += 1;
@@ -71,7 +85,13 @@ pub fn admit<S: Queued>(
 ) -> Vec<S> {
     let total = pool.total_blocks();
     let reserve = (limits.watermark * total as f64).ceil() as usize;
-    let mut budget = limits.max_num_batched_tokens.saturating_sub(running.len());
+    // What the running sequences still need this step: a token each for decodes, the rest
+    // of a prompt being prefilled in chunks.
+    let pending: usize = running
+        .iter()
+        .map(|s| s.tokens().len().saturating_sub(s.computed()).max(1))
+        .sum();
+    let mut budget = limits.max_num_batched_tokens.saturating_sub(pending);
     let mut rejected = Vec::new();
     let mut admitted_any = false;
     while running.len() < limits.max_num_seqs.max(1) {
@@ -91,7 +111,12 @@ pub fn admit<S: Queued>(
         // The budget is what the step computes, as vLLM counts it: a prompt's cached prefix
         // costs nothing, so several long prompts that hit the cache start in one step instead
         // of one per step.
-        if admitted_any && new_tokens > budget {
+        let over = if limits.chunked_prefill {
+            budget == 0
+        } else {
+            admitted_any && new_tokens > budget
+        };
+        if over {
             break;
         }
         let Some(mut seq) = waiting.pop_front() else {
@@ -123,6 +148,8 @@ mod tests {
         tokens: Vec<u32>,
         blocks: Option<SeqBlocks>,
         cancelled: bool,
+        /// Prompt tokens still to compute (a prompt being prefilled in chunks).
+        left: usize,
     }
 
     impl Queued for S {
@@ -138,6 +165,9 @@ mod tests {
         fn is_fresh(&self) -> bool {
             true
         }
+        fn computed(&self) -> usize {
+            self.tokens.len() - self.left
+        }
     }
 
     fn seq(len: u32, base: u32) -> S {
@@ -145,6 +175,7 @@ mod tests {
             tokens: (base..base + len).collect(),
             blocks: None,
             cancelled: false,
+            left: 0,
         }
     }
 
@@ -152,7 +183,48 @@ mod tests {
         max_num_seqs: 3,
         max_num_batched_tokens: 100,
         watermark: 0.0,
+        chunked_prefill: false,
     };
+
+    #[test]
+    fn with_chunked_prefill_a_prompt_starts_while_the_step_has_tokens_left() {
+        let mut pool = BlockPool::new(100, 4, true);
+        let mut counters = AdmitCounters::default();
+        let limits = AdmitLimits {
+            max_num_batched_tokens: 50,
+            max_num_seqs: 10,
+            chunked_prefill: true,
+            ..LIMITS
+        };
+        let mut running = Vec::new();
+        let mut waiting: VecDeque<S> = [seq(60, 0), seq(8, 100)].into_iter().collect();
+        admit(&mut pool, &mut running, &mut waiting, limits, &mut counters);
+        assert_eq!(
+            (running.len(), waiting.len()),
+            (1, 1),
+            "a prompt over the budget starts (to be chunked) and takes all of it"
+        );
+        // Its first chunk took 50 tokens, 10 are left: the next prompt starts beside it.
+        running[0].left = 10;
+        admit(&mut pool, &mut running, &mut waiting, limits, &mut counters);
+        assert_eq!(running.len(), 2);
+        // A prompt whose rest fills the step leaves nothing for a new one.
+        running[0].left = 49;
+        waiting.push_back(seq(4, 200));
+        admit(&mut pool, &mut running, &mut waiting, limits, &mut counters);
+        assert_eq!(
+            waiting.len(),
+            1,
+            "49 pending + 1 decode use the budget of 50"
+        );
+        // Without chunking the same step admits its first waiting prompt regardless.
+        let whole = AdmitLimits {
+            chunked_prefill: false,
+            ..limits
+        };
+        admit(&mut pool, &mut running, &mut waiting, whole, &mut counters);
+        assert_eq!(waiting.len(), 0);
+    }
 
     #[test]
     fn admits_up_to_the_limits_and_rejects_what_can_never_fit() {
@@ -217,8 +289,7 @@ mod tests {
         );
         let prompt = |tail: u32| S {
             tokens: (900..920).chain([tail; 4]).collect(),
-            blocks: None,
-            cancelled: false,
+            ..seq(0, 0)
         };
         let limits = AdmitLimits {
             max_num_batched_tokens: 10 + warm.len(),

@@ -11,12 +11,12 @@
 //! each sequence's token is a pseudo-random id that avoids the low, special ids, so no
 //! end-of-sequence ever ends a choice early.
 //!
-//! Chunked prefill (on by default, as in Dynamo's mocker and vLLM): a step computes at most
-//! `max_num_batched_tokens` tokens — one for each decoding sequence first, then prompts in
-//! admission order — so a prompt longer than what is left is computed over several steps
-//! ([`Progress::Chunk`]), each with a decode pass of the others, and only the step that
-//! finishes it yields its first token. Off, a prompt is computed in the step that admits it,
-//! however long.
+//! Chunked prefill (on by default, as in Dynamo's mocker and vLLM): each running decode takes
+//! one token of a step's `max_num_batched_tokens`, prompts in admission order share what is
+//! left, and a new prompt is admitted only while some is left; a prompt longer than its share
+//! is computed over several steps ([`Progress::Chunk`]), each with a decode pass of the
+//! others, and only the step that finishes it yields its first token. Off, a prompt is
+//! computed in the step that admits it, however long.
 //!
 //! A step's tokens go out when its simulated time has passed ([`TokenTiming::AfterStep`]), as
 //! a forward pass's do, so a request's TTFT includes the whole step that computed its prompt.
@@ -142,13 +142,9 @@ impl MockEngine {
             args.block_size,
             args.batching.enable_prefix_caching,
         );
-        let batcher = Batcher::new(
-            pool,
-            args.batching.limits(),
-            usize::MAX,
-            events.clone(),
-            stats.clone(),
-        );
+        let mut limits = args.batching.limits();
+        limits.chunked_prefill = args.enable_chunked_prefill;
+        let batcher = Batcher::new(pool, limits, usize::MAX, events.clone(), stats.clone());
         let transfer = Arc::new(MockTransfer {
             tx: tx.clone(),
             index: batcher.cache_index(),
@@ -429,8 +425,10 @@ impl Scheduler {
                 }
                 TokenTiming::AfterPrefill => {
                     self.pace(prefill).await;
-                    self.step(&plan);
-                    self.pace(decode).await;
+                    // A failed step ends its batch: no decode pass follows.
+                    if self.step(&plan) {
+                        self.pace(decode).await;
+                    }
                 }
             }
             self.batcher.publish();
@@ -497,12 +495,13 @@ impl Scheduler {
         )
     }
 
-    fn step(&mut self, plan: &[Option<usize>]) {
+    /// Computes the step `plan` describes; false when it failed (fault injection).
+    fn step(&mut self, plan: &[Option<usize>]) -> bool {
         // Its blocks carry no data: imports have nothing to write.
         self.batcher.take_writes();
         let running = &mut self.batcher.running;
         if running.is_empty() {
-            return;
+            return true;
         }
         if let Some(limit) = self.fail_after_tokens
             && running.iter().any(|s| s.generated >= limit)
@@ -511,7 +510,7 @@ impl Scheduler {
             self.batcher.fail(EngineError::StepFailed(format!(
                 "injected failure after {limit} tokens"
             )));
-            return;
+            return false;
         }
         let vocab = self.vocab;
         let progress: Vec<Progress> = running
@@ -527,6 +526,7 @@ impl Scheduler {
             })
             .collect();
         self.batcher.complete_progress(progress);
+        true
     }
 }
 
