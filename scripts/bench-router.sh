@@ -27,7 +27,9 @@
 # with --tiny), then scripts/bench_router_report.py: OUT/summary.md and, for a full run into
 # docs/bench/router, the table between the "router regimes" markers of docs/benchmarks.md.
 # Release build (a debug frontend spends ~100 ms tokenizing and hashing a 15 k-token prompt,
-# which would hide what routing changes); --no-build uses target/release as it is.
+# which would hide what routing changes); --no-build uses target/release as it is;
+# TANDEM_TARGET=debug uses target/debug as it is (the smoke test, with --tiny). Each run's logs
+# go to BENCH_ROUTER_LOGS (default .tools/run/bench-router), emptied first.
 # tandem's mockers send a step's tokens when its simulated time has passed (--token-timing
 # after-step, a forward pass's tokens); Dynamo 1.6.1's mocker sends them between the step's
 # prefill time and its decode pass's, one decode pass sooner. With --peer dynamo, tandem's run
@@ -83,11 +85,11 @@ step() { printf '[bench-router %s +%dm%02ds] %s\n' "$(date +%H:%M:%S)" $(((SECON
 
 bash scripts/install-deps.sh >/dev/null
 model=$(bash scripts/fetch-model.sh)
-target="$root/target/release"
+target="$root/target/${TANDEM_TARGET:-release}"
 bin="$root/.tools/bin"
 # shellcheck source=scripts/lib/dynamo.sh
 source "$root/scripts/lib/dynamo.sh"
-if [ "$build" = 1 ]; then
+if [ "$build" = 1 ] && [ "${TANDEM_TARGET:-release}" = release ]; then
   step "building tandem (release)"
   cargo build --quiet --release --bins
   if [ "$peer" = dynamo ] && [ ! -s "$DYNAMO_HF/tokenizer.json" ]; then
@@ -95,14 +97,14 @@ if [ "$build" = 1 ]; then
   fi
 fi
 for b in frontend worker; do
-  [ -x "$target/$b" ] || { echo "$target/$b missing: cargo build --release --bins" >&2; exit 1; }
+  [ -x "$target/$b" ] || { echo "$target/$b missing: cargo build --bins$([ "${TANDEM_TARGET:-release}" = release ] && echo " --release")" >&2; exit 1; }
 done
 if [ "$peer" = dynamo ]; then
   install_dynamo
   tokenizer_dir "$target" "$model"
 fi
 
-logs="$root/.tools/run/bench-router"
+logs=${BENCH_ROUTER_LOGS:-$root/.tools/run/bench-router}
 rm -rf "$logs"; mkdir -p "$logs" "$out/raw"
 rm -f "$out"/raw/*.json "$out/raw/meta.txt"
 sides="tandem${peer:+ $peer}"
@@ -222,7 +224,7 @@ done
   echo "command: ${TOKEN_TIMING:+TOKEN_TIMING=$TOKEN_TIMING }scripts/bench-router.sh ${peer:+--peer $peer }--regimes \"$regimes\"$([ "$tiny" = 1 ] && echo " --tiny")${extra[*]:+ ${extra[*]}}"
   echo "workload: python3 scripts/bench-router.py ${workload[*]}${extra[*]:+ ${extra[*]}} (streamed chat, temperature 0, every turn carrying the whole history)"
   echo "KV blocks per worker: $(for g in $regimes; do printf '%s %s, ' "$g" "${blocks[$g]}"; done | sed 's/, $//') (N below); fresh NATS, etcd, workers and frontend for every run"
-  echo "tandem (release build): ${WORKERS}× worker --model-path <gguf> --engine mocker --speedup-ratio 1 --token-timing $token_timing --block-size $BLOCK_SIZE --kv-cache-blocks N --context-length $CONTEXT; frontend --router-mode kv|round-robin${FRONTEND_ARGS:+ $FRONTEND_ARGS}"
+  echo "tandem (${TANDEM_TARGET:-release} build): ${WORKERS}× worker --model-path <gguf> --engine mocker --speedup-ratio 1 --token-timing $token_timing --block-size $BLOCK_SIZE --kv-cache-blocks N --context-length $CONTEXT; frontend --router-mode kv|round-robin${FRONTEND_ARGS:+ $FRONTEND_ARGS}"
   [ "$peer" = dynamo ] && echo "Dynamo (ai-dynamo 1.6.1): python -m dynamo.mocker --model-path <tokenizer dir> --num-workers $WORKERS --block-size $BLOCK_SIZE --num-gpu-blocks-override N --speedup-ratio 1 --max-model-len $CONTEXT; python -m dynamo.frontend --router-mode kv|round-robin${DYNAMO_FRONTEND_ARGS:+ $DYNAMO_FRONTEND_ARGS}"
   true
 } >"$out/raw/meta.txt"

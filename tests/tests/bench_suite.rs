@@ -1,7 +1,9 @@
 //! `scripts/bench.sh` in its tiny configuration, so that the suite users run cannot rot: aiperf
 //! (installed by the script from PyPI) against tandem's stack and against Dynamo 1.6.1's
 //! (`--peer dynamo`, also installed by the script), both workloads, the summary table with a
-//! ratio per row and the plots. Ports are free ones; binaries the debug build's.
+//! ratio per row and the plots. Likewise `scripts/bench-router.sh --tiny` (tandem's side: the
+//! KV router and round-robin over four mockers, with Dynamo's token timing). Ports are free
+//! ones; binaries the debug build's.
 
 use anyhow::Result;
 use tandem_tests::{free_port, repo_root};
@@ -49,5 +51,52 @@ fn the_aiperf_suite_runs_tiny_against_tandem_and_dynamo() -> Result<()> {
         let png = std::fs::read(out.path().join(format!("mocker-{workload}.png")))?;
         assert_eq!(&png[..4], b"\x89PNG", "mocker-{workload}.png is a PNG");
     }
+    Ok(())
+}
+
+#[test]
+fn the_router_benchmark_runs_tiny_with_both_routers() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let ports: Vec<String> = (0..4)
+        .map(|_| free_port().map(|p| p.to_string()))
+        .collect::<Result<_>>()?;
+    let status = std::process::Command::new("bash")
+        .current_dir(repo_root())
+        .arg("scripts/bench-router.sh")
+        .args(["--tiny", "--regimes", "partial", "--out"])
+        .arg(out.path())
+        .env("TANDEM_TARGET", "debug")
+        .env("TOKEN_TIMING", "after-prefill")
+        .env("BENCH_ROUTER_LOGS", out.path().join("logs"))
+        .env("NATS_PORT", &ports[0])
+        .env("ETCD_PORT", &ports[1])
+        .env("ETCD_PEER_PORT", &ports[2])
+        .env("HTTP_PORT", &ports[3])
+        .status()?;
+    assert!(status.success(), "scripts/bench-router.sh --tiny failed");
+    for router in ["kv", "round-robin"] {
+        let raw =
+            std::fs::read_to_string(out.path().join(format!("raw/partial-tandem-{router}.json")))?;
+        let r: serde_json::Value = serde_json::from_str(&raw)?;
+        assert_eq!(r["requests"], 32, "{raw}");
+        assert_eq!(r["errors"], 0, "{raw}");
+        let hit = r["prefix_hit_rate"].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=1.0).contains(&hit), "{raw}");
+        assert!(
+            r["ttft_ms"]["p50"].as_f64().is_some_and(|t| t > 0.0),
+            "{raw}"
+        );
+    }
+    // Second turns find their first turn's prompt on the worker kv routed it to.
+    let kv: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        out.path().join("raw/partial-tandem-kv.json"),
+    )?)?;
+    assert!(kv["prefix_hit_rate"].as_f64().unwrap_or(0.0) > 0.3, "{kv}");
+    let summary = std::fs::read_to_string(out.path().join("summary.md"))?;
+    assert!(summary.contains("| partial | tandem | kv |"), "{summary}");
+    assert!(
+        summary.contains("--token-timing after-prefill"),
+        "{summary}"
+    );
     Ok(())
 }
