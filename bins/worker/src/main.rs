@@ -6,7 +6,8 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tandem_engine::{CandleArgs, CandleEngine};
@@ -204,6 +205,44 @@ fn non_negative(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Flags only the mocker reads, and flags only the candle engine reads (clap ids).
+const MOCKER_ONLY: &[&str] = &[
+    "speedup_ratio",
+    "fail_after_tokens",
+    "kv_bytes_per_token",
+    "kv_transfer_bandwidth",
+    "enable_chunked_prefill",
+    "token_timing",
+];
+const CANDLE_ONLY: &[&str] = &[
+    "device",
+    "dtype",
+    "kv_cache_memory_fraction",
+    "attention_backend",
+    "cpu_kernels",
+];
+
+/// A flag given on the command line for the engine that does not read it would be silently
+/// ignored: refuse it at start-up, naming it.
+fn check_engine_flags(matches: &ArgMatches, engine: EngineKind) -> anyhow::Result<()> {
+    let (ignored, reader) = match engine {
+        EngineKind::Candle => (MOCKER_ONLY, "mocker"),
+        EngineKind::Mocker => (CANDLE_ONLY, "candle"),
+    };
+    let command = Cli::command();
+    for id in ignored {
+        if matches.value_source(id) == Some(ValueSource::CommandLine) {
+            let flag = command
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_long())
+                .unwrap_or(id);
+            anyhow::bail!("--{flag} applies to --engine {reader} only");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     pin_cpu_thread_count();
     tokio::runtime::Builder::new_multi_thread()
@@ -229,7 +268,9 @@ fn pin_cpu_thread_count() {
 
 async fn serve() -> anyhow::Result<()> {
     let _telemetry = tandem_telemetry::init("worker")?;
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    check_engine_flags(&matches, cli.engine)?;
     let mode = cli.mode();
     let path = match cli.model_path.to_str() {
         Some(id) if !cli.model_path.exists() && tandem_model::hub::is_hub_id(id) => {
@@ -327,4 +368,44 @@ fn tool_call_parser(name: &str) -> Result<String, String> {
 fn reasoning_parser(name: &str) -> Result<String, String> {
     name.parse::<tandem_preprocessor::reasoning::ReasoningParser>()
         .map(|_| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(args: &[&str]) -> anyhow::Result<()> {
+        let argv = ["worker", "--model-path", "m.gguf"].iter().chain(args);
+        let matches = Cli::command().try_get_matches_from(argv)?;
+        let cli = Cli::from_arg_matches(&matches)?;
+        check_engine_flags(&matches, cli.engine)
+    }
+
+    #[test]
+    fn a_flag_for_the_other_engine_is_refused_by_name() {
+        for id in MOCKER_ONLY.iter().chain(CANDLE_ONLY) {
+            assert!(
+                Cli::command().get_arguments().any(|a| a.get_id() == id),
+                "{id} is no flag of the worker"
+            );
+        }
+        check(&[
+            "--engine",
+            "mocker",
+            "--speedup-ratio",
+            "2",
+            "--token-timing",
+            "after-prefill",
+        ])
+        .unwrap();
+        check(&["--dtype", "f32", "--device", "cpu"]).unwrap();
+        let err = check(&["--speedup-ratio", "2"]).unwrap_err().to_string();
+        assert_eq!(err, "--speedup-ratio applies to --engine mocker only");
+        let err = check(&["--engine", "mocker", "--dtype", "f32"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "--dtype applies to --engine candle only");
+        // Shared flags are for both.
+        check(&["--engine", "mocker", "--max-num-batched-tokens", "512"]).unwrap();
+    }
 }
