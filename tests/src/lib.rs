@@ -185,6 +185,8 @@ impl Drop for Proc {
 /// A real `nats-server` on 127.0.0.1.
 pub struct Nats {
     pub port: u16,
+    /// Its monitoring endpoint (`/varz`).
+    monitor_port: u16,
     dir: PathBuf,
     proc: Option<Proc>,
 }
@@ -193,6 +195,7 @@ impl Nats {
     pub async fn start(dir: &Path) -> Result<Self> {
         let mut n = Self {
             port: free_port()?,
+            monitor_port: free_port()?,
             dir: dir.to_path_buf(),
             proc: None,
         };
@@ -203,14 +206,24 @@ impl Nats {
     async fn launch(&mut self) -> Result<()> {
         let mut cmd = Command::new(tool("nats-server")?);
         cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        cmd.args(["-m", &self.monitor_port.to_string()]);
         self.proc = Some(Proc::spawn("nats-server", &mut cmd, &self.dir)?);
-        let port = self.port;
+        let (port, monitor) = (self.port, self.monitor_port);
         wait_for(
             Duration::from_secs(10),
             "nats-server to accept",
-            || async move { port_open(port).then_some(()) },
+            || async move { (port_open(port) && port_open(monitor)).then_some(()) },
         )
         .await
+    }
+
+    /// Client connections the server holds now (`connections` of its `/varz`).
+    pub async fn connections(&self) -> Result<u64> {
+        let url = format!("http://127.0.0.1:{}/varz", self.monitor_port);
+        let varz: serde_json::Value = reqwest::get(url).await?.json().await?;
+        varz["connections"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no connections in /varz: {varz}"))
     }
 
     pub fn url(&self) -> String {

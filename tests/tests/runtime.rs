@@ -420,8 +420,18 @@ async fn killed_instance_leaves_discovery_within_lease_ttl() -> Result<()> {
     })
     .await?;
 
+    let connected = stack.nats.connections().await?;
     let killed_at = Instant::now();
     a.kill();
+    // NATS drops a's subscription once it has read the closed connection (on a loaded machine
+    // that can come after the next request is routed to it, which then waits for an ack).
+    let nats = &stack.nats;
+    wait_for(
+        Duration::from_secs(5),
+        "nats-server to drop a's connection",
+        || async move { (nats.connections().await.ok()? < connected).then_some(()) },
+    )
+    .await?;
     // Until the lease expires the record is still there, and a request to it is refused at
     // once by NATS, as a distinct, retryable error.
     match client
