@@ -6,6 +6,8 @@
 //! ones; binaries the debug build's.
 
 use anyhow::Result;
+use std::path::Path;
+use std::process::Command;
 use tandem_tests::{free_port, repo_root};
 
 /// A free port below 32768: Dynamo 1.6.1 reads `DYN_SYSTEM_PORT` as a signed 16-bit number.
@@ -17,24 +19,32 @@ fn free_low_port() -> Result<u16> {
         .ok_or_else(|| anyhow::anyhow!("no free port below 32768"))
 }
 
+/// `bash SCRIPT ARGS --out OUT` from the repository root on the debug build, with free ports
+/// for NATS, etcd (client and peer) and the frontend's HTTP.
+fn bench_script(script: &str, args: &[&str], out: &Path) -> Result<Command> {
+    let mut cmd = Command::new("bash");
+    cmd.current_dir(repo_root())
+        .arg(script)
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .env("TANDEM_TARGET", "debug");
+    for var in ["NATS_PORT", "ETCD_PORT", "ETCD_PEER_PORT", "HTTP_PORT"] {
+        cmd.env(var, free_port()?.to_string());
+    }
+    Ok(cmd)
+}
+
 #[test]
 fn the_aiperf_suite_runs_tiny_against_tandem_and_dynamo() -> Result<()> {
     let out = tempfile::tempdir()?;
-    let ports: Vec<String> = (0..4)
-        .map(|_| free_port().map(|p| p.to_string()))
-        .collect::<Result<_>>()?;
-    let status = std::process::Command::new("bash")
-        .current_dir(repo_root())
-        .arg("scripts/bench.sh")
-        .args(["--tiny", "--peer", "dynamo", "--out"])
-        .arg(out.path())
-        .env("TANDEM_TARGET", "debug")
-        .env("NATS_PORT", &ports[0])
-        .env("ETCD_PORT", &ports[1])
-        .env("ETCD_PEER_PORT", &ports[2])
-        .env("HTTP_PORT", &ports[3])
-        .env("SYSTEM_PORT", free_low_port()?.to_string())
-        .status()?;
+    let status = bench_script(
+        "scripts/bench.sh",
+        &["--tiny", "--peer", "dynamo"],
+        out.path(),
+    )?
+    .env("SYSTEM_PORT", free_low_port()?.to_string())
+    .status()?;
     assert!(status.success(), "scripts/bench.sh --tiny failed");
     let summary = std::fs::read_to_string(out.path().join("summary.md"))?;
     for workload in ["synthetic", "shared-prefix"] {
@@ -57,21 +67,10 @@ fn the_aiperf_suite_runs_tiny_against_tandem_and_dynamo() -> Result<()> {
 #[test]
 fn the_router_benchmark_runs_tiny_with_both_routers() -> Result<()> {
     let out = tempfile::tempdir()?;
-    let ports: Vec<String> = (0..4)
-        .map(|_| free_port().map(|p| p.to_string()))
-        .collect::<Result<_>>()?;
-    let status = std::process::Command::new("bash")
-        .current_dir(repo_root())
-        .arg("scripts/bench-router.sh")
-        .args(["--tiny", "--regimes", "partial", "--out"])
-        .arg(out.path())
-        .env("TANDEM_TARGET", "debug")
+    let args = ["--tiny", "--regimes", "partial"];
+    let status = bench_script("scripts/bench-router.sh", &args, out.path())?
         .env("TOKEN_TIMING", "after-prefill")
         .env("BENCH_ROUTER_LOGS", out.path().join("logs"))
-        .env("NATS_PORT", &ports[0])
-        .env("ETCD_PORT", &ports[1])
-        .env("ETCD_PEER_PORT", &ports[2])
-        .env("HTTP_PORT", &ports[3])
         .status()?;
     assert!(status.success(), "scripts/bench-router.sh --tiny failed");
     for router in ["kv", "round-robin"] {

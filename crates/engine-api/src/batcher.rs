@@ -800,6 +800,22 @@ mod tests {
         assert_eq!(stats.active_blocks, 0);
     }
 
+    /// Queues a one-choice request for `prompt`, schedules it and returns the sequence hashes
+    /// of its full prompt blocks (registered at admission).
+    fn admit_prompt(
+        b: &mut Batcher<()>,
+        prompt: std::ops::Range<u32>,
+        out: &crate::stream::OutputSender,
+    ) -> Vec<u64> {
+        for s in Seq::for_request(&request(prompt, 2, 1), out, |_| ()) {
+            b.enqueue(s);
+        }
+        b.schedule();
+        let seq = b.running.last().unwrap();
+        let blocks = seq.blocks.as_ref().unwrap();
+        blocks.full.iter().map(|h| h.sequence).collect()
+    }
+
     #[tokio::test]
     async fn a_chunk_sends_no_token_and_a_failure_or_cancel_after_it_uncaches_what_it_did_not_compute()
      {
@@ -818,36 +834,14 @@ mod tests {
         assert_eq!(rx.next().await.unwrap().unwrap().token_ids, vec![7]);
         // Another prompt: its 5 full blocks are registered at admission; the step after its
         // first chunk (9 tokens) fails, so only the 2 blocks that chunk computed stay cached.
-        for s in Seq::for_request(&request(100..122, 2, 1), &out, |_| ()) {
-            b.enqueue(s);
-        }
-        b.schedule();
-        let full: Vec<u64> = b.running[1]
-            .blocks
-            .as_ref()
-            .unwrap()
-            .full
-            .iter()
-            .map(|h| h.sequence)
-            .collect();
+        let full = admit_prompt(&mut b, 100..122, &out);
         b.complete_progress(vec![Progress::Done(Ok((8, None))), Progress::Chunk(9)]);
         assert_eq!(b.cache_index().cached_prefix(&full), 5);
         b.fail(EngineError::StepFailed("x".into()));
         assert_eq!(b.cache_index().cached_prefix(&full), 2);
         // Cancelled after a first chunk of 13: the 3 blocks it computed stay cached.
         let (out, rx) = output_channel(1);
-        for s in Seq::for_request(&request(200..222, 2, 1), &out, |_| ()) {
-            b.enqueue(s);
-        }
-        b.schedule();
-        let full: Vec<u64> = b.running[0]
-            .blocks
-            .as_ref()
-            .unwrap()
-            .full
-            .iter()
-            .map(|h| h.sequence)
-            .collect();
+        let full = admit_prompt(&mut b, 200..222, &out);
         b.complete_progress(vec![Progress::Chunk(13)]);
         rx.stopper().stop(0);
         b.schedule();
