@@ -353,6 +353,12 @@ impl<X> Batcher<X> {
         self.waiting.push_back(seq);
     }
 
+    /// What the next step computes for each running sequence ([`queue::plan_step`] under
+    /// this batcher's limits).
+    pub fn plan(&self) -> Vec<Option<usize>> {
+        queue::plan_step(&self.running, self.limits)
+    }
+
     pub fn is_idle(&self) -> bool {
         self.running.is_empty() && self.waiting.is_empty()
     }

@@ -18,6 +18,11 @@ pub trait Queued {
     fn is_fresh(&self) -> bool;
     /// Tokens whose KV the engine has computed (less than `tokens().len()` between steps).
     fn computed(&self) -> usize;
+    /// Tokens its next step must compute: one for a decode (its last token), the rest of a
+    /// prompt otherwise.
+    fn to_compute(&self) -> usize {
+        self.tokens().len().saturating_sub(self.computed())
+    }
 }
 
 /// Gives a sequence's blocks back to the pool. Its prompt's blocks entered the prefix cache at
@@ -50,6 +55,32 @@ pub struct AdmitLimits {
     /// prefill): a prompt is admitted whenever some of the step's budget is left. Without
     /// it, a prompt larger than what is left waits, unless it is the step's first admission.
     pub chunked_prefill: bool,
+}
+
+/// What the next step computes for each running sequence (in running, i.e. admission, order)
+/// when `limits.chunked_prefill`: `None` for all it has left (a decode's one token, or the rest
+/// of a prompt), `Some(n)` for a chunk of `n` prompt tokens when the step's
+/// `max_num_batched_tokens` runs out first. Decodes are served first, a token each, as vLLM's
+/// scheduler serves its running requests before prompts. Without chunking, every sequence
+/// computes all it has left.
+pub fn plan_step<S: Queued>(running: &[S], limits: AdmitLimits) -> Vec<Option<usize>> {
+    if !limits.chunked_prefill {
+        return vec![None; running.len()];
+    }
+    let decodes = running.iter().filter(|s| s.to_compute() <= 1).count();
+    let mut left = limits.max_num_batched_tokens.saturating_sub(decodes);
+    running
+        .iter()
+        .map(|s| {
+            let rest = s.to_compute();
+            if rest <= 1 {
+                return None;
+            }
+            let take = rest.min(left);
+            left -= take;
+            (take < rest).then_some(take)
+        })
+        .collect()
 }
 
 /// Removes cancelled sequences from both queues, releasing their blocks. `running` keeps its
@@ -87,10 +118,7 @@ pub fn admit<S: Queued>(
     let reserve = (limits.watermark * total as f64).ceil() as usize;
     // What the running sequences still need this step: a token each for decodes, the rest
     // of a prompt being prefilled in chunks.
-    let pending: usize = running
-        .iter()
-        .map(|s| s.tokens().len().saturating_sub(s.computed()).max(1))
-        .sum();
+    let pending: usize = running.iter().map(|s| s.to_compute().max(1)).sum();
     let mut budget = limits.max_num_batched_tokens.saturating_sub(pending);
     let mut rejected = Vec::new();
     let mut admitted_any = false;
@@ -185,6 +213,27 @@ mod tests {
         watermark: 0.0,
         chunked_prefill: false,
     };
+
+    #[test]
+    fn a_step_serves_decodes_first_and_chunks_the_prompts_that_do_not_fit() {
+        let limits = AdmitLimits {
+            max_num_batched_tokens: 50,
+            chunked_prefill: true,
+            ..LIMITS
+        };
+        // Prompts of 40 tokens with 30 left at 0, 200 and 300; a decode (1 left) at 100.
+        let running = [(0, 30), (100, 1), (200, 30), (300, 30)].map(|(base, left)| S {
+            left,
+            ..seq(40, base)
+        });
+        // One decode token, then 30 for the first prompt, 19 for the second, none for the third.
+        assert_eq!(plan_step(&running, limits), [None, None, Some(19), Some(0)]);
+        let whole = AdmitLimits {
+            chunked_prefill: false,
+            ..limits
+        };
+        assert_eq!(plan_step(&running, whole), [None; 4]);
+    }
 
     #[test]
     fn with_chunked_prefill_a_prompt_starts_while_the_step_has_tokens_left() {

@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_engine_api::{
     Batcher, BatchingArgs, CacheIndex, Disagg, Engine, EngineError, EngineStats, EngineStream,
-    Intake, KvTransfer, Progress, Seq,
+    Intake, KvTransfer, Progress, Queued, Seq,
 };
 use tandem_kv::{BlockPool, EventTap};
 use tandem_protocols::card::ModelRuntimeConfig;
@@ -159,9 +159,6 @@ impl MockEngine {
             speedup_ratio: args.speedup_ratio,
             fail_after_tokens: args.fail_after_tokens,
             token_timing: args.token_timing,
-            step_budget: args
-                .enable_chunked_prefill
-                .then_some(args.batching.max_num_batched_tokens),
             vocab: vocab_size.max(FIRST_PLAIN_TOKEN + 1),
             pacer: Pacer::default(),
         };
@@ -297,8 +294,6 @@ struct Scheduler {
     speedup_ratio: f64,
     fail_after_tokens: Option<u32>,
     token_timing: TokenTiming,
-    /// Tokens one step may compute (chunked prefill); `None`: a prompt is always whole.
-    step_budget: Option<usize>,
     vocab: u32,
     /// When each step is due to end (see [`Pacer`]).
     pacer: Pacer,
@@ -364,7 +359,7 @@ fn decode_ms(p: f64) -> f64 {
 /// One token to feed is a decode, not a prefill: a decode leg whose prompt blocks were imported
 /// starts with just the first token, as does a fully cached prompt.
 fn is_decode(s: &Seq<MockSeq>) -> bool {
-    s.tokens.len() <= s.computed + 1
+    s.to_compute() <= 1
 }
 
 /// One choice as the mocker keeps it: its generator, and how many alternatives its logprobs
@@ -416,7 +411,7 @@ impl Scheduler {
             // Statistics show the step's batch while it is simulated, as a real engine's do
             // while it computes.
             self.batcher.publish();
-            let plan = self.plan();
+            let plan = self.batcher.plan();
             let (prefill, decode) = self.simulated_ms(&plan);
             match self.token_timing {
                 TokenTiming::AfterStep => {
@@ -449,30 +444,6 @@ impl Scheduler {
         }
     }
 
-    /// What this step computes for each running sequence, in running (admission) order:
-    /// `None` for all it has left (a decode's one token, or the rest of a prompt), `Some(n)`
-    /// for a chunk of `n` prompt tokens when the step's budget runs out first. Decodes are
-    /// served first, as vLLM's scheduler serves its running requests before prompts.
-    fn plan(&self) -> Vec<Option<usize>> {
-        let running = &self.batcher.running;
-        let Some(budget) = self.step_budget else {
-            return vec![None; running.len()];
-        };
-        let mut left = budget.saturating_sub(running.iter().filter(|s| is_decode(s)).count());
-        running
-            .iter()
-            .map(|s| {
-                if is_decode(s) {
-                    return None;
-                }
-                let rest = s.tokens.len() - s.computed;
-                let take = rest.min(left);
-                left -= take;
-                (take < rest).then_some(take)
-            })
-            .collect()
-    }
-
     /// How long the step would take on a real engine, in ms: one prefill charge for the prompt
     /// tokens it computes (`plan`), and one decode pass over every running sequence.
     fn simulated_ms(&self, plan: &[Option<usize>]) -> (f64, f64) {
@@ -484,7 +455,7 @@ impl Scheduler {
             .iter()
             .zip(plan)
             .filter(|(s, _)| !is_decode(s))
-            .map(|(s, chunk)| chunk.unwrap_or(s.tokens.len() - s.computed))
+            .map(|(s, chunk)| chunk.unwrap_or(s.to_compute()))
             .sum();
         // Logical lengths, as Dynamo's model counts them: a shared prefix counts once per
         // sequence that attends to it.
